@@ -1,0 +1,85 @@
+"""The execution-queue interface types: what the engine core submits and what a backend returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingSettings:
+    """Per-request sampling settings a backend's sampler needs."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    @property
+    def needs_history(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+@dataclass(slots=True)
+class SequenceChunk:
+    """The tokens of one request computed in one step.
+
+    ``token_ids`` sit at positions ``start_pos ..``; their K/V are written into the blocks of
+    ``block_table`` and attention reads positions ``0 .. start_pos + len(token_ids)`` from it.
+    When ``sample`` is set the backend samples the request's next token after the chunk.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+    sample: bool
+    sampling: SamplingSettings
+    num_output_tokens: int = 0
+    prompt_token_ids: Sequence[int] = ()
+    output_token_ids: Sequence[int] = ()
+
+    @property
+    def context_len(self) -> int:
+        return self.start_pos + len(self.token_ids)
+
+
+@dataclass(slots=True)
+class Batch:
+    step_id: int
+    sequences: list[SequenceChunk]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.sequences)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    rank: int
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What a backend returns for one ``Batch``: sampled token ids keyed by request id."""
+
+    step_id: int
+    sampled: dict[str, int] = field(default_factory=dict)
+    # request id -> (sampled token's logprob entry, top-k entries)
+    logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
+    # request id -> one entry list per prompt position computed in this chunk (None for position 0)
+    prompt_logprobs: dict[str, list[list[TokenLogprob] | None]] = field(default_factory=dict)
+    started_at: float = 0.0
+    finished_at: float = 0.0

@@ -1,0 +1,97 @@
+"""The execution queue: the engine submits ``Batch``es and later receives ``StepResult``s in order.
+
+At most ``limit`` batches (``npu_queue_limit``) are submitted and not yet completed. Every
+backend implements this interface; nothing above ``hal`` knows which backend it talks to.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Protocol
+
+from .batch import Batch, StepResult
+
+
+class QueueFullError(RuntimeError):
+    pass
+
+
+class ExecutionQueue(abc.ABC):
+    def __init__(self, limit: int = 1) -> None:
+        if limit < 1:
+            raise ValueError(f"npu_queue_limit={limit}: must be >= 1")
+        self.limit = limit
+
+    @abc.abstractmethod
+    def submit(self, batch: Batch) -> None:
+        """Enqueue a batch. Raises ``QueueFullError`` when ``limit`` batches are in flight."""
+
+    @abc.abstractmethod
+    def wait(self) -> StepResult:
+        """Block until the oldest in-flight batch completes and return its result."""
+
+    @property
+    @abc.abstractmethod
+    def in_flight(self) -> int: ...
+
+    @property
+    def has_room(self) -> bool:
+        return self.in_flight < self.limit
+
+    def close(self) -> None:  # pragma: no cover - trivial default
+        pass
+
+
+class BatchExecutor(Protocol):
+    """Executes one batch synchronously (the model runner of the torch backend)."""
+
+    def execute(self, batch: Batch) -> StepResult: ...
+
+
+class ThreadedQueue(ExecutionQueue):
+    """Runs batches one after another on a worker thread, in submission order.
+
+    The torch backend: the executor is a model runner on ``cpu`` or ``cuda:N``. Start and end
+    times come from the injected clock (the wall clock for real hardware).
+    """
+
+    def __init__(self, executor: BatchExecutor, limit: int = 1, clock: Callable[[], float] | None = None):
+        super().__init__(limit)
+        import time
+
+        self._executor = executor
+        self._clock = clock or time.monotonic
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hal-exec")
+        self._futures: collections.deque[Future[StepResult]] = collections.deque()
+
+    def _run(self, batch: Batch) -> StepResult:
+        start = self._clock()
+        result = self._executor.execute(batch)
+        result.step_id = batch.step_id
+        result.started_at = start
+        result.finished_at = self._clock()
+        return result
+
+    def submit(self, batch: Batch) -> None:
+        if len(self._futures) >= self.limit:
+            raise QueueFullError(f"{len(self._futures)} batches in flight; npu_queue_limit={self.limit}")
+        self._futures.append(self._pool.submit(self._run, batch))
+
+    def wait(self) -> StepResult:
+        if not self._futures:
+            raise RuntimeError("wait() with no batch in flight")
+        fut = self._futures[0]
+        try:
+            return fut.result()
+        finally:
+            self._futures.popleft()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._futures)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._futures.clear()

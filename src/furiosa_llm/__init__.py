@@ -1,0 +1,52 @@
+"""furiosa_llm: a simulator-first LLM serving engine with the Python API of Furiosa-LLM.
+
+Importing the package is cheap: the heavy modules (torch, transformers) load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "LLM": "furiosa_llm.api.llm",
+    "LLMEngine": "furiosa_llm.api.llm_engine",
+    "PromptTooLongError": "furiosa_llm.api.llm_engine",
+    "AsyncLLMEngine": "furiosa_llm.api.async_llm_engine",
+    "AsyncEngineDeadError": "furiosa_llm.api.async_llm_engine",
+    "EngineArgs": "furiosa_llm.api.engine_args",
+    "AsyncEngineArgs": "furiosa_llm.api.engine_args",
+    "SamplingParams": "furiosa_llm.api.sampling_params",
+    "RequestOutputKind": "furiosa_llm.api.sampling_params",
+    "RequestOutput": "furiosa_llm.api.outputs",
+    "CompletionOutput": "furiosa_llm.api.outputs",
+    "RequestMetrics": "furiosa_llm.api.outputs",
+    "Logprob": "furiosa_llm.api.outputs",
+    "PoolingParams": "furiosa_llm.api.outputs",
+    "PoolingRequestOutput": "furiosa_llm.api.outputs",
+    "TextPrompt": "furiosa_llm.api.inputs",
+    "TokensPrompt": "furiosa_llm.api.inputs",
+    "PromptType": "furiosa_llm.api.inputs",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'furiosa_llm' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .api.async_llm_engine import AsyncEngineDeadError, AsyncLLMEngine
+    from .api.engine_args import AsyncEngineArgs, EngineArgs
+    from .api.inputs import PromptType, TextPrompt, TokensPrompt
+    from .api.llm import LLM
+    from .api.llm_engine import LLMEngine, PromptTooLongError
+    from .api.outputs import CompletionOutput, Logprob, PoolingParams, PoolingRequestOutput, RequestMetrics, RequestOutput
+    from .api.sampling_params import RequestOutputKind, SamplingParams

@@ -1,0 +1,162 @@
+"""AsyncLLMEngine: streams RequestOutputs from a background engine loop.
+
+The loop runs ``LLMEngine.step`` on one worker thread so the event loop stays responsive;
+each request has an asyncio queue its ``generate()`` reads. A consumer that stops iterating
+aborts its request inside ``generate()`` itself, freeing its KV blocks. An exception in the
+loop reaches every waiting stream and marks the engine dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncGenerator
+
+from .engine_args import AsyncEngineArgs
+from .inputs import PromptType
+from .llm_engine import LLMEngine
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+logger = logging.getLogger("furiosa_llm")
+
+
+class AsyncEngineDeadError(RuntimeError):
+    """The engine loop died; the original exception is the ``__cause__``."""
+
+
+class AsyncLLMEngine:
+    def __init__(self, native_engine: LLMEngine, tokenizer=None, task_type: str = "generate",
+                 max_model_len: int | None = None, llm=None, model_path: str | None = None,
+                 trust_remote_code: bool = False) -> None:
+        self.native_engine = native_engine
+        self.tokenizer = tokenizer if tokenizer is not None else native_engine.tokenizer
+        self.task_type = task_type
+        self.max_model_len = max_model_len or native_engine.max_model_len
+        self.llm = llm
+        self.model_path = model_path or (getattr(llm, "model_id_or_path", None) if llm is not None else None)
+        self.trust_remote_code = trust_remote_code
+        self.request_ids: set[str] = set()
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-loop")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+        self._dead: BaseException | None = None
+        self._closed = False
+
+    @classmethod
+    def from_engine_args(cls, args: AsyncEngineArgs) -> "AsyncLLMEngine":
+        engine = LLMEngine(args)
+        return cls(engine, engine.tokenizer, max_model_len=engine.max_model_len, model_path=args.model)
+
+    @classmethod
+    def from_llm(cls, llm) -> "AsyncLLMEngine":
+        engine = llm.llm_engine
+        return cls(engine, engine.tokenizer, max_model_len=engine.max_model_len, llm=llm)
+
+    # ---- health ------------------------------------------------------------------------------
+    @property
+    def errored(self) -> bool:
+        return self._dead is not None
+
+    @property
+    def is_running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    @property
+    def dead_error(self) -> AsyncEngineDeadError:
+        err = AsyncEngineDeadError(f"the engine loop died: {self._dead!r}" if self._dead else "the engine is shut down")
+        err.__cause__ = self._dead
+        return err
+
+    async def check_health(self) -> None:
+        if self._dead is not None or self._closed:
+            raise self.dead_error
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def _ensure_loop(self) -> None:
+        if self._dead is not None or self._closed:
+            raise self.dead_error
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._task is None or self._task.done():
+            self._loop = loop
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._run(), name="furiosa-llm-engine-loop")
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        engine = self.native_engine
+        try:
+            while not self._closed:
+                if not engine.has_unfinished_requests():
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                outputs = await loop.run_in_executor(self._executor, engine.step)
+                for out in outputs:
+                    q = self._queues.get(out.request_id)
+                    if q is not None:
+                        q.put_nowait(out)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - every waiting stream must hear of it
+            logger.exception("engine loop died")
+            self._dead = e
+            for q in self._queues.values():
+                q.put_nowait(e)
+
+    # ---- requests ----------------------------------------------------------------------------
+    async def generate(self, prompt: PromptType, sampling_params: SamplingParams, request_id: str) -> AsyncGenerator[RequestOutput, None]:
+        self._ensure_loop()
+        self.native_engine.add_request(request_id, prompt, sampling_params)  # ValueError on bad input
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = q
+        self.request_ids.add(request_id)
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise self.dead_error
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            self.request_ids.discard(request_id)
+            if not finished:
+                self.native_engine.abort_request(request_id)
+
+    def encode(self, prompt, pooling_params=None, request_id=None, lora_request=None, trace_headers=None,
+               priority=None, truncate_prompt_tokens=None, tokenization_kwargs=None):
+        raise ValueError(
+            f"encode(): model {self.model_path!r} is a generative model (task_type={self.task_type!r}); "
+            "pooling needs an embedding model and is not supported yet"
+        )
+
+    async def abort(self, request_id: str) -> None:
+        """End a live request with finish_reason "abort"; an unknown id is harmless."""
+        for out in self.native_engine.abort_request(request_id):
+            q = self._queues.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+
+    def shutdown(self) -> None:
+        """Abort every live request (their streams end with "abort") and stop the loop."""
+        if self._closed:
+            return
+        for out in self.native_engine.abort_request(list(self._queues)):
+            q = self._queues.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+        self._closed = True
+        if self._wake is not None:
+            self._wake.set()
+        if self._task is not None and not self._task.done() and self._loop is not None and not self._loop.is_closed():
+            self._task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.native_engine.shutdown()

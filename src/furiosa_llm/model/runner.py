@@ -1,0 +1,179 @@
+"""The torch model runner: a Llama-family forward pass over a paged KV cache.
+
+The KV cache is one tensor ``[layers, 2, num_blocks, block_size, kv_heads, head_dim]``; a
+step writes each new token's K/V at ``block_table[pos // block_size]``, offset
+``pos % block_size``, and attention reads a request's context back through its block table.
+There is no contiguous per-request cache beside it. The weights are those of the Hugging
+Face model (its linear layers, norms, MLP and rotary embedding); only attention is ours.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from furiosa_llm.hal import Batch, StepResult
+
+from .sampler import Sampler, token_logprobs
+
+logger = logging.getLogger("furiosa_llm.model")
+
+
+def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    elem = torch.empty((), dtype=dtype).element_size()
+    return config.num_hidden_layers * 2 * block_size * config.num_key_value_heads * head_dim * elem
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class ModelRunner:
+    """Executes a ``Batch`` on ``cpu`` or ``cuda:N`` and samples; a ``BatchExecutor`` for the HAL."""
+
+    def __init__(self, hf_model, device: str, num_blocks: int, block_size: int, seed: int | None = None):
+        cfg = hf_model.config
+        self.device = torch.device(device)
+        self.model = hf_model.to(self.device)
+        inner = hf_model.model
+        self.embed = inner.embed_tokens
+        self.layers = list(inner.layers)
+        self.norm = inner.norm
+        self.rotary = inner.rotary_emb
+        self.lm_head = hf_model.lm_head
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scale = self.head_dim**-0.5
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.dtype = next(hf_model.parameters()).dtype
+        self.kv_cache = torch.zeros(
+            len(self.layers), 2, num_blocks, block_size, self.num_kv_heads, self.head_dim,
+            dtype=self.dtype, device=self.device,
+        )
+        self.sampler = Sampler(seed)
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.1f MiB) on %s",
+            num_blocks, block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**20, self.device,
+        )
+
+    # ---- one step ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, batch: Batch) -> StepResult:
+        seqs = batch.sequences
+        dev = self.device
+        bs = self.block_size
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        offsets: list[int] = []
+        for s in seqs:
+            offsets.append(len(tokens))
+            tokens += s.token_ids
+            rng = range(s.start_pos, s.context_len)
+            positions += rng
+            bt = s.block_table
+            slots += [bt[p // bs] * bs + p % bs for p in rng]
+        total = len(tokens)
+        input_ids = torch.tensor(tokens, dtype=torch.long, device=dev)
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        slot = torch.tensor(slots, dtype=torch.long, device=dev)
+
+        # decode rows (one query token) are attended together, padded to the longest context
+        dec = [i for i, s in enumerate(seqs) if len(s.token_ids) == 1]
+        pre = [i for i, s in enumerate(seqs) if len(s.token_ids) > 1]
+        dec_ctx = None
+        if dec:
+            dec_rows = torch.tensor([offsets[i] for i in dec], device=dev)
+            max_blocks = max(len(seqs[i].block_table) for i in dec)
+            bt = [seqs[i].block_table + [0] * (max_blocks - len(seqs[i].block_table)) for i in dec]
+            dec_bt = torch.tensor(bt, dtype=torch.long, device=dev)
+            ctx = torch.tensor([seqs[i].context_len for i in dec], device=dev)
+            dec_mask = (torch.arange(max_blocks * bs, device=dev)[None, :] < ctx[:, None])[:, None, None, :]
+            dec_ctx = (dec_rows, dec_bt, dec_mask)
+
+        x = self.embed(input_ids)
+        cos, sin = self.rotary(x[None], pos[None])
+        cos, sin = cos[0][:, None, :].to(x.dtype), sin[0][:, None, :].to(x.dtype)
+        for li, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(total, self.num_heads, self.head_dim)
+            k = attn.k_proj(h).view(total, self.num_kv_heads, self.head_dim)
+            v = attn.v_proj(h).view(total, self.num_kv_heads, self.head_dim)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            kc = self.kv_cache[li, 0]
+            vc = self.kv_cache[li, 1]
+            kc.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot, k)
+            vc.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot, v)
+            out = self._attention(q, k, v, kc, vc, seqs, offsets, pre, dec_ctx)
+            x = x + attn.o_proj(out.reshape(total, self.num_heads * self.head_dim))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self._sample(batch, x, offsets)
+
+    def _attention(self, q, k, v, kc, vc, seqs, offsets, pre, dec_ctx) -> torch.Tensor:
+        out = torch.empty_like(q)
+        nkv, hd, g = self.num_kv_heads, self.head_dim, self.num_heads // self.num_kv_heads
+        if dec_ctx is not None:
+            rows, bt, mask = dec_ctx
+            b = rows.numel()
+            # GQA without repeating K/V: the g query heads of a KV head act as g query rows
+            qd = q.index_select(0, rows).view(b, nkv, g, hd)
+            kd = kc[bt].view(b, -1, nkv, hd).transpose(1, 2)
+            vd = vc[bt].view(b, -1, nkv, hd).transpose(1, 2)
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=self.scale)
+            out.index_copy_(0, rows, od.reshape(b, self.num_heads, hd))
+        for i in pre:
+            s = seqs[i]
+            lo, n = offsets[i], len(s.token_ids)
+            qs = q[lo : lo + n].transpose(0, 1)[None]  # [1, heads, n, hd]
+            if s.start_pos == 0:
+                ks = k[lo : lo + n].transpose(0, 1)[None]
+                vs = v[lo : lo + n].transpose(0, 1)[None]
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale, enable_gqa=g > 1)
+            else:
+                nb = -(-s.context_len // self.block_size)
+                idx = torch.tensor(s.block_table[:nb], device=q.device)
+                ks = kc[idx].view(-1, nkv, hd)[: s.context_len].transpose(0, 1)[None]
+                vs = vc[idx].view(-1, nkv, hd)[: s.context_len].transpose(0, 1)[None]
+                qpos = torch.arange(s.start_pos, s.context_len, device=q.device)
+                mask = torch.arange(s.context_len, device=q.device)[None, :] <= qpos[:, None]
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale, enable_gqa=g > 1)
+            out[lo : lo + n] = o[0].transpose(0, 1)
+        return out
+
+    def _sample(self, batch: Batch, x: torch.Tensor, offsets: list[int]) -> StepResult:
+        seqs = batch.sequences
+        result = StepResult(batch.step_id)
+        sampling = [i for i, s in enumerate(seqs) if s.sample]
+        if sampling:
+            rows = torch.tensor([offsets[i] + len(seqs[i].token_ids) - 1 for i in sampling], device=x.device)
+            logits = self.lm_head(self.norm(x.index_select(0, rows))).float()
+            chunks = [seqs[i] for i in sampling]
+            toks, lps = self.sampler.sample(logits, chunks)
+            for c, t, lp in zip(chunks, toks, lps):
+                result.sampled[c.request_id] = t
+                if lp is not None:
+                    result.logprobs[c.request_id] = lp
+        for i, s in enumerate(seqs):
+            k = s.sampling.prompt_logprobs
+            num_prompt = len(s.prompt_token_ids)
+            if k is None or s.start_pos >= num_prompt:
+                continue
+            # logits at position p score prompt token p + 1
+            last = min(s.context_len, num_prompt - 1)
+            entries: list = [None] if s.start_pos == 0 else []
+            if last > s.start_pos:
+                lo = offsets[i]
+                h = self.norm(x[lo : lo + last - s.start_pos])
+                lps = torch.log_softmax(self.lm_head(h).float(), dim=-1)
+                targets = s.prompt_token_ids[s.start_pos + 1 : last + 1]
+                entries += [token_logprobs(row, t, k if k >= 0 else row.numel()) for row, t in zip(lps, targets)]
+            result.prompt_logprobs[s.request_id] = entries
+        return result
