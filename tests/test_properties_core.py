@@ -139,6 +139,10 @@ class CoreMachine(RuleBasedStateMachine):
             assert blk.ref_count == held.get(blk.block_id, 0), (blk, held.get(blk.block_id))
             assert (blk.ref_count == 0) == (blk.block_id in set(free))
         assert alloc.num_free + len(held) == alloc.num_blocks
+        for r in self.sched.running:  # a block is offered to the prefix cache only once its K/V are computed
+            for i, bid in enumerate(r.block_ids):
+                if alloc.blocks[bid].hash is not None:
+                    assert r.num_computed_tokens >= (i + 1) * alloc.block_size, (r.request_id, i, r.num_computed_tokens)
         for h, bid in alloc.hash_to_block.items():  # cached content is what the hash says
             blk = alloc.blocks[bid]
             assert blk.hash == h and len(blk.token_ids) == alloc.block_size

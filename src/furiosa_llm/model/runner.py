@@ -35,6 +35,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class ModelRunner:
     """Executes a ``Batch`` on ``cpu`` or ``cuda:N`` and samples; a ``BatchExecutor`` for the HAL."""
 
+    DECODE_GROUP = 16  # decode rows attended together
+
     def __init__(self, hf_model, device: str, num_blocks: int, block_size: int, seed: int | None = None):
         cfg = hf_model.config
         self.device = torch.device(device)
@@ -84,18 +86,19 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
         slot = torch.tensor(slots, dtype=torch.long, device=dev)
 
-        # decode rows (one query token) are attended together, padded to the longest context
-        dec = [i for i, s in enumerate(seqs) if len(s.token_ids) == 1]
+        # decode rows (one query token) are attended in groups of similar context length,
+        # each padded only to its group's longest context, so little padding is gathered
+        dec = sorted((i for i, s in enumerate(seqs) if len(s.token_ids) == 1), key=lambda i: len(seqs[i].block_table))
         pre = [i for i, s in enumerate(seqs) if len(s.token_ids) > 1]
-        dec_ctx = None
-        if dec:
-            dec_rows = torch.tensor([offsets[i] for i in dec], device=dev)
-            max_blocks = max(len(seqs[i].block_table) for i in dec)
-            bt = [seqs[i].block_table + [0] * (max_blocks - len(seqs[i].block_table)) for i in dec]
-            dec_bt = torch.tensor(bt, dtype=torch.long, device=dev)
-            ctx = torch.tensor([seqs[i].context_len for i in dec], device=dev)
-            dec_mask = (torch.arange(max_blocks * bs, device=dev)[None, :] < ctx[:, None])[:, None, None, :]
-            dec_ctx = (dec_rows, dec_bt, dec_mask)
+        dec_groups = []
+        for g in range(0, len(dec), self.DECODE_GROUP):
+            rows_i = dec[g : g + self.DECODE_GROUP]
+            max_blocks = len(seqs[rows_i[-1]].block_table)
+            bt = [b for i in rows_i for b in seqs[i].block_table + [0] * (max_blocks - len(seqs[i].block_table))]
+            ctx = torch.tensor([seqs[i].context_len for i in rows_i], device=dev)
+            mask = (torch.arange(max_blocks * bs, device=dev)[None, :] < ctx[:, None])[:, None, None, :]
+            rows = torch.tensor([offsets[i] for i in rows_i], device=dev)
+            dec_groups.append((rows, torch.tensor(bt, dtype=torch.long, device=dev), mask))
 
         x = self.embed(input_ids)
         cos, sin = self.rotary(x[None], pos[None])
@@ -112,21 +115,20 @@ class ModelRunner:
             vc = self.kv_cache[li, 1]
             kc.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot, k)
             vc.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot, v)
-            out = self._attention(q, k, v, kc, vc, seqs, offsets, pre, dec_ctx)
+            out = self._attention(q, k, v, kc, vc, seqs, offsets, pre, dec_groups)
             x = x + attn.o_proj(out.reshape(total, self.num_heads * self.head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self._sample(batch, x, offsets)
 
-    def _attention(self, q, k, v, kc, vc, seqs, offsets, pre, dec_ctx) -> torch.Tensor:
+    def _attention(self, q, k, v, kc, vc, seqs, offsets, pre, dec_groups) -> torch.Tensor:
         out = torch.empty_like(q)
         nkv, hd, g = self.num_kv_heads, self.head_dim, self.num_heads // self.num_kv_heads
-        if dec_ctx is not None:
-            rows, bt, mask = dec_ctx
+        for rows, bt, mask in dec_groups:
             b = rows.numel()
             # GQA without repeating K/V: the g query heads of a KV head act as g query rows
             qd = q.index_select(0, rows).view(b, nkv, g, hd)
-            kd = kc[bt].view(b, -1, nkv, hd).transpose(1, 2)
-            vd = vc[bt].view(b, -1, nkv, hd).transpose(1, 2)
+            kd = kc.index_select(0, bt).view(b, -1, nkv, hd).transpose(1, 2)
+            vd = vc.index_select(0, bt).view(b, -1, nkv, hd).transpose(1, 2)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=self.scale)
             out.index_copy_(0, rows, od.reshape(b, self.num_heads, hd))
         for i in pre:
@@ -140,8 +142,8 @@ class ModelRunner:
             else:
                 nb = -(-s.context_len // self.block_size)
                 idx = torch.tensor(s.block_table[:nb], device=q.device)
-                ks = kc[idx].view(-1, nkv, hd)[: s.context_len].transpose(0, 1)[None]
-                vs = vc[idx].view(-1, nkv, hd)[: s.context_len].transpose(0, 1)[None]
+                ks = kc.index_select(0, idx).view(-1, nkv, hd)[: s.context_len].transpose(0, 1)[None]
+                vs = vc.index_select(0, idx).view(-1, nkv, hd)[: s.context_len].transpose(0, 1)[None]
                 qpos = torch.arange(s.start_pos, s.context_len, device=q.device)
                 mask = torch.arange(s.context_len, device=q.device)[None, :] <= qpos[:, None]
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale, enable_gqa=g > 1)
