@@ -87,6 +87,8 @@ class BlockAllocator:
 
         Returns False and changes nothing when there are not enough free blocks.
         """
+        if not cached and len(block_table) * self.block_size >= num_tokens:
+            return True  # the common decode case: the last block has room
         if self.cost_of(block_table, num_tokens, cached) > len(self._free):
             return False
         for bid in cached:
@@ -108,7 +110,10 @@ class BlockAllocator:
         return True
 
     def free(self, block_table: list[int]) -> None:
-        """Drop one reference to each block of ``block_table`` and empty it."""
+        """Drop one reference to each block of ``block_table``; the caller drops the table itself.
+
+        The list is left as it is: a batch still in flight may hold it as its block table.
+        """
         for bid in reversed(block_table):
             block = self.blocks[bid]
             if block.ref_count <= 0:
@@ -116,7 +121,6 @@ class BlockAllocator:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self._free[bid] = None
-        block_table.clear()
 
     def cache_full_blocks(
         self, block_table: Sequence[int], token_ids: Sequence[int], num_computed: int,

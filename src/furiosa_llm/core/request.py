@@ -51,10 +51,12 @@ class Request:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    needs_history: bool = field(init=False, default=False)  # the sampler reads earlier tokens (penalties)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        self.needs_history = self.sampling.needs_history
 
     @property
     def num_tokens(self) -> int:

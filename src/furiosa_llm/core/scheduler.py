@@ -94,6 +94,7 @@ class Scheduler:
         else:
             self.waiting.remove(req)
         self.allocator.free(req.block_ids)
+        req.block_ids = []
         req.status = status
         req.stop_reason = stop_reason
         req.in_flight = False
@@ -107,6 +108,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.allocator.free(req.block_ids)
+        req.block_ids = []
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_hashed_blocks = 0
@@ -121,30 +123,51 @@ class Scheduler:
                 return r
         return None
 
+    def _chunk(self, req: Request, n: int) -> SequenceChunk:
+        """The next ``n`` tokens of ``req`` for this step; the request is in flight until its result is in."""
+        start = req.num_computed_tokens
+        s = req.sampling
+        history = req.needs_history
+        req.in_flight = True
+        return SequenceChunk(
+            req.request_id,
+            req.token_ids[start : start + n],
+            start,
+            req.block_ids,  # not grown while in flight; replaced by a new list when freed
+            start + n == len(req.token_ids),
+            s,
+            len(req.output_token_ids),
+            req.prompt_token_ids if history or s.prompt_logprobs is not None else (),
+            req.output_token_ids.copy() if history else (),
+        )
+
     def schedule(self, now: float) -> Batch | None:
         cfg = self.config
         alloc = self.allocator
         budget = cfg.max_num_batched_tokens
-        chunks: list[tuple[Request, int]] = []
+        seqs: list[SequenceChunk] = []
         preempted = False
 
-        # 1. running requests, oldest first: decode tokens and unfinished prefill chunks
+        # 1. running requests, oldest first: decode tokens and unfinished prefill chunks. A victim
+        #    of preemption is always newer than the request being grown, so never already chunked.
+        bs = alloc.block_size
         for req in list(self.running):
             if budget == 0:
                 break
             if req.in_flight or req.status is not RequestStatus.RUNNING:
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not alloc.allocate(req.block_ids, req.num_computed_tokens + n):
-                victim = self._victim()
-                assert victim is not None  # req itself is not in flight
-                self._preempt(victim)
-                preempted = True
-                if victim is req:
-                    break
-            if req.status is not RequestStatus.RUNNING:
-                continue
-            chunks.append((req, n))
+            n = min(len(req.token_ids) - req.num_computed_tokens, budget)
+            if len(req.block_ids) * bs < req.num_computed_tokens + n:  # needs another block
+                while not alloc.allocate(req.block_ids, req.num_computed_tokens + n):
+                    victim = self._victim()
+                    assert victim is not None  # req itself is not in flight
+                    self._preempt(victim)
+                    preempted = True
+                    if victim is req:
+                        break
+                if req.status is not RequestStatus.RUNNING:
+                    continue
+            seqs.append(self._chunk(req, n))
             budget -= n
 
         # 2. waiting requests, FCFS; none after a preemption this step
@@ -159,8 +182,6 @@ class Scheduler:
                 break
             self.waiting.popleft()
             req.num_computed_tokens = len(cached) * alloc.block_size
-            req.num_hashed_blocks = 0
-            req.last_block_hash = None
             req.num_hashed_blocks, req.last_block_hash = alloc.cache_full_blocks(
                 req.block_ids, req.token_ids, req.num_computed_tokens, 0, None
             )
@@ -171,37 +192,18 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            chunks.append((req, n))
+            seqs.append(self._chunk(req, n))
             budget -= n
 
-        if not chunks:
+        if not seqs:
             return None
         step_id = self._next_step
         self._next_step += 1
-        seqs = []
-        for req, n in chunks:
-            start = req.num_computed_tokens
-            sample = start + n == req.num_tokens
-            s = req.sampling
-            seqs.append(
-                SequenceChunk(
-                    request_id=req.request_id,
-                    token_ids=req.token_ids[start : start + n],
-                    start_pos=start,
-                    block_table=list(req.block_ids),
-                    sample=sample,
-                    sampling=s,
-                    num_output_tokens=req.num_output_tokens,
-                    prompt_token_ids=req.prompt_token_ids if s.needs_history or s.prompt_logprobs is not None else (),
-                    output_token_ids=list(req.output_token_ids) if s.needs_history else (),
-                )
-            )
-            req.in_flight = True
         batch = Batch(step_id, seqs)
         self.in_flight[step_id] = batch
         self.stats.num_steps += 1
         if self.stats.trace is not None:
-            self.stats.trace.append((step_id, tuple((r.request_id, n) for r, n in chunks)))
+            self.stats.trace.append((step_id, tuple((c.request_id, len(c.token_ids)) for c in seqs)))
         return batch
 
     # ---- results -----------------------------------------------------------------------------
@@ -209,43 +211,56 @@ class Scheduler:
         batch = self.in_flight.pop(result.step_id)
         outputs: list[CoreOutput] = []
         alloc = self.allocator
+        bs = alloc.block_size
+        hashing = alloc.enable_prefix_caching
+        requests = self.requests
+        sampled, logprobs, prompt_lps = result.sampled, result.logprobs, result.prompt_logprobs
+        eos, max_len = self.eos_token_ids, self.config.max_model_len
+        num_generated = 0
         for chunk in batch.sequences:
-            req = self.requests.get(chunk.request_id)
+            req = requests.get(chunk.request_id)
             if req is None or not req.in_flight:
                 continue  # aborted or finished while in flight: its result is dropped
             req.in_flight = False
             n = len(chunk.token_ids)
-            if chunk.start_pos < req.num_prompt_tokens:
-                self.stats.num_prompt_tokens_computed += min(n, req.num_prompt_tokens - chunk.start_pos)
+            if chunk.start_pos < len(req.prompt_token_ids):
+                self.stats.num_prompt_tokens_computed += min(n, len(req.prompt_token_ids) - chunk.start_pos)
             req.num_computed_tokens += n
-            req.num_hashed_blocks, req.last_block_hash = alloc.cache_full_blocks(
-                req.block_ids, req.token_ids, req.num_computed_tokens, req.num_hashed_blocks, req.last_block_hash
-            )
-            prompt_lp = result.prompt_logprobs.get(req.request_id)
+            if hashing and (req.num_hashed_blocks + 1) * bs <= req.num_computed_tokens:  # a block became full
+                req.num_hashed_blocks, req.last_block_hash = alloc.cache_full_blocks(
+                    req.block_ids, req.token_ids, req.num_computed_tokens, req.num_hashed_blocks, req.last_block_hash
+                )
+            rid = req.request_id
+            prompt_lp = prompt_lps.get(rid) if prompt_lps else None
             if not chunk.sample:
                 if prompt_lp is not None:
-                    outputs.append(CoreOutput(req.request_id, [], prompt_logprobs=prompt_lp))
+                    outputs.append(CoreOutput(rid, [], prompt_logprobs=prompt_lp))
                 continue
-            tok = result.sampled[req.request_id]
-            req.append_output(tok)
-            self.stats.num_generated_tokens += 1
+            tok = sampled[rid]
+            req.output_token_ids.append(tok)
+            req.token_ids.append(tok)
+            num_generated += 1
             if req.first_token_time is None:
                 req.first_token_time = now
-            status, stop_reason = self._check_stop(req, tok)
-            out = CoreOutput(req.request_id, [tok], logprobs=result.logprobs.get(req.request_id), prompt_logprobs=prompt_lp)
-            if status is not None:
-                self.finish(req.request_id, status, stop_reason, now)
-                out.finish_reason = status.finish_reason
-                out.stop_reason = stop_reason
+            out = CoreOutput(rid, [tok], None, None, logprobs.get(rid) if logprobs else None, prompt_lp)
+            if (len(req.output_token_ids) >= req.max_tokens or len(req.token_ids) >= max_len
+                    or tok in req.stop_token_ids or (tok in eos and not req.ignore_eos)):
+                status, stop_reason = self._check_stop(req, tok)
+                if status is not None:
+                    self.finish(rid, status, stop_reason, now)
+                    out.finish_reason = status.finish_reason
+                    out.stop_reason = stop_reason
             outputs.append(out)
+        self.stats.num_generated_tokens += num_generated
         return outputs
 
     def _check_stop(self, req: Request, tok: int) -> tuple[RequestStatus | None, int | None]:
-        if req.num_output_tokens >= req.min_tokens:
+        num_out = len(req.output_token_ids)
+        if num_out >= req.min_tokens:
             if not req.ignore_eos and tok in self.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED, None
             if tok in req.stop_token_ids:
                 return RequestStatus.FINISHED_STOPPED, tok
-        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
+        if num_out >= req.max_tokens or len(req.token_ids) >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH, None
         return None, None

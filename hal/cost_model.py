@@ -1,0 +1,300 @@
+"""Step-time cost models: how long a device takes to run one ``Batch``.
+
+A step costs a fixed overhead, a per-sequence term, and the compute time (FLOPs times seconds
+per FLOP) and memory time (weight bytes and KV bytes read and written, times seconds per byte),
+combined as a roofline (``max``: compute and memory overlap, as on RNGD) or as a ``sum`` (as a
+CPU runs them). Host time (scheduling, sampling, detokenizing) is a second, separate term: it
+runs between steps with ``npu_queue_limit=1`` and overlaps the device with a deeper queue.
+
+``rngd_cost_model`` builds the parameters from RNGD's public specifications; ``fit_cost_model``
+fits them to step times measured on a real backend (see ``furiosa_llm.sim.calibrate``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+from .batch import Batch
+from .devices import PES_PER_CARD
+
+# RNGD public specifications (shared/reference/furiosa-llm-facts.md)
+RNGD_BF16_FLOPS = 256e12  # per card, 8 PEs
+RNGD_HBM_BYTES = 48e9  # per card
+RNGD_HBM_BANDWIDTH = 1.5e12  # bytes/s per card
+RNGD_HOST_LINK_BANDWIDTH = 64e9  # PCIe Gen5 x16, bytes/s one way
+
+SHIPPED_MODELS = ("llama-3.1-8b", "llama-3.1-70b")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelShape:
+    """What the cost of a step depends on in a Hugging Face model config (Llama-like decoders)."""
+
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 8192
+
+    @classmethod
+    def from_hf_config(cls, cfg, name: str | None = None) -> "ModelShape":
+        get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+        try:
+            hidden = int(get("hidden_size"))
+            heads = int(get("num_attention_heads"))
+            shape = cls(
+                name=name or get("_name_or_path") or get("model_type") or "model",
+                num_layers=int(get("num_hidden_layers")),
+                hidden_size=hidden,
+                num_heads=heads,
+                num_kv_heads=int(get("num_key_value_heads") or heads),
+                head_dim=int(get("head_dim") or hidden // heads),
+                intermediate_size=int(get("intermediate_size")),
+                vocab_size=int(get("vocab_size")),
+                tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+                max_position_embeddings=int(get("max_position_embeddings") or 8192),
+            )
+        except (TypeError, KeyError) as e:
+            raise ValueError(f"model config {name or ''}: missing or bad field ({e}); need hidden_size, "
+                             "num_hidden_layers, num_attention_heads, intermediate_size, vocab_size") from None
+        return shape
+
+    @property
+    def layer_params(self) -> int:
+        attn = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        mlp = 3 * self.hidden_size * self.intermediate_size  # gate, up, down
+        return attn + mlp
+
+    @property
+    def num_params(self) -> int:
+        emb = self.vocab_size * self.hidden_size
+        return self.num_layers * self.layer_params + emb * (1 if self.tie_word_embeddings else 2)
+
+    def weight_bytes(self, dtype_bytes: float) -> float:
+        return self.num_params * dtype_bytes
+
+    def kv_bytes_per_token(self, dtype_bytes: float) -> float:
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * dtype_bytes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_model_shape(model: str) -> ModelShape:
+    """A shipped config name (``llama-3.1-8b``, ``llama-3.1-70b``), a ``config.json`` or a folder holding one."""
+    key = model.strip().lower().removeprefix("meta-llama/").removesuffix("-instruct")
+    if key in SHIPPED_MODELS:
+        text = resources.files("furiosa_llm.hal").joinpath("model_configs", f"{key}.json").read_text()
+        return ModelShape.from_hf_config(json.loads(text), name=key)
+    p = Path(model)
+    if p.is_dir():
+        p = p / "config.json"
+    if p.is_file():
+        return ModelShape.from_hf_config(json.loads(p.read_text()), name=str(model))
+    raise ValueError(
+        f"model={model!r}: expected one of {', '.join(SHIPPED_MODELS)}, a Hugging Face config.json, or a model folder "
+        "holding one"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class BatchShape:
+    """The counts a step's cost depends on."""
+
+    num_tokens: int  # tokens computed (prefill chunks + decode tokens)
+    num_seqs: int
+    num_sampled: int  # sequences that sample a token (LM head rows)
+    attended: int  # sum over computed tokens of the positions each attends to
+    kv_read_tokens: int  # sum of context lengths: K/V positions read
+
+    @classmethod
+    def of(cls, batch: Batch) -> "BatchShape":
+        tokens = attended = kv = sampled = 0
+        for s in batch.sequences:
+            n = len(s.token_ids)
+            start = s.start_pos
+            tokens += n
+            attended += n * start + n * (n + 1) // 2
+            kv += start + n
+            sampled += s.sample
+        return cls(tokens, len(batch.sequences), sampled, attended, kv)
+
+
+@dataclass(slots=True)
+class CostModel:
+    """Seconds per unit of work for one replica stage (all its PEs together)."""
+
+    name: str
+    overhead_s: float  # fixed, per step
+    s_per_flop: float
+    s_per_weight_byte: float
+    s_per_kv_byte: float
+    s_per_seq: float = 0.0
+    s_per_token_comm: float = 0.0  # tensor-parallel all-reduce across cards, per token
+    combine: str = "max"  # "max" (roofline) or "sum"
+    dtype_bytes: float = 2.0
+    host_overhead_s: float = 0.0  # per step, on the host
+    host_s_per_seq: float = 0.0
+    memory_bytes: float | None = None  # device memory of the stage (weights + KV); None = not modelled
+    notes: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.combine not in ("max", "sum"):
+            raise ValueError(f"combine={self.combine!r}: must be 'max' or 'sum'")
+        for k in ("overhead_s", "s_per_flop", "s_per_weight_byte", "s_per_kv_byte", "s_per_seq", "s_per_token_comm",
+                  "host_overhead_s", "host_s_per_seq"):
+            v = getattr(self, k)
+            if not isinstance(v, (int, float)) or v < 0 or math.isnan(v):
+                raise ValueError(f"{k}={v!r}: must be a number >= 0")
+
+    # ---- evaluation ------------------------------------------------------------------------
+    def device_time(self, model: ModelShape, b: BatchShape) -> float:
+        flops = (2.0 * model.num_layers * model.layer_params * b.num_tokens
+                 + 4.0 * model.num_layers * model.num_heads * model.head_dim * b.attended
+                 + 2.0 * model.hidden_size * model.vocab_size * b.num_sampled)
+        kv_bytes = (b.kv_read_tokens + b.num_tokens) * model.kv_bytes_per_token(self.dtype_bytes)
+        compute = flops * self.s_per_flop
+        memory = model.weight_bytes(self.dtype_bytes) * self.s_per_weight_byte + kv_bytes * self.s_per_kv_byte
+        body = max(compute, memory) if self.combine == "max" else compute + memory
+        return self.overhead_s + self.s_per_seq * b.num_seqs + self.s_per_token_comm * b.num_tokens + body
+
+    def host_time(self, b: BatchShape) -> float:
+        return self.host_overhead_s + self.host_s_per_seq * b.num_seqs
+
+    # ---- persistence -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CostModel":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known - {"model", "kind"}
+        if unknown:
+            raise ValueError(f"cost model: unknown fields {sorted(unknown)}; allowed: {sorted(known)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def save(self, path: str | Path, model: ModelShape | None = None) -> None:
+        d = self.to_dict()
+        if model is not None:
+            d["model"] = model.to_dict()
+        Path(path).write_text(json.dumps(d, indent=2) + "\n")
+
+
+def load_profile(path: str | Path) -> tuple[CostModel, ModelShape | None]:
+    """A profile saved by ``furiosa-llm calibrate``: the cost model and the model it was measured on."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"profile={str(path)!r}: no such file; pass 'rngd' or a JSON written by 'furiosa-llm calibrate'")
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"profile={str(path)!r}: not JSON ({e})") from None
+    model = d.get("model")
+    return CostModel.from_dict(d), (ModelShape(**model) if model else None)
+
+
+def rngd_cost_model(num_pes: int, *, compute_efficiency: float = 0.6, bandwidth_efficiency: float = 0.8,
+                    overhead_s: float = 0.5e-3, host_overhead_s: float = 0.2e-3, host_s_per_seq: float = 2e-6,
+                    model: ModelShape | None = None) -> CostModel:
+    """One replica stage on ``num_pes`` RNGD PEs: 1, 2, 4 (a share of a card) or a multiple of 8 (whole cards).
+
+    Compute and HBM bandwidth scale with the PEs' share of a card; a stage spanning several cards
+    pays a tensor-parallel all-reduce over the host link (two per layer, ring cost) per token.
+    The efficiencies are assumptions, not measurements: achieved/peak FLOPs and bandwidth.
+    """
+    if num_pes < 1 or (num_pes > PES_PER_CARD and num_pes % PES_PER_CARD) or (num_pes < PES_PER_CARD and PES_PER_CARD % num_pes):
+        raise ValueError(f"tensor_parallel_size={num_pes}: must be 1, 2, 4 or a multiple of {PES_PER_CARD} PEs")
+    for name, v in (("compute_efficiency", compute_efficiency), ("bandwidth_efficiency", bandwidth_efficiency)):
+        if not 0 < v <= 1:
+            raise ValueError(f"{name}={v!r}: must be in (0, 1]")
+    share = num_pes / PES_PER_CARD
+    cards = max(1, num_pes // PES_PER_CARD)
+    comm = 0.0
+    if cards > 1 and model is not None:
+        ring = 2 * (cards - 1) / cards
+        comm = 2 * model.num_layers * model.hidden_size * 2 * ring / RNGD_HOST_LINK_BANDWIDTH
+    return CostModel(
+        name=f"rngd-{num_pes}pe",
+        overhead_s=overhead_s,
+        s_per_flop=1.0 / (RNGD_BF16_FLOPS * share * compute_efficiency),
+        s_per_weight_byte=1.0 / (RNGD_HBM_BANDWIDTH * share * bandwidth_efficiency),
+        s_per_kv_byte=1.0 / (RNGD_HBM_BANDWIDTH * share * bandwidth_efficiency),
+        s_per_token_comm=comm,
+        combine="max",
+        dtype_bytes=2.0,
+        host_overhead_s=host_overhead_s,
+        host_s_per_seq=host_s_per_seq,
+        memory_bytes=RNGD_HBM_BYTES * share,
+        notes={"compute_efficiency": compute_efficiency, "bandwidth_efficiency": bandwidth_efficiency,
+               "peak_bf16_tflops": 256 * share, "hbm_tb_per_s": 1.5 * share},
+    )
+
+
+# ---- fitting -------------------------------------------------------------------------------
+def _nnls(rows: list[list[float]], y: list[float]) -> list[float]:
+    """Least squares with non-negative coefficients (drop the most negative column, refit)."""
+    import numpy as np
+
+    a = np.asarray(rows, dtype=float)
+    b = np.asarray(y, dtype=float)
+    active = list(range(a.shape[1]))
+    coef = np.zeros(a.shape[1])
+    while active:
+        sol, *_ = np.linalg.lstsq(a[:, active], b, rcond=None)
+        if (sol >= 0).all():
+            coef[:] = 0
+            coef[active] = sol
+            break
+        del active[int(np.argmin(sol))]
+    return coef.tolist()
+
+
+@dataclass(frozen=True, slots=True)
+class StepSample:
+    """One measured step: its shape, device seconds and host seconds."""
+
+    shape: BatchShape
+    device_s: float
+    host_s: float
+
+
+def fit_cost_model(model: ModelShape, samples: Sequence[StepSample], *, name: str, dtype_bytes: float) -> CostModel:
+    """Fit a ``sum`` cost model to measured steps, minimising relative error.
+
+    Device: overhead (which absorbs the constant weight traffic), seconds per FLOP, per KV byte
+    and per sequence. Host: overhead and seconds per sequence.
+    """
+    if len(samples) < 8:
+        raise ValueError(f"samples: {len(samples)} measured steps; need at least 8 to fit")
+    kvb = model.kv_bytes_per_token(dtype_bytes)
+    rows, ys, hrows, hys = [], [], [], []
+    for s in samples:
+        b = s.shape
+        flops = (2.0 * model.num_layers * model.layer_params * b.num_tokens
+                 + 4.0 * model.num_layers * model.num_heads * model.head_dim * b.attended
+                 + 2.0 * model.hidden_size * model.vocab_size * b.num_sampled)
+        w = 1.0 / max(s.device_s, 1e-6)
+        rows.append([w, flops * w, (b.kv_read_tokens + b.num_tokens) * kvb * w, b.num_seqs * w])
+        ys.append(1.0)
+        hw = 1.0 / max(s.host_s, 1e-4)
+        hrows.append([hw, b.num_seqs * hw])
+        hys.append(s.host_s * hw)
+    o, f, k, q = _nnls(rows, ys)
+    ho, hq = _nnls(hrows, hys)
+    cm = CostModel(name=name, overhead_s=o, s_per_flop=f, s_per_weight_byte=0.0, s_per_kv_byte=k, s_per_seq=q,
+                   combine="sum", dtype_bytes=dtype_bytes, host_overhead_s=ho, host_s_per_seq=hq)
+    errs = [abs(cm.device_time(model, s.shape) - s.device_s) / s.device_s for s in samples]
+    errs.sort()
+    cm.notes = {"samples": len(samples), "median_rel_error": errs[len(errs) // 2],
+                "p90_rel_error": errs[int(0.9 * (len(errs) - 1))]}
+    return cm

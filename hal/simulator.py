@@ -1,0 +1,169 @@
+"""The simulator backend: virtual RNGD cards in a SimPy environment.
+
+``place_replicas`` maps device strings onto data-parallel replicas of pipeline stages, each
+stage a tensor-parallel group of PEs. ``SimQueue`` is the execution queue of one replica: a
+batch passes through the stages in order, each stage busy for its share of the step time the
+cost model gives, so with ``npu_queue_limit`` > 1 batches overlap in the pipeline. Time is the
+SimPy environment's ``env.now``; the engine core reads it as its clock.
+
+Tokens come from a ``BatchExecutor``: ``SyntheticTokens`` for planning (output lengths come
+from the workload), or the torch ``ModelRunner`` for functional runs with real text.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+from .batch import Batch, StepResult
+from .cost_model import BatchShape, CostModel, ModelShape
+from .devices import FUSED_SPANS, PES_PER_CARD, CoreRange, Device, format_devices
+from .queue import BatchExecutor, ExecutionQueue, QueueFullError
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaPlacement:
+    """One data-parallel replica: ``stages[i]`` are the PEs of pipeline stage ``i``."""
+
+    stages: tuple[tuple[Device, ...], ...]
+
+    def __str__(self) -> str:
+        return " | ".join(format_devices(list(s)) for s in self.stages)
+
+
+def _free_pes(devices: list[Device]) -> dict[int, set[int]]:
+    cards: dict[int, set[int]] = collections.defaultdict(set)
+    for d in devices:
+        if d.kind != "npu":
+            raise ValueError(f"devices={format_devices(devices)!r}: the simulator models RNGD cards; use npu:X[...] devices")
+        lo, hi = (0, PES_PER_CARD - 1) if d.cores is None else (d.cores.start, d.cores.end)
+        cards[d.index].update(range(lo, hi + 1))
+    return dict(sorted(cards.items()))
+
+
+def place_replicas(devices: list[Device], tensor_parallel_size: int = PES_PER_CARD, pipeline_parallel_size: int = 1,
+                   data_parallel_size: int | None = None) -> list[ReplicaPlacement]:
+    """Split the PEs of ``devices`` into replicas of ``pipeline_parallel_size`` stages of ``tensor_parallel_size`` PEs.
+
+    A stage of fewer than 8 PEs is an aligned fused range on one card; a stage of 8k PEs is k
+    whole cards; the stages of one replica sit on different cards. ``data_parallel_size=None``
+    fills the PEs with as many replicas as fit.
+    """
+    tp, pp = tensor_parallel_size, pipeline_parallel_size
+    if tp < 1 or (tp < PES_PER_CARD and tp not in FUSED_SPANS) or (tp > PES_PER_CARD and tp % PES_PER_CARD):
+        raise ValueError(f"tensor_parallel_size={tp}: must be 1, 2, 4 or a multiple of {PES_PER_CARD}")
+    if pp < 1:
+        raise ValueError(f"pipeline_parallel_size={pp}: must be >= 1")
+    if data_parallel_size is not None and data_parallel_size < 1:
+        raise ValueError(f"data_parallel_size={data_parallel_size}: must be >= 1")
+    free = _free_pes(devices)
+    available = sum(len(p) for p in free.values())
+    replicas: list[ReplicaPlacement] = []
+    if tp >= PES_PER_CARD:
+        whole = [c for c, pes in free.items() if len(pes) == PES_PER_CARD]
+        per_stage = tp // PES_PER_CARD
+        while len(whole) >= per_stage * pp and (data_parallel_size is None or len(replicas) < data_parallel_size):
+            stages = []
+            for _ in range(pp):
+                cards, whole = whole[:per_stage], whole[per_stage:]
+                stages.append(tuple(Device("npu", c) for c in cards))
+            replicas.append(ReplicaPlacement(tuple(stages)))
+    else:
+        slots = {c: [s for s in range(0, PES_PER_CARD, tp) if set(range(s, s + tp)) <= pes] for c, pes in free.items()}
+        while data_parallel_size is None or len(replicas) < data_parallel_size:
+            cards = sorted((c for c in slots if slots[c]), key=lambda c: (-len(slots[c]), c))[:pp]
+            if len(cards) < pp:
+                break
+            stages = []
+            for c in sorted(cards):
+                s = slots[c].pop(0)
+                stages.append((Device("npu", c, CoreRange(s, s + tp - 1)),))
+            replicas.append(ReplicaPlacement(tuple(stages)))
+    dp = data_parallel_size or 1
+    if not replicas or len(replicas) < dp:
+        raise ValueError(
+            f"tensor_parallel_size={tp} x pipeline_parallel_size={pp} x data_parallel_size={dp} requires {tp * pp * dp} "
+            f"PEs ({pp} stage(s) on different cards per replica); devices {format_devices(devices)!r} give {available} "
+            f"PEs on {len(free)} card(s), enough for {len(replicas)} replica(s)"
+        )
+    return replicas
+
+
+class SyntheticTokens:
+    """Token source for planning: every sampled token is ``token_id`` (never an EOS of the run)."""
+
+    def __init__(self, token_id: int = 1) -> None:
+        self.token_id = token_id
+
+    def execute(self, batch: Batch) -> StepResult:
+        tok = self.token_id
+        return StepResult(batch.step_id, {s.request_id: tok for s in batch.sequences if s.sample})
+
+
+class SimQueue(ExecutionQueue):
+    """Execution queue of one simulated replica: in-order, pipelined over its stages."""
+
+    def __init__(self, env, model: ModelShape, cost: CostModel, tokens: BatchExecutor, limit: int = 1,
+                 num_stages: int = 1) -> None:
+        super().__init__(limit)
+        if num_stages < 1:
+            raise ValueError(f"num_stages={num_stages}: must be >= 1")
+        self.env = env
+        self.model = model
+        self.cost = cost
+        self.tokens = tokens
+        self._stage_free_at = [0.0] * num_stages
+        self._pending: collections.deque = collections.deque()
+        self._host_s: collections.deque[float] = collections.deque()
+        self.last_host_s = 0.0  # host seconds of the batch ``wait`` returned last
+        self.busy_s = 0.0  # device seconds of the first stage (utilisation numerator)
+        self.num_batches = 0
+
+    def step_times(self, batch: Batch) -> tuple[float, float]:
+        """(device seconds per stage, host seconds) of one batch."""
+        shape = BatchShape.of(batch)
+        return self.cost.device_time(self.model, shape) / len(self._stage_free_at), self.cost.host_time(shape)
+
+    def submit(self, batch: Batch) -> None:
+        if len(self._pending) >= self.limit:
+            raise QueueFullError(f"{len(self._pending)} batches in flight; npu_queue_limit={self.limit}")
+        now = self.env.now
+        per_stage, host = self.step_times(batch)
+        ready = now
+        started = None
+        for i, free_at in enumerate(self._stage_free_at):
+            start = max(ready, free_at)
+            started = start if started is None else started
+            ready = start + per_stage
+            self._stage_free_at[i] = ready
+        result = self.tokens.execute(batch)  # batches complete in submission order, so tokens can be made now
+        result.step_id = batch.step_id
+        result.started_at = started
+        result.finished_at = ready
+        self.busy_s += per_stage
+        self.num_batches += 1
+        self._pending.append(self.env.timeout(ready - now, value=result))
+        self._host_s.append(host)
+
+    def oldest(self):
+        """The SimPy event that fires with the oldest in-flight batch's result (``yield`` it in a process)."""
+        if not self._pending:
+            raise RuntimeError("no batch in flight")
+        return self._pending[0]
+
+    def wait(self) -> StepResult:
+        """The oldest result; outside a SimPy process this runs the simulation until it is ready."""
+        ev = self.oldest()
+        if not ev.processed:
+            self.env.run(until=ev)
+        self._pending.popleft()
+        self.last_host_s = self._host_s.popleft()
+        return ev.value
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def close(self) -> None:
+        self._pending.clear()
+        self._host_s.clear()

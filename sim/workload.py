@@ -1,0 +1,160 @@
+"""Workloads: when requests arrive and how long their prompts and outputs are.
+
+Arrivals are Poisson or Gamma (``burstiness`` is the Gamma shape, as in vLLM's serving
+benchmark: 1.0 is Poisson, lower is burstier), or the ``arrived_at`` column of a trace.
+Lengths are ``fixed:N``, ``uniform:LO:HI``, ``lognormal:MEAN:SIGMA`` or ``trace`` (the trace's
+``num_prefill_tokens`` / ``num_decode_tokens`` columns, in order).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+TRACE_COLUMNS = ("arrived_at", "num_prefill_tokens", "num_decode_tokens")
+
+
+@dataclass(frozen=True, slots=True)
+class LengthDist:
+    kind: str  # fixed | uniform | lognormal | trace
+    a: float = 0.0
+    b: float = 0.0
+
+    @classmethod
+    def parse(cls, spec: "str | int | LengthDist", name: str = "length") -> "LengthDist":
+        if isinstance(spec, LengthDist):
+            return spec
+        if isinstance(spec, int) and not isinstance(spec, bool):
+            spec = f"fixed:{spec}"
+        usage = f"{name}={spec!r}: expected fixed:N, uniform:LO:HI, lognormal:MEAN:SIGMA or trace"
+        if not isinstance(spec, str):
+            raise ValueError(usage)
+        kind, *vals = spec.strip().split(":")
+        try:
+            nums = [float(v) for v in vals]
+        except ValueError:
+            raise ValueError(usage) from None
+        if kind == "trace" and not nums:
+            return cls("trace")
+        if kind == "fixed" and len(nums) == 1 and nums[0] >= 1:
+            return cls("fixed", nums[0])
+        if kind == "uniform" and len(nums) == 2 and 1 <= nums[0] <= nums[1]:
+            return cls("uniform", nums[0], nums[1])
+        if kind == "lognormal" and len(nums) == 2 and nums[0] >= 1 and nums[1] >= 0:
+            return cls("lognormal", nums[0], nums[1])
+        raise ValueError(usage)
+
+    def sample(self, rng: np.random.Generator, n: int, trace: np.ndarray | None = None) -> np.ndarray:
+        if self.kind == "fixed":
+            return np.full(n, int(self.a), dtype=np.int64)
+        if self.kind == "uniform":
+            return rng.integers(int(self.a), int(self.b) + 1, size=n)
+        if self.kind == "lognormal":
+            mu = math.log(self.a) - self.b**2 / 2  # so that the mean is ``a``
+            return np.maximum(1, np.rint(rng.lognormal(mu, self.b, size=n))).astype(np.int64)
+        if trace is None or not len(trace):
+            raise ValueError("length 'trace' needs a trace file (--trace)")
+        return np.resize(trace, n).astype(np.int64)
+
+    def __str__(self) -> str:
+        if self.kind == "trace":
+            return "trace"
+        vals = [self.a] if self.kind == "fixed" else [self.a, self.b]
+        return ":".join([self.kind, *(f"{v:g}" for v in vals)])
+
+
+@dataclass(frozen=True, slots=True)
+class Arrivals:
+    arrived_at: np.ndarray  # seconds, non-decreasing
+    input_lens: np.ndarray
+    output_lens: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.arrived_at)
+
+
+def read_trace(path: str | Path) -> np.ndarray:
+    """Rows of (arrived_at, num_prefill_tokens, num_decode_tokens) from a CSV with those columns."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"trace={str(path)!r}: no such file")
+    with p.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in TRACE_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"trace={str(path)!r}: missing columns {missing}; expected {','.join(TRACE_COLUMNS)}")
+        rows = []
+        for i, row in enumerate(reader, start=2):
+            try:
+                t, p_, d = float(row["arrived_at"]), int(row["num_prefill_tokens"]), int(row["num_decode_tokens"])
+            except (TypeError, ValueError):
+                raise ValueError(f"trace={str(path)!r} line {i}: expected a number in each of {TRACE_COLUMNS}") from None
+            if t < 0 or p_ < 1 or d < 1:
+                raise ValueError(f"trace={str(path)!r} line {i}: need arrived_at >= 0 and token counts >= 1")
+            rows.append((t, p_, d))
+    if not rows:
+        raise ValueError(f"trace={str(path)!r}: no rows")
+    rows.sort(key=lambda r: r[0])
+    return np.asarray(rows, dtype=float)
+
+
+@dataclass(frozen=True)
+class Workload:
+    num_requests: int = 1000
+    request_rate: float = math.inf  # requests/s; inf sends everything at t=0
+    arrival: str = "poisson"  # poisson | gamma | trace
+    burstiness: float = 1.0
+    input_len: LengthDist = LengthDist("lognormal", 1024, 0.5)
+    output_len: LengthDist = LengthDist("lognormal", 128, 0.5)
+    seed: int = 0
+    trace: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_len", LengthDist.parse(self.input_len, "input_len"))
+        object.__setattr__(self, "output_len", LengthDist.parse(self.output_len, "output_len"))
+        if not isinstance(self.num_requests, int) or self.num_requests < 1:
+            raise ValueError(f"num_requests={self.num_requests!r}: must be an int >= 1")
+        if not self.request_rate > 0:
+            raise ValueError(f"request_rate={self.request_rate!r}: must be > 0 (inf sends all at once)")
+        if self.arrival not in ("poisson", "gamma", "trace"):
+            raise ValueError(f"arrival={self.arrival!r}: must be poisson, gamma or trace")
+        if not self.burstiness > 0:
+            raise ValueError(f"burstiness={self.burstiness!r}: must be > 0")
+        uses_trace = self.arrival == "trace" or "trace" in (self.input_len.kind, self.output_len.kind)
+        if uses_trace and self.trace is None:
+            raise ValueError("trace=None: arrival or lengths 'trace' need a trace CSV")
+
+    def with_rate(self, rate: float) -> "Workload":
+        from dataclasses import replace
+
+        return replace(self, request_rate=rate)
+
+    def generate(self) -> Arrivals:
+        rng = np.random.default_rng(self.seed)
+        n = self.num_requests
+        rows = read_trace(self.trace) if self.trace is not None else None
+        if self.arrival == "trace":
+            times = np.resize(rows[:, 0], n)
+            if n > len(rows):  # repeat the trace end to end
+                span = rows[-1, 0] - rows[0, 0]
+                times = times + (np.arange(n) // len(rows)) * (span + (span / max(1, len(rows) - 1)))
+            times = times - times[0]
+        elif math.isinf(self.request_rate):
+            times = np.zeros(n)
+        else:
+            shape = 1.0 if self.arrival == "poisson" else self.burstiness
+            gaps = rng.gamma(shape, 1.0 / (self.request_rate * shape), size=n)
+            gaps[0] = 0.0
+            times = np.cumsum(gaps)
+        ins = self.input_len.sample(rng, n, None if rows is None else rows[:, 1])
+        outs = self.output_len.sample(rng, n, None if rows is None else rows[:, 2])
+        return Arrivals(times, ins, outs)
+
+    def describe(self) -> dict:
+        return {"num_requests": self.num_requests, "request_rate": None if math.isinf(self.request_rate) else self.request_rate, "arrival": self.arrival,
+                "burstiness": self.burstiness, "input_len": str(self.input_len), "output_len": str(self.output_len),
+                "seed": self.seed, "trace": self.trace}

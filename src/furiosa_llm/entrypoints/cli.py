@@ -1,0 +1,194 @@
+"""The ``furiosa-llm`` command: ``serve``, ``simulate``, ``plan`` and ``calibrate``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+
+
+def _add_workload_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workload")
+    g.add_argument("--num-requests", type=int, default=1000, help="Requests to simulate (default 1000).")
+    g.add_argument("--request-rate", type=float, default=math.inf, help="Mean arrival rate in requests/s (default inf: all at t=0).")
+    g.add_argument("--arrival", choices=["poisson", "gamma", "trace"], default="poisson", help="Arrival process.")
+    g.add_argument("--burstiness", type=float, default=1.0, help="Gamma shape of inter-arrival times (1.0 = Poisson).")
+    g.add_argument("--input-len", default="lognormal:1024:0.5", help="Prompt lengths: fixed:N, uniform:LO:HI, lognormal:MEAN:SIGMA or trace.")
+    g.add_argument("--output-len", default="lognormal:128:0.5", help="Output lengths, same forms as --input-len.")
+    g.add_argument("--trace", default=None, help="CSV with columns arrived_at,num_prefill_tokens,num_decode_tokens.")
+    g.add_argument("--workload-seed", type=int, default=None, help="Seed of the workload (default: --seed, else 0).")
+    s = p.add_argument_group("SLOs")
+    s.add_argument("--slo-ttft-ms", type=float, default=None, help="Time-to-first-token target per request (ms).")
+    s.add_argument("--slo-tpot-ms", type=float, default=None, help="Time-per-output-token target per request (ms).")
+    s.add_argument("--slo-e2el-ms", type=float, default=None, help="End-to-end latency target per request (ms).")
+    s.add_argument("--slo-attainment", type=float, default=0.9, help="Share of requests that must meet every SLO (default 0.9).")
+
+
+def _add_sim_args(p: argparse.ArgumentParser) -> None:
+    from furiosa_llm.api.engine_args import EngineArgs
+
+    EngineArgs.add_cli_args(p)
+    g = p.add_argument_group("simulator")
+    g.add_argument("--tensor-parallel-size", type=int, default=8, help="PEs per pipeline stage: 1, 2, 4 or a multiple of 8 (default 8, a card).")
+    g.add_argument("--profile", default="rngd", help="'rngd' (from public specifications) or a JSON written by 'furiosa-llm calibrate'.")
+    g.add_argument("--compute-efficiency", type=float, default=0.6, help="rngd profile: achieved share of peak FLOPs (assumed).")
+    g.add_argument("--bandwidth-efficiency", type=float, default=0.8, help="rngd profile: achieved share of HBM bandwidth (assumed).")
+    g.add_argument("--dispatch", choices=["least_loaded", "round_robin"], default="least_loaded", help="How requests are spread over data-parallel replicas.")
+    g.add_argument("--workers", type=int, default=1, help="Processes that simulate replicas in parallel (needs --dispatch round_robin).")
+    g.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    _add_workload_args(p)
+
+
+def _sim_inputs(ns: argparse.Namespace):
+    from furiosa_llm.api.engine_args import EngineArgs
+    from furiosa_llm.sim import SLO, SimConfig, Workload
+
+    args = EngineArgs.from_cli_args(ns)
+    config = SimConfig.from_engine_args(args, tensor_parallel_size=ns.tensor_parallel_size, profile=ns.profile,
+                                        compute_efficiency=ns.compute_efficiency,
+                                        bandwidth_efficiency=ns.bandwidth_efficiency)
+    seed = ns.workload_seed if ns.workload_seed is not None else (ns.seed or 0)
+    workload = Workload(num_requests=ns.num_requests, request_rate=ns.request_rate, arrival=ns.arrival,
+                        burstiness=ns.burstiness, input_len=ns.input_len, output_len=ns.output_len, seed=seed,
+                        trace=ns.trace)
+    slo = SLO(ttft_ms=ns.slo_ttft_ms, tpot_ms=ns.slo_tpot_ms, e2el_ms=ns.slo_e2el_ms, attainment=ns.slo_attainment)
+    return config, workload, slo
+
+
+def cmd_simulate(ns: argparse.Namespace) -> int:
+    from furiosa_llm.sim import simulate
+    from furiosa_llm.sim.report import plot_run, write_json
+    from furiosa_llm.sim.simulation import jsonable
+
+    config, workload, slo = _sim_inputs(ns)
+    res = simulate(config, workload, slo=None if slo.empty else slo, progress=not ns.no_progress and ns.workers == 1,
+                   dispatch=ns.dispatch, workers=ns.workers)
+    if ns.out:
+        write_json(res.report, ns.out)
+    if ns.plot:
+        plot_run(res, ns.plot)
+    m = res.report["metrics"]
+    print(json.dumps(jsonable({k: v for k, v in m.items()}), indent=2))
+    print(f"simulated {workload.num_requests} requests ({m['duration']:.1f} simulated s) in {res.wall_s:.1f} wall s",
+          file=sys.stderr)
+    return 0
+
+
+def _parse_sweep(items: list[str]) -> dict[str, list]:
+    from furiosa_llm.sim.planner import SWEEPABLE
+
+    grid: dict[str, list] = {}
+    for item in items:
+        key, sep, vals = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in SWEEPABLE:
+            raise ValueError(f"--sweep {item!r}: expected KEY=V1,V2,... with KEY one of {', '.join(SWEEPABLE)}")
+        raw = [v.strip() for v in vals.split("|" if key == "devices" else ",") if v.strip()]
+        if not raw:
+            raise ValueError(f"--sweep {item!r}: no values")
+        conv = str if key == "devices" else float if key == "spare_blocks_ratio" else int
+        try:
+            grid[key] = [conv(v) for v in raw]
+        except ValueError:
+            raise ValueError(f"--sweep {item!r}: bad value for {key}") from None
+    return grid
+
+
+def cmd_plan(ns: argparse.Namespace) -> int:
+    from furiosa_llm.sim.planner import sweep
+    from furiosa_llm.sim.report import plot_plan, write_json
+    from furiosa_llm.sim.simulation import jsonable
+
+    config, workload, slo = _sim_inputs(ns)
+    if slo.empty:
+        raise ValueError("plan: give at least one of --slo-ttft-ms, --slo-tpot-ms, --slo-e2el-ms")
+    grid = _parse_sweep(ns.sweep or [])
+    t0 = time.perf_counter()
+    rows = sweep(config, workload, slo, grid, start=ns.start_rate, rel_tol=ns.rel_tol, dispatch=ns.dispatch,
+                 workers=ns.workers)
+    plan = {"config": config.describe(), "workload": workload.describe(), "slo": dataclasses.asdict(slo), "results": rows}
+    if ns.out:
+        write_json(plan, ns.out)
+    if ns.plot:
+        plot_plan(plan, ns.plot)
+    table = [{**r["point"], "max_request_rate": r.get("max_request_rate"), **({"error": r["error"]} if "error" in r else {})}
+             for r in rows]
+    print(json.dumps(jsonable(table), indent=2))
+    print(f"planned {len(rows)} configuration(s) in {time.perf_counter() - t0:.1f} wall s", file=sys.stderr)
+    return 0
+
+
+def cmd_calibrate(ns: argparse.Namespace) -> int:
+    from furiosa_llm.api.engine_args import EngineArgs
+    from furiosa_llm.api.llm_engine import LLMEngine
+    from furiosa_llm.sim.calibrate import Sweep, calibrate
+
+    sweep = Sweep(batch_sizes=tuple(int(v) for v in ns.batch_sizes.split(",")),
+                  prompt_lens=tuple(int(v) for v in ns.prompt_lens.split(",")), decode_tokens=ns.decode_tokens)
+    engine = LLMEngine(EngineArgs.from_cli_args(ns))
+    try:
+        cost, model = calibrate(engine, sweep, progress=True)
+    finally:
+        engine.shutdown()
+    cost.save(ns.out, model)
+    print(json.dumps(cost.to_dict(), indent=2))
+    print(f"wrote {ns.out}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from furiosa_llm.api.engine_args import EngineArgs
+
+    parser = argparse.ArgumentParser(prog="furiosa-llm", description="Furiosa-LLM compatible serving engine and RNGD simulator.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="Simulate serving a workload on virtual RNGD cards (or a calibrated profile).")
+    _add_sim_args(p)
+    p.add_argument("--out", default=None, help="Write the report as JSON here.")
+    p.add_argument("--plot", default=None, help="Write latency, KV-usage and throughput plots (PNG) here.")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("plan", help="Find the highest request rate that meets SLOs, optionally over a sweep of configurations.")
+    _add_sim_args(p)
+    p.add_argument("--sweep", action="append", default=None, metavar="KEY=V1,V2",
+                   help="Values to sweep (repeatable); devices are separated by '|', e.g. 'devices=npu:0|npu:0,npu:1'.")
+    p.add_argument("--start-rate", type=float, default=1.0, help="First request rate probed (req/s).")
+    p.add_argument("--rel-tol", type=float, default=0.05, help="Stop when the bracket is this tight (relative).")
+    p.add_argument("--out", default=None, help="Write the plan as JSON here.")
+    p.add_argument("--plot", default=None, help="Write the plan's plot (PNG) here.")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("calibrate", help="Measure the torch backend over a sweep of batch shapes and fit a simulator profile.")
+    EngineArgs.add_cli_args(p)
+    p.add_argument("--batch-sizes", default="1,4,8,16,32", help="Comma-separated batch sizes of the sweep.")
+    p.add_argument("--prompt-lens", default="32,128,384", help="Comma-separated prompt lengths of the sweep.")
+    p.add_argument("--decode-tokens", type=int, default=16, help="Tokens each sweep request decodes.")
+    p.add_argument("--out", required=True, help="Where to write the profile (JSON).")
+    p.set_defaults(func=cmd_calibrate)
+
+    try:
+        from .serve import add_serve_parser
+    except ImportError:  # pragma: no cover - server extras missing
+        add_serve_parser = None
+    if add_serve_parser is not None:
+        add_serve_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return ns.func(ns)
+    except ValueError as e:
+        print(f"furiosa-llm {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
