@@ -123,8 +123,6 @@ class MetricsRecorder:
     @classmethod
     def merge(cls, parts: list["MetricsRecorder"]) -> "MetricsRecorder":
         """Completed requests of several recorders, ordered by workload position (so order-independent)."""
-        if len(parts) == 1:
-            return parts[0]
         m = cls()
         for p in parts:
             for name in ("index", "arrival", "first", "last", "n_in", "n_out", "itl"):

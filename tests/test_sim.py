@@ -1,0 +1,209 @@
+"""The simulator backend and capacity planning, without a model (fast)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from furiosa_llm.hal import parse_devices
+from furiosa_llm.hal.cost_model import BatchShape, CostModel, ModelShape, fit_cost_model, load_model_shape, rngd_cost_model
+from furiosa_llm.hal.cost_model import StepSample
+from furiosa_llm.hal.simulator import place_replicas
+from furiosa_llm.sim import SLO, LengthDist, SimConfig, Workload, max_rate, simulate, sweep
+from furiosa_llm.sim.simulation import jsonable
+
+SMALL = dict(num_requests=200, input_len="lognormal:512:0.5", output_len="lognormal:64:0.5")
+
+
+# ---- placement --------------------------------------------------------------------------------
+def test_place_replicas_whole_cards_and_fused_ranges():
+    two = parse_devices("npu:0,npu:1")
+    assert [str(r) for r in place_replicas(two, 8)] == ["npu:0", "npu:1"]
+    assert [str(r) for r in place_replicas(two, 16)] == ["npu:0,npu:1"]
+    assert [str(r) for r in place_replicas(two, 8, pipeline_parallel_size=2)] == ["npu:0 | npu:1"]
+    assert len(place_replicas(two, 4)) == 4
+    assert [str(r) for r in place_replicas(parse_devices("npu:0:4-7"), 2)] == ["npu:0:4-5", "npu:0:6-7"]
+    # stages of one replica sit on different cards
+    for r in place_replicas(two, 2, pipeline_parallel_size=2):
+        assert len({s[0].index for s in r.stages}) == 2
+
+
+@pytest.mark.parametrize("devices,tp,pp,dp,needle", [
+    ("npu:0", 16, 1, None, "requires 16 PEs"),
+    ("npu:0:0-3", 8, 1, None, "requires 8 PEs"),
+    ("npu:0", 8, 2, None, "requires 16 PEs"),
+    ("npu:0,npu:1", 8, 1, 3, "data_parallel_size=3"),
+    ("npu:0", 3, 1, None, "tensor_parallel_size=3"),
+    ("cpu", 8, 1, None, "simulator models RNGD"),
+])
+def test_place_replicas_errors_name_required_and_available(devices, tp, pp, dp, needle):
+    with pytest.raises(ValueError, match=needle):
+        place_replicas(parse_devices(devices), tp, pp, dp)
+
+
+# ---- cost model -----------------------------------------------------------------------------
+def test_shipped_model_configs_have_the_published_sizes():
+    m8, m70 = load_model_shape("llama-3.1-8b"), load_model_shape("meta-llama/Llama-3.1-70B-Instruct")
+    assert 7.9e9 < m8.num_params < 8.1e9
+    assert 70e9 < m70.num_params < 71e9
+    assert m8.kv_bytes_per_token(2) == 32 * 2 * 8 * 128 * 2
+    with pytest.raises(ValueError, match="model='nope'"):
+        load_model_shape("nope")
+
+
+def test_rngd_decode_is_memory_bound_and_prefill_compute_bound():
+    m = load_model_shape("llama-3.1-8b")
+    cost = rngd_cost_model(8, model=m)
+    decode1 = cost.device_time(m, BatchShape(1, 1, 1, 512, 512))
+    # one decode token reads all 16 GB of weights over 1.5 TB/s x 0.8
+    assert decode1 == pytest.approx(0.5e-3 + m.weight_bytes(2) / 1.2e12, rel=0.01)
+    prefill = cost.device_time(m, BatchShape(2048, 1, 1, 2048 * 2049 // 2, 2048))
+    assert prefill > 2048 * 2 * 7e9 / (256e12 * 0.6)
+    # half a card is slower; two cards pay an all-reduce per token
+    assert rngd_cost_model(4, model=m).device_time(m, BatchShape(1, 1, 1, 512, 512)) > decode1
+    assert rngd_cost_model(16, model=m).s_per_token_comm > 0
+    with pytest.raises(ValueError, match="tensor_parallel_size=3"):
+        rngd_cost_model(3)
+
+
+def test_fit_recovers_known_parameters():
+    m = ModelShape("tiny", 4, 64, 4, 2, 16, 128, 1000)
+    truth = CostModel("truth", overhead_s=2e-3, s_per_flop=1e-10, s_per_weight_byte=0.0, s_per_kv_byte=5e-9,
+                      s_per_seq=1e-4, combine="sum", dtype_bytes=4, host_overhead_s=1e-3, host_s_per_seq=2e-5)
+    samples = []
+    for b in (1, 2, 4, 8, 16, 32):
+        for ctx in (16, 64, 256):
+            shape = BatchShape(b, b, b, b * ctx, b * ctx)
+            samples.append(StepSample(shape, truth.device_time(m, shape), truth.host_time(shape)))
+        shape = BatchShape(b * 64, b, b, b * 64 * 65 // 2, b * 64)
+        samples.append(StepSample(shape, truth.device_time(m, shape), truth.host_time(shape)))
+    fit = fit_cost_model(m, samples, name="fit", dtype_bytes=4)
+    for k in ("overhead_s", "s_per_flop", "s_per_kv_byte", "s_per_seq", "host_overhead_s", "host_s_per_seq"):
+        assert getattr(fit, k) == pytest.approx(getattr(truth, k), rel=1e-3), k
+    assert fit.notes["median_rel_error"] < 1e-6
+
+
+# ---- workloads ------------------------------------------------------------------------------
+def test_length_specs_parse_and_reject():
+    assert LengthDist.parse("fixed:128") == LengthDist("fixed", 128)
+    assert str(LengthDist.parse("lognormal:512:0.5")) == "lognormal:512:0.5"
+    for bad in ("fixed", "uniform:9:3", "normal:3:1", "lognormal:0:1", "fixed:x"):
+        with pytest.raises(ValueError, match="input_len"):
+            Workload(input_len=bad)
+
+
+def test_workload_rates_and_lengths():
+    w = Workload(num_requests=20000, request_rate=5.0, input_len="lognormal:1000:0.5", output_len="uniform:10:20", seed=3)
+    a = w.generate()
+    assert (a.arrived_at.diff() if hasattr(a.arrived_at, "diff") else True) is not None
+    assert abs(len(a) / a.arrived_at[-1] - 5.0) < 0.25
+    assert abs(a.input_lens.mean() - 1000) < 20
+    assert a.output_lens.min() >= 10 and a.output_lens.max() <= 20
+    bursty = Workload(num_requests=20000, request_rate=5.0, arrival="gamma", burstiness=0.3, seed=3).generate()
+    gaps = bursty.arrived_at[1:] - bursty.arrived_at[:-1]
+    assert gaps.std() / gaps.mean() > 1.5  # burstier than Poisson (cv 1)
+
+
+def test_trace_workload(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0.0,100,10\n0.5,200,20\n1.5,300,30\n")
+    a = Workload(num_requests=3, arrival="trace", input_len="trace", output_len="trace", trace=str(p)).generate()
+    assert a.arrived_at.tolist() == [0.0, 0.5, 1.5]
+    assert a.input_lens.tolist() == [100, 200, 300] and a.output_lens.tolist() == [10, 20, 30]
+    res = simulate(SimConfig(), Workload(num_requests=3, arrival="trace", input_len="trace", output_len="trace", trace=str(p)))
+    assert res.report["metrics"]["total_output_tokens"] == 60
+    bad = tmp_path / "bad.csv"
+    bad.write_text("time,prompt\n1,2\n")
+    with pytest.raises(ValueError, match="missing columns"):
+        Workload(num_requests=1, arrival="trace", trace=str(bad)).generate()
+
+
+# ---- simulated runs --------------------------------------------------------------------------
+def test_same_seed_same_report_and_parallel_workers_agree():
+    cfg = SimConfig(devices="npu:0,npu:1")
+    w = Workload(request_rate=8.0, seed=7, **SMALL)
+    a = json.dumps(jsonable(simulate(cfg, w).report), sort_keys=True)
+    b = json.dumps(jsonable(simulate(cfg, w).report), sort_keys=True)
+    assert a == b
+    other = json.dumps(jsonable(simulate(cfg, Workload(request_rate=8.0, seed=8, **SMALL)).report), sort_keys=True)
+    assert other != a
+    rr1 = simulate(cfg, w, dispatch="round_robin").report
+    rr2 = simulate(cfg, w, dispatch="round_robin", workers=2).report
+    assert json.dumps(jsonable(rr1), sort_keys=True) == json.dumps(jsonable(rr2), sort_keys=True)
+    with pytest.raises(ValueError, match="workers=2"):
+        simulate(cfg, w, workers=2)  # least_loaded replicas are coupled
+
+
+def test_every_request_completes_with_its_tokens():
+    cfg = SimConfig(num_kv_blocks=300, max_num_batched_tokens=512)  # tight: forces preemption
+    w = Workload(request_rate=math.inf, num_requests=60, input_len="uniform:100:600", output_len="uniform:20:200", seed=1)
+    res = simulate(cfg, w)
+    m = res.report["metrics"]
+    a = w.generate()
+    assert m["completed"] == 60 and m["rejected"] == 0
+    assert m["total_output_tokens"] == int(a.output_lens.sum())
+    assert m["num_preemptions"] > 0
+    assert 0 < m["max_kv_usage"] <= 1.0
+    assert (res.per_request["ttft_ms"] > 0).all() and (res.per_request["e2el_ms"] >= res.per_request["ttft_ms"]).all()
+
+
+def test_too_long_requests_are_rejected_not_hung():
+    res = simulate(SimConfig(max_model_len=256), Workload(num_requests=10, input_len="fixed:300", output_len="fixed:4"))
+    assert res.report["metrics"]["rejected"] == 10 and res.report["metrics"]["completed"] == 0
+
+
+def test_more_cards_and_deeper_queues_behave_as_expected():
+    w = Workload(request_rate=12.0, seed=2, **SMALL)
+    one = simulate(SimConfig(devices="npu:0"), w).report["metrics"]
+    two = simulate(SimConfig(devices="npu:0,npu:1"), w).report["metrics"]
+    assert two["median_ttft_ms"] < one["median_ttft_ms"]
+    # two pipeline stages: one replica over both cards, each stage busy for half of every step
+    pp = simulate(SimConfig(devices="npu:0,npu:1", pipeline_parallel_size=2), w).report
+    assert [r["devices"] for r in pp["replicas"]] == ["npu:0 | npu:1"]
+    assert pp["replicas"][0]["utilization"] < 0.5
+
+
+def test_model_that_does_not_fit_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs .* GB of weights per stage"):
+        simulate(SimConfig(model="llama-3.1-70b", tensor_parallel_size=8), Workload(num_requests=1))
+    res = simulate(SimConfig(model="llama-3.1-70b", devices="npu:0,npu:1,npu:2,npu:3", tensor_parallel_size=32),
+                   Workload(num_requests=20, request_rate=2.0, **{k: v for k, v in SMALL.items() if k != "num_requests"}))
+    assert res.report["metrics"]["completed"] == 20
+
+
+def test_max_rate_and_sweep():
+    w = Workload(seed=4, **SMALL)
+    slo = SLO(ttft_ms=1000, tpot_ms=60)
+    one = max_rate(SimConfig(devices="npu:0"), w, slo, rel_tol=0.1)
+    assert one["max_request_rate"] > 0 and one["upper_bound"] > one["max_request_rate"]
+    assert one["at_max"]["slo_attainment"] >= 0.9
+    rows = sweep(SimConfig(), w, slo, {"devices": ["npu:0", "npu:0,npu:1"], "tensor_parallel_size": [8, 16]}, rel_tol=0.1)
+    by = {(r["point"]["devices"], r["point"]["tensor_parallel_size"]): r for r in rows}
+    assert "error" in by[("npu:0", 16)]  # one card has 8 PEs
+    assert by[("npu:0,npu:1", 8)]["max_request_rate"] > by[("npu:0", 8)]["max_request_rate"] * 1.5
+    with pytest.raises(ValueError, match="sweep key"):
+        sweep(SimConfig(), w, slo, {"model": ["x"]})
+
+
+def test_cli_simulate_and_plan(tmp_path, capsys):
+    from furiosa_llm.entrypoints.cli import main
+
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    rc = main(["simulate", "--model", "llama-3.1-8b", "--devices", "npu:0", "--num-requests", "100",
+               "--request-rate", "5", "--spare-blocks-ratio", "0.1", "--npu-queue-limit", "2",
+               "--slo-ttft-ms", "500", "--out", str(out), "--plot", str(png), "--no-progress"])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["spare_blocks_ratio"] == 0.1 and report["config"]["npu_queue_limit"] == 2
+    assert report["metrics"]["completed"] == 100 and png.stat().st_size > 10_000
+    plan_out = tmp_path / "p.json"
+    rc = main(["plan", "--model", "llama-3.1-8b", "--num-requests", "100", "--slo-tpot-ms", "50",
+               "--sweep", "max-processing-samples=16,256", "--rel-tol", "0.2", "--out", str(plan_out),
+               "--plot", str(tmp_path / "p.png")])
+    assert rc == 0
+    plan = json.loads(plan_out.read_text())
+    assert [r["point"]["max_processing_samples"] for r in plan["results"]] == [16, 256]
+    assert main(["simulate", "--model", "llama-3.1-8b", "--devices", "npu:0:9"]) == 2
+    assert "npu:0:9" in capsys.readouterr().err

@@ -1,0 +1,97 @@
+"""The simulator against the real torch backend: same decisions, and predictions near measurements."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import simpy
+
+from furiosa_llm.core import EngineCore, Request, Scheduler, SchedulerConfig
+from furiosa_llm.hal import SamplingSettings, ThreadedQueue
+from furiosa_llm.hal.cost_model import ModelShape, rngd_cost_model
+from furiosa_llm.hal.simulator import SimQueue
+
+from conftest import CACHE_DIR, MODEL
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from furiosa_llm import EngineArgs, LLMEngine
+
+    eng = LLMEngine(EngineArgs(model=MODEL, cache_dir=CACHE_DIR, devices="cpu", num_kv_blocks=512, seed=0))
+    yield eng
+    eng.shutdown()
+
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a haiku about the sea.",
+    "List three prime numbers:",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "Explain what a KV cache is in one sentence.",
+    "1, 2, 3, 4,",
+    "The quick brown fox",
+]
+# step index -> requests that arrive before that step
+WAVES = {0: [0, 1, 2], 2: [3], 5: [4, 5], 9: [6, 7]}
+
+
+def _drive(core: EngineCore, tok) -> tuple[list, dict[str, list[int]]]:
+    """Add each wave before its step and step until done; the same driver for every backend."""
+    outputs: dict[str, list[int]] = {}
+    step = 0
+    pending = dict(WAVES)
+    while pending or core.has_unfinished():
+        for i in pending.pop(step, []):
+            ids = tok(PROMPTS[i]).input_ids
+            core.add_request(Request(f"r{i}", ids, max_tokens=16 + 4 * i, arrival_time=core.clock(),
+                                     sampling=SamplingSettings(temperature=0.0)))
+        for out in core.step():
+            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+        step += 1
+        assert step < 500
+    return core.scheduler.stats.trace, outputs
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_same_decisions_on_simulator_and_torch_backend(engine, limit):
+    # few blocks and a small token budget: chunked prefill, preemption and waiting all happen
+    cfg = dict(num_blocks=10, block_size=16, max_num_batched_tokens=24, max_processing_samples=5, spare_blocks_ratio=0.1)
+
+    torch_core = EngineCore(Scheduler(SchedulerConfig(**cfg), engine.eos_token_ids, record_trace=True),
+                            ThreadedQueue(engine.runner, limit, clock=time.monotonic), time.monotonic)
+    torch_trace, torch_out = _drive(torch_core, engine.tokenizer)
+    torch_core.queue.close()
+
+    env = simpy.Environment()
+    shape = ModelShape.from_hf_config(engine.model_config)
+    queue = SimQueue(env, shape, rngd_cost_model(1, model=shape), engine.runner, limit)  # real tokens from the model
+    sim_core = EngineCore(Scheduler(SchedulerConfig(**cfg), engine.eos_token_ids, record_trace=True), queue, lambda: env.now)
+    sim_trace, sim_out = _drive(sim_core, engine.tokenizer)
+
+    assert torch_core.scheduler.stats.num_preemptions > 0
+    assert any(n > 1 and n < 24 for _, step in torch_trace for _, n in step)  # a prefill chunk
+    assert sim_trace == torch_trace
+    assert sim_out == torch_out
+    assert env.now > 0  # simulated time advanced by the cost model
+
+
+def test_calibrated_simulator_predicts_the_real_engine(engine):
+    """Calibrate on one sweep, then predict a different workload; a loose bound noise cannot break."""
+    from furiosa_llm.sim import SimConfig, Workload, simulate
+    from furiosa_llm.sim.calibrate import Sweep, calibrate
+    from furiosa_llm.sim.real import run_workload
+
+    cost, shape = calibrate(engine, Sweep(batch_sizes=(1, 4, 16), prompt_lens=(32, 256), decode_tokens=8))
+    assert cost.notes["median_rel_error"] < 0.3
+    wl = Workload(num_requests=16, request_rate=2.0, input_len="lognormal:160:0.6", output_len="uniform:8:40", seed=5)
+    real = run_workload(engine, wl).summary()
+    sim = simulate(SimConfig(model=shape, profile=cost, devices="cpu", num_kv_blocks=engine.num_total_blocks,
+                             max_num_batched_tokens=engine.args.max_num_batched_tokens), wl).report["metrics"]
+    assert real["completed"] == sim["completed"] == 16
+    assert real["total_output_tokens"] == sim["total_output_tokens"]
+    for key, bound in (("output_throughput", 0.35), ("median_tpot_ms", 0.5), ("median_ttft_ms", 1.0)):
+        err = abs(sim[key] - real[key]) / real[key]
+        assert err < bound, f"{key}: simulated {sim[key]:.1f} vs measured {real[key]:.1f} ({err:.0%})"
