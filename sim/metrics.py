@@ -49,7 +49,8 @@ class SLO:
         return ok
 
 
-def _stats(name: str, values_ms: np.ndarray) -> dict[str, float]:
+def latency_stats(name: str, values_ms: np.ndarray) -> dict[str, float]:
+    """mean, median, std, p90 and p99 of ``values_ms`` as ``{stat}_{name}_ms`` keys (vLLM's names)."""
     if len(values_ms) == 0:
         vals = {"mean": math.nan, "median": math.nan, "std": math.nan, **{f"p{p}": math.nan for p in PERCENTILES}}
     else:
@@ -164,7 +165,7 @@ class MetricsRecorder:
         tpot = r["tpot_ms"][r["n_out"] > 1]
         itl = np.sort(np.asarray(self.itl, dtype=float)) * 1e3  # sorted: the same stats however parts merged
         for name, vals in (("ttft", r["ttft_ms"]), ("tpot", tpot), ("itl", itl), ("e2el", r["e2el_ms"])):
-            out.update(_stats(name, vals))
+            out.update(latency_stats(name, vals))
         if slo is not None and not slo.empty:
             ok = slo.met(r["ttft_ms"], r["tpot_ms"], r["e2el_ms"])
             good = int(ok.sum())

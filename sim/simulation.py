@@ -290,6 +290,9 @@ def simulate(config: SimConfig, workload: Workload, *, slo: SLO | None = None, t
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r}: must be an int >= 1")
     num_replicas = len(config.placements())
+    if tokens is not None and num_replicas > 1:
+        raise ValueError(f"tokens: a model token source holds the KV cache of one replica; these devices make "
+                         f"{num_replicas} replicas (pass one device, or data_parallel_size=1)")
     workers = min(workers, num_replicas)
     if workers > 1 and (dispatch != "round_robin" or tokens is not None or record_trace):
         raise ValueError(f"workers={workers}: parallel simulation needs dispatch='round_robin', synthetic tokens and "

@@ -95,3 +95,16 @@ def test_calibrated_simulator_predicts_the_real_engine(engine):
     for key, bound in (("output_throughput", 0.35), ("median_tpot_ms", 0.5), ("median_ttft_ms", 1.0)):
         err = abs(sim[key] - real[key]) / real[key]
         assert err < bound, f"{key}: simulated {sim[key]:.1f} vs measured {real[key]:.1f} ({err:.0%})"
+
+
+def test_cli_functional_run_takes_tokens_from_the_model(capsys):
+    import json
+
+    from furiosa_llm.entrypoints.cli import main
+
+    args = ["simulate", "--model", MODEL, "--cache-dir", CACHE_DIR, "--devices", "npu:0", "--token-source", "model",
+            "--num-requests", "6", "--input-len", "fixed:24", "--output-len", "fixed:5", "--no-progress"]
+    assert main(args) == 2 and "pass --num-kv-blocks" in capsys.readouterr().err
+    assert main(args + ["--num-kv-blocks", "128"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["completed"] == 6 and report["total_output_tokens"] == 30

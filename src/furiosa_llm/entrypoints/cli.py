@@ -39,6 +39,9 @@ def _add_sim_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bandwidth-efficiency", type=float, default=0.8, help="rngd profile: achieved share of HBM bandwidth (assumed).")
     g.add_argument("--dispatch", choices=["least_loaded", "round_robin"], default="least_loaded", help="How requests are spread over data-parallel replicas.")
     g.add_argument("--workers", type=int, default=1, help="Processes that simulate replicas in parallel (needs --dispatch round_robin).")
+    g.add_argument("--token-source", choices=["synthetic", "model"], default="synthetic",
+                   help="synthetic: lengths from the workload (planning); model: real tokens from --model run by the "
+                        "torch backend on cpu (functional runs; one replica).")
     g.add_argument("--no-progress", action="store_true", help="No progress bar.")
     _add_workload_args(p)
 
@@ -48,15 +51,38 @@ def _sim_inputs(ns: argparse.Namespace):
     from furiosa_llm.sim import SLO, SimConfig, Workload
 
     args = EngineArgs.from_cli_args(ns)
+    hf_model = None
+    sim = {}
+    if getattr(ns, "token_source", "synthetic") == "model":
+        import torch
+
+        from furiosa_llm.hal.cost_model import ModelShape
+        from furiosa_llm.model.loader import load_model_and_tokenizer, resolve_model
+
+        hf_model, _tok, _secs = load_model_and_tokenizer(resolve_model(args.model, args.revision), cache_dir=args.cache_dir,
+                                                         revision=args.revision, dtype=torch.float32)
+        sim["model"] = ModelShape.from_hf_config(hf_model.config, name=args.model)
     config = SimConfig.from_engine_args(args, tensor_parallel_size=ns.tensor_parallel_size, profile=ns.profile,
                                         compute_efficiency=ns.compute_efficiency,
-                                        bandwidth_efficiency=ns.bandwidth_efficiency)
+                                        bandwidth_efficiency=ns.bandwidth_efficiency, **sim)
+    tokens = None
+    if hf_model is not None:
+        import torch
+
+        from furiosa_llm.model.runner import ModelRunner, kv_bytes_per_block
+
+        blocks = config.kv_blocks(config.stage_cost())
+        need = blocks * kv_bytes_per_block(hf_model.config, config.block_size, torch.float32)
+        if need > 4 * 2**30:
+            raise ValueError(f"num_kv_blocks={blocks}: --token-source model keeps real K/V on the host, "
+                             f"{need / 2**30:.1f} GiB for these blocks; pass --num-kv-blocks (at most 4 GiB)")
+        tokens = ModelRunner(hf_model, "cpu", blocks, config.block_size, seed=args.seed)
     seed = ns.workload_seed if ns.workload_seed is not None else (ns.seed or 0)
     workload = Workload(num_requests=ns.num_requests, request_rate=ns.request_rate, arrival=ns.arrival,
                         burstiness=ns.burstiness, input_len=ns.input_len, output_len=ns.output_len, seed=seed,
                         trace=ns.trace)
     slo = SLO(ttft_ms=ns.slo_ttft_ms, tpot_ms=ns.slo_tpot_ms, e2el_ms=ns.slo_e2el_ms, attainment=ns.slo_attainment)
-    return config, workload, slo
+    return config, workload, slo, tokens
 
 
 def cmd_simulate(ns: argparse.Namespace) -> int:
@@ -64,9 +90,9 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
     from furiosa_llm.sim.report import plot_run, write_json
     from furiosa_llm.sim.simulation import jsonable
 
-    config, workload, slo = _sim_inputs(ns)
+    config, workload, slo, tokens = _sim_inputs(ns)
     res = simulate(config, workload, slo=None if slo.empty else slo, progress=not ns.no_progress and ns.workers == 1,
-                   dispatch=ns.dispatch, workers=ns.workers)
+                   dispatch=ns.dispatch, workers=ns.workers, tokens=tokens)
     if ns.out:
         write_json(res.report, ns.out)
     if ns.plot:
@@ -103,7 +129,9 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     from furiosa_llm.sim.report import plot_plan, write_json
     from furiosa_llm.sim.simulation import jsonable
 
-    config, workload, slo = _sim_inputs(ns)
+    config, workload, slo, tokens = _sim_inputs(ns)
+    if tokens is not None:
+        raise ValueError("plan: --token-source model is for functional simulate runs; plans use synthetic tokens")
     if slo.empty:
         raise ValueError("plan: give at least one of --slo-ttft-ms, --slo-tpot-ms, --slo-e2el-ms")
     grid = _parse_sweep(ns.sweep or [])
