@@ -54,10 +54,32 @@ class SequenceChunk:
         return self.start_pos + len(self.token_ids)
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class Bucket:
+    """A padded decode shape that a backend can compile: ``batch`` rows attending up to ``length`` positions."""
+
+    batch: int
+    length: int
+
+    def __str__(self) -> str:
+        return f"b{self.batch}xl{self.length}"
+
+
+@dataclass(slots=True)
+class CompileResult:
+    """What a backend reports when a bucket's compilation ends."""
+
+    bucket: Bucket
+    ok: bool
+    seconds: float
+    error: str | None = None
+
+
 @dataclass(slots=True)
 class Batch:
     step_id: int
     sequences: list[SequenceChunk]
+    bucket: Bucket | None = None  # set when the step runs on this compiled bucket (JIT), padded to its shape
 
     @property
     def num_tokens(self) -> int:

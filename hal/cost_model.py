@@ -146,16 +146,20 @@ class CostModel:
     host_overhead_s: float = 0.0  # per step, on the host
     host_s_per_seq: float = 0.0
     memory_bytes: float | None = None  # device memory of the stage (weights + KV); None = not modelled
+    jit_compile_s_per_unit: float = 0.0  # JIT: seconds to compile one unit of a bucket
+    jit_slow_factor: float = 1.0  # JIT: a decode step whose bucket is not compiled takes this many times longer
     notes: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.combine not in ("max", "sum"):
             raise ValueError(f"combine={self.combine!r}: must be 'max' or 'sum'")
         for k in ("overhead_s", "s_per_flop", "s_per_weight_byte", "s_per_kv_byte", "s_per_seq", "s_per_token_comm",
-                  "host_overhead_s", "host_s_per_seq"):
+                  "host_overhead_s", "host_s_per_seq", "jit_compile_s_per_unit"):
             v = getattr(self, k)
             if not isinstance(v, (int, float)) or v < 0 or math.isnan(v):
                 raise ValueError(f"{k}={v!r}: must be a number >= 0")
+        if not isinstance(self.jit_slow_factor, (int, float)) or not self.jit_slow_factor >= 1:
+            raise ValueError(f"jit_slow_factor={self.jit_slow_factor!r}: must be a number >= 1")
 
     # ---- evaluation ------------------------------------------------------------------------
     def device_time(self, model: ModelShape, b: BatchShape) -> float:
@@ -205,12 +209,15 @@ def load_profile(path: str | Path) -> tuple[CostModel, ModelShape | None]:
 
 def rngd_cost_model(num_pes: int, *, compute_efficiency: float = 0.6, bandwidth_efficiency: float = 0.8,
                     overhead_s: float = 0.5e-3, host_overhead_s: float = 0.2e-3, host_s_per_seq: float = 2e-6,
+                    jit_compile_s_per_unit: float = 20.0, jit_slow_factor: float = 2.0,
                     model: ModelShape | None = None) -> CostModel:
     """One replica stage on ``num_pes`` RNGD PEs: 1, 2, 4 (a share of a card) or a multiple of 8 (whole cards).
 
     Compute and HBM bandwidth scale with the PEs' share of a card; a stage spanning several cards
     pays a tensor-parallel all-reduce over the host link (two per layer, ring cost) per token.
-    The efficiencies are assumptions, not measurements: achieved/peak FLOPs and bandwidth.
+    The efficiencies are assumptions, not measurements: achieved/peak FLOPs and bandwidth. So
+    are the JIT figures (compile seconds per unit of layers, and the slow path's factor for a
+    decode step whose bucket is not compiled yet); they only matter with JIT on.
     """
     if num_pes < 1 or (num_pes > PES_PER_CARD and num_pes % PES_PER_CARD) or (num_pes < PES_PER_CARD and PES_PER_CARD % num_pes):
         raise ValueError(f"tensor_parallel_size={num_pes}: must be 1, 2, 4 or a multiple of {PES_PER_CARD} PEs")
@@ -235,6 +242,8 @@ def rngd_cost_model(num_pes: int, *, compute_efficiency: float = 0.6, bandwidth_
         host_overhead_s=host_overhead_s,
         host_s_per_seq=host_s_per_seq,
         memory_bytes=RNGD_HBM_BYTES * share,
+        jit_compile_s_per_unit=jit_compile_s_per_unit,
+        jit_slow_factor=jit_slow_factor,
         notes={"compute_efficiency": compute_efficiency, "bandwidth_efficiency": bandwidth_efficiency,
                "peak_bf16_tflops": 256 * share, "hbm_tb_per_s": 1.5 * share},
     )

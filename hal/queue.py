@@ -11,7 +11,7 @@ import collections
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Protocol
 
-from .batch import Batch, StepResult
+from .batch import Batch, Bucket, CompileResult, StepResult
 
 
 class QueueFullError(RuntimeError):
@@ -40,12 +40,37 @@ class ExecutionQueue(abc.ABC):
     def has_room(self) -> bool:
         return self.in_flight < self.limit
 
+    # ---- JIT compilation of buckets (optional) -------------------------------------------------
+    def compile(self, bucket: Bucket, num_units: int) -> None:
+        """Start compiling ``bucket`` (``num_units`` units) in the background; ``compiled()`` reports the end.
+
+        A backend without a compiler reports a failure at once, so the bucket stays on the slow path.
+        """
+        self._compile_done().append(CompileResult(bucket, False, 0.0, f"{type(self).__name__} has no JIT compiler"))
+
+    def compiled(self) -> list[CompileResult]:
+        """Compilations that ended since the last call."""
+        done = self._compile_done()
+        out = list(done)
+        done.clear()
+        return out
+
+    def _compile_done(self) -> list[CompileResult]:
+        if not hasattr(self, "_done_compiles"):
+            self._done_compiles: list[CompileResult] = []
+        return self._done_compiles
+
     def close(self) -> None:  # pragma: no cover - trivial default
         pass
 
 
 class BatchExecutor(Protocol):
-    """Executes one batch synchronously (the model runner of the torch backend)."""
+    """Executes one batch synchronously (the model runner of the torch backend).
+
+    An executor that can compile also has ``compile_bucket(bucket, num_units)``: it compiles
+    and warms the bucket's graph, raising on failure; ``execute`` then runs batches whose
+    ``bucket`` is set on that graph.
+    """
 
     def execute(self, batch: Batch) -> StepResult: ...
 
@@ -57,14 +82,44 @@ class ThreadedQueue(ExecutionQueue):
     times come from the injected clock (the wall clock for real hardware).
     """
 
-    def __init__(self, executor: BatchExecutor, limit: int = 1, clock: Callable[[], float] | None = None):
+    def __init__(self, executor: BatchExecutor, limit: int = 1, clock: Callable[[], float] | None = None,
+                 compile_workers: int = 1):
         super().__init__(limit)
+        import threading
         import time
 
         self._executor = executor
         self._clock = clock or time.monotonic
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hal-exec")
         self._futures: collections.deque[Future[StepResult]] = collections.deque()
+        self._compile_pool: ThreadPoolExecutor | None = None
+        self._compile_workers = compile_workers
+        self._compile_lock = threading.Lock()
+
+    def compile(self, bucket: Bucket, num_units: int) -> None:
+        compile_bucket = getattr(self._executor, "compile_bucket", None)
+        if compile_bucket is None:
+            return super().compile(bucket, num_units)
+        if self._compile_pool is None:
+            self._compile_pool = ThreadPoolExecutor(self._compile_workers, thread_name_prefix="hal-jit")
+
+        def run() -> None:
+            import time
+
+            t0 = time.perf_counter()
+            try:
+                compile_bucket(bucket, num_units)
+                res = CompileResult(bucket, True, time.perf_counter() - t0)
+            except Exception as e:  # noqa: BLE001 - a failed compilation disables its bucket, serving goes on
+                res = CompileResult(bucket, False, time.perf_counter() - t0, f"{type(e).__name__}: {e}")
+            with self._compile_lock:
+                self._compile_done().append(res)
+
+        self._compile_pool.submit(run)
+
+    def compiled(self) -> list[CompileResult]:
+        with self._compile_lock:
+            return super().compiled()
 
     def _run(self, batch: Batch) -> StepResult:
         start = self._clock()
@@ -94,4 +149,6 @@ class ThreadedQueue(ExecutionQueue):
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._compile_pool is not None:
+            self._compile_pool.shutdown(wait=False, cancel_futures=True)
         self._futures.clear()

@@ -13,9 +13,10 @@ from the workload), or the torch ``ModelRunner`` for functional runs with real t
 from __future__ import annotations
 
 import collections
+import heapq
 from dataclasses import dataclass
 
-from .batch import Batch, StepResult
+from .batch import Batch, Bucket, CompileResult, StepResult
 from .cost_model import BatchShape, CostModel, ModelShape
 from .devices import FUSED_SPANS, PES_PER_CARD, CoreRange, Device, format_devices
 from .queue import BatchExecutor, ExecutionQueue, QueueFullError
@@ -104,8 +105,11 @@ class SimQueue(ExecutionQueue):
     """Execution queue of one simulated replica: in-order, pipelined over its stages."""
 
     def __init__(self, env, model: ModelShape, cost: CostModel, tokens: BatchExecutor, limit: int = 1,
-                 num_stages: int = 1) -> None:
+                 num_stages: int = 1, jit: bool = False) -> None:
         super().__init__(limit)
+        self.jit = jit  # JIT on: uncompiled decode steps take the slow path
+        self._compiles: list[tuple[float, int, CompileResult]] = []  # heap of (done_at, seq, result)
+        self._compile_seq = 0
         if num_stages < 1:
             raise ValueError(f"num_stages={num_stages}: must be >= 1")
         self.env = env
@@ -122,7 +126,22 @@ class SimQueue(ExecutionQueue):
     def step_times(self, batch: Batch) -> tuple[float, float]:
         """(device seconds per stage, host seconds) of one batch."""
         shape = BatchShape.of(batch)
-        return self.cost.device_time(self.model, shape) / len(self._stage_free_at), self.cost.host_time(shape)
+        device = self.cost.device_time(self.model, shape) / len(self._stage_free_at)
+        if self.jit and batch.bucket is None and shape.num_tokens == shape.num_seqs:
+            device *= self.cost.jit_slow_factor  # a decode step without its compiled bucket
+        return device, self.cost.host_time(shape)
+
+    def compile(self, bucket: Bucket, num_units: int) -> None:
+        """Compilations run beside serving and end ``num_units x jit_compile_s_per_unit`` later."""
+        secs = num_units * self.cost.jit_compile_s_per_unit
+        self._compile_seq += 1
+        heapq.heappush(self._compiles, (self.env.now + secs, self._compile_seq, CompileResult(bucket, True, secs)))
+
+    def compiled(self) -> list[CompileResult]:
+        done = []
+        while self._compiles and self._compiles[0][0] <= self.env.now:
+            done.append(heapq.heappop(self._compiles)[2])
+        return done
 
     def submit(self, batch: Batch) -> None:
         if len(self._pending) >= self.limit:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import simpy
 
-from furiosa_llm.core import EngineCore, Request, Scheduler, SchedulerConfig
+from furiosa_llm.core import EngineCore, JitConfig, JitPolicy, Request, Scheduler, SchedulerConfig
 from furiosa_llm.hal import BatchExecutor, parse_devices
 from furiosa_llm.hal.cost_model import CostModel, ModelShape, load_model_shape, load_profile, rngd_cost_model
 from furiosa_llm.hal.simulator import ReplicaPlacement, SimQueue, SyntheticTokens, place_replicas
@@ -47,6 +47,12 @@ class SimConfig:
     compute_efficiency: float = 0.6
     bandwidth_efficiency: float = 0.8
     kv_memory_utilization: float = 0.9
+    enable_jit_compilation: bool = False
+    jit_threshold: int = 5
+    jit_max_workers: int = 15
+    jit_unit_size: int = 8
+    jit_compile_s_per_unit: float = 20.0  # rngd profile: assumed
+    jit_slow_factor: float = 2.0  # rngd profile: assumed
 
     def __post_init__(self) -> None:
         if isinstance(self.profile, str) and self.profile != "rngd":
@@ -60,6 +66,10 @@ class SimConfig:
             raise ValueError(f"kv_memory_utilization={self.kv_memory_utilization!r}: must be in (0, 1]")
         SchedulerConfig(num_blocks=1, block_size=self.block_size, max_num_batched_tokens=self.max_num_batched_tokens,
                         max_processing_samples=self.max_processing_samples, spare_blocks_ratio=self.spare_blocks_ratio)
+        self.jit_config()  # validates the JIT knobs
+
+    def jit_config(self) -> JitConfig:
+        return JitConfig(self.enable_jit_compilation, self.jit_threshold, self.jit_max_workers, self.jit_unit_size)
 
     @classmethod
     def from_engine_args(cls, args, **sim) -> "SimConfig":
@@ -77,6 +87,10 @@ class SimConfig:
             max_model_len=args.max_model_len,
             enable_prefix_caching=args.enable_prefix_caching,
             num_kv_blocks=args.num_kv_blocks,
+            enable_jit_compilation=args.enable_jit_compilation,
+            jit_threshold=args.jit_threshold,
+            jit_max_workers=args.jit_max_workers,
+            jit_unit_size=args.jit_unit_size,
             **sim,
         )
 
@@ -101,7 +115,8 @@ class SimConfig:
         if isinstance(self.profile, CostModel):
             return self.profile
         return rngd_cost_model(self.tensor_parallel_size, compute_efficiency=self.compute_efficiency,
-                               bandwidth_efficiency=self.bandwidth_efficiency, model=self.model)
+                               bandwidth_efficiency=self.bandwidth_efficiency, model=self.model,
+                               jit_compile_s_per_unit=self.jit_compile_s_per_unit, jit_slow_factor=self.jit_slow_factor)
 
     def kv_blocks(self, cost: CostModel) -> int:
         """KV blocks of one replica: what is left of each stage's memory after its share of the weights."""
@@ -136,11 +151,13 @@ class SimConfig:
 
 class _Replica:
     def __init__(self, env: simpy.Environment, placement: ReplicaPlacement, sched_cfg: SchedulerConfig,
-                 queue: SimQueue, metrics: MetricsRecorder, on_finish, record_trace: bool) -> None:
+                 queue: SimQueue, metrics: MetricsRecorder, on_finish, record_trace: bool,
+                 jit: JitPolicy | None = None) -> None:
         self.env = env
         self.placement = placement
         self.queue = queue
-        self.core = EngineCore(Scheduler(sched_cfg, frozenset(), record_trace=record_trace), queue, lambda: env.now)
+        self.core = EngineCore(Scheduler(sched_cfg, frozenset(), record_trace=record_trace), queue, lambda: env.now,
+                               jit=jit)
         self.metrics = metrics
         self.on_finish = on_finish
         self.kv_t = []
@@ -231,11 +248,13 @@ def _run_part(config: SimConfig, workload: Workload, replica_ids: list[int], dis
         if bar is not None:
             bar.update(k)
 
+    jit_on = config.enable_jit_compilation
     replicas = {
         i: _Replica(env, placements[i], sched_cfg,
                     SimQueue(env, config.model, cost, tokens, limit=config.npu_queue_limit,
-                             num_stages=len(placements[i].stages)),
-                    metrics, on_finish, record_trace)
+                             num_stages=len(placements[i].stages), jit=jit_on),
+                    metrics, on_finish, record_trace,
+                    JitPolicy(config.jit_config(), config.model.num_layers) if jit_on else None)
         for i in replica_ids
     }
     local = list(replicas.values())
@@ -270,6 +289,8 @@ def _run_part(config: SimConfig, workload: Workload, replica_ids: list[int], dis
         info[i] = {"devices": str(r.placement), "num_kv_blocks": num_blocks, "num_steps": st.num_steps,
                    "num_preemptions": st.num_preemptions, "num_cached_tokens": st.num_cached_tokens,
                    "device_busy_s": r.queue.busy_s}
+        if r.core.jit is not None:
+            info[i]["jit"] = r.core.jit.stats.as_dict()
     return _Part(metrics, env.now, info, {i: (r.kv_t, r.kv_used) for i, r in replicas.items()},
                  {i: r.core.scheduler.stats.trace for i, r in replicas.items()} if record_trace else {})
 
@@ -315,6 +336,18 @@ def simulate(config: SimConfig, workload: Workload, *, slo: SLO | None = None, t
     summary = metrics.summary(duration, slo)
     for key in ("num_preemptions", "num_steps", "num_cached_tokens"):
         summary[key] = sum(info[i][key] for i in sorted(info))
+    if config.enable_jit_compilation:
+        jits = [info[i]["jit"] for i in sorted(info)]
+        compiled, slow = sum(j["steps_compiled"] for j in jits), sum(j["steps_slow"] for j in jits)
+        ready = [j["first_ready_at"] for j in jits if j["first_ready_at"] is not None]
+        summary["jit"] = {
+            "hit_rate": compiled / (compiled + slow) if compiled + slow else 0.0,
+            "compilations_started": sum(j["compilations_started"] for j in jits),
+            "compilations_finished": sum(j["compilations_finished"] for j in jits),
+            "compilations_failed": sum(j["compilations_failed"] for j in jits),
+            "compile_seconds_total": sum(j["compile_seconds_total"] for j in jits),
+            "first_bucket_ready_s": min(ready) if ready else None,
+        }
 
     # KV usage over all replicas: each replica's latest sample carried forward
     ids = sorted(kv)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 
-from furiosa_llm.hal import Batch, ExecutionQueue, QueueFullError, StepResult
+from furiosa_llm.hal import Batch, Bucket, CompileResult, ExecutionQueue, QueueFullError, StepResult
 
 
 def fake_token(request_id: str, position: int, vocab: int = 1000) -> int:
@@ -22,10 +22,30 @@ class FakeQueue(ExecutionQueue):
         self.eos = eos
         self.eos_after = eos_after or {}
         self.now = 0.0
+        self.compiling: list[Bucket] = []  # started, not yet ended
+        self.compile_log: list[Bucket] = []  # every compilation started
+        self.ready: set[Bucket] = set()
+
+    def compile(self, bucket: Bucket, num_units: int) -> None:
+        assert num_units >= 1
+        self.compiling.append(bucket)
+        self.compile_log.append(bucket)
+
+    def end_compile(self, i: int, ok: bool) -> Bucket:
+        bucket = self.compiling.pop(i)
+        if ok:
+            self.ready.add(bucket)
+        self._compile_done().append(CompileResult(bucket, ok, 1.0, None if ok else "planted failure"))
+        return bucket
 
     def submit(self, batch: Batch) -> None:
         if len(self._q) >= self.limit:
             raise QueueFullError("full")
+        if batch.bucket is not None:  # runs on a compiled graph: it must exist and fit the batch
+            assert batch.bucket in self.ready, f"bucket {batch.bucket} is not compiled"
+            assert all(len(s.token_ids) == 1 for s in batch.sequences)
+            assert len(batch.sequences) <= batch.bucket.batch
+            assert max(s.context_len for s in batch.sequences) <= batch.bucket.length
         self._q.append(batch)
         self.submitted.append(batch)
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-from hypothesis import strategies as st
+from hypothesis import event, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from furiosa_llm.core import EngineCore, Request, RequestStatus, Scheduler, SchedulerConfig
+from furiosa_llm.core import BucketState, EngineCore, JitConfig, JitPolicy, Request, RequestStatus, Scheduler, SchedulerConfig
 from furiosa_llm.core.block_allocator import chain_hash
 
 from fakes import FakeQueue
@@ -29,8 +29,9 @@ class CoreMachine(RuleBasedStateMachine):
         spare=st.sampled_from([0.0, 0.1, 0.25, 0.5]),
         limit=st.integers(1, 3),
         prefix_caching=st.booleans(),
+        jit=st.one_of(st.none(), st.tuples(st.integers(1, 4), st.integers(1, 3), st.integers(2, 4))),
     )
-    def setup(self, num_blocks, block_size, budget, max_samples, spare, limit, prefix_caching):
+    def setup(self, num_blocks, block_size, budget, max_samples, spare, limit, prefix_caching, jit):
         self.cfg = SchedulerConfig(
             num_blocks=num_blocks, block_size=block_size, max_num_batched_tokens=budget,
             max_processing_samples=max_samples, spare_blocks_ratio=spare,
@@ -38,7 +39,11 @@ class CoreMachine(RuleBasedStateMachine):
         )
         self.sched = Scheduler(self.cfg, eos_token_ids=frozenset({EOS}))
         self.queue = FakeQueue(limit)
-        self.core = EngineCore(self.sched, self.queue, clock=lambda: self.queue.now)
+        self.jit = None
+        if jit is not None:  # (threshold, max_workers, unit_size); small edges so shapes share buckets
+            self.jit = JitPolicy(JitConfig(True, jit[0], jit[1], jit[2], batch_edges=(1, 2, 4, 8),
+                                           length_edges=(16, 64, 256, 1024)), num_layers=5)
+        self.core = EngineCore(self.sched, self.queue, clock=lambda: self.queue.now, jit=self.jit)
         self.next_id = 0
         self.added: list[str] = []  # arrival order
         self.admitted: list[str] = []  # first admission order
@@ -93,12 +98,17 @@ class CoreMachine(RuleBasedStateMachine):
     @rule()
     def submit(self):
         # what EngineCore.submit does, one schedule() at a time so each decision is checked
+        self.core.poll_compilations()
         while self.queue.has_room:
             running_before = list(self.sched.running)
             waiting_before = list(self.sched.waiting)
             batch = self.sched.schedule(self.queue.now)
             if batch is None:
                 break
+            self.core.prepare(batch)
+            if batch.bucket is not None:
+                assert self.jit.state(batch.bucket) is BucketState.READY
+                event("a step ran on a compiled bucket")
             self.queue.submit(batch)
             assert 0 < batch.num_tokens <= self.cfg.max_num_batched_tokens
             newly = [r for r in waiting_before if r.status is RequestStatus.RUNNING]
@@ -119,6 +129,13 @@ class CoreMachine(RuleBasedStateMachine):
         for out in self.core.process(self.queue.wait()):
             if out.finished:
                 self.ended.add(out.request_id)
+
+    @precondition(lambda self: self.queue.compiling)
+    @rule(data=st.data(), ok=st.booleans())
+    def end_compilation(self, data, ok):
+        i = data.draw(st.integers(0, len(self.queue.compiling) - 1))
+        self.queue.end_compile(i, ok)
+        event("a compilation failed" if not ok else "a compilation succeeded")
 
     @rule()
     def step(self):
@@ -176,6 +193,30 @@ class CoreMachine(RuleBasedStateMachine):
             assert r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED) and not r.block_ids
             assert r.num_computed_tokens == 0
         assert self.admitted == [rid for rid in self.added if rid in self.admitted], "admission is not FCFS"
+
+    @invariant()
+    def jit_bounds(self):
+        if getattr(self, "jit", None) is None:
+            return
+        cfg = self.jit.config
+        # never more than max_workers compilations at once
+        unreported = len(self.queue._compile_done())  # ended on the device, not yet polled by the core
+        assert self.jit.compiling == len(self.queue.compiling) + unreported <= cfg.max_workers
+        # a bucket compiles once: a ready (or failed) bucket never recompiles
+        assert len(self.queue.compile_log) == len(set(self.queue.compile_log))
+        for bucket in self.queue.compile_log:
+            # only after jit_threshold hits
+            assert self.jit.buckets[bucket].hits >= cfg.threshold
+        for bucket, entry in self.jit.buckets.items():
+            if entry.state is BucketState.READY:
+                assert bucket in self.queue.ready
+            if entry.state is BucketState.FAILED:  # disabled cleanly: never runs compiled, never queued again
+                assert bucket not in self.queue.ready and bucket not in self.jit.queue and entry.error
+            if entry.state is BucketState.COUNTING:
+                assert entry.hits < cfg.threshold
+        s = self.jit.stats
+        assert s.compilations_started == len(self.queue.compile_log)
+        assert s.compilations_finished + s.compilations_failed + self.jit.compiling == s.compilations_started
 
     @invariant()
     def computed_tokens_only_grow_except_preemption(self):

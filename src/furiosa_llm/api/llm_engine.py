@@ -7,7 +7,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from furiosa_llm.core import EngineCore, Request, Scheduler, SchedulerConfig
+from furiosa_llm.core import EngineCore, JitConfig, JitPolicy, Request, Scheduler, SchedulerConfig
 from furiosa_llm.core.scheduler import CoreOutput
 from furiosa_llm.hal import Device, ExecutionQueue, TokenLogprob
 
@@ -95,8 +95,6 @@ class LLMEngine:
         self.args = args
         devices = _select_devices(args)
         device = devices[0].torch_device
-        if args.enable_jit_compilation:
-            logger.warning("enable_jit_compilation: not implemented on the torch backend yet; running eagerly")
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
         if dtype is None:  # auto
             dtype = torch.float32 if device == "cpu" else torch.bfloat16
@@ -129,7 +127,14 @@ class LLMEngine:
                 eos.update(src_ids)
         self.eos_token_ids = frozenset(eos)
         self.runner = ModelRunner(hf_model, device, num_blocks, args.block_size, seed=args.seed)
-        self.queue = queue or ThreadedQueue(self.runner, args.resolved_npu_queue_limit, clock=time.monotonic)
+        self.queue = queue or ThreadedQueue(self.runner, args.resolved_npu_queue_limit, clock=time.monotonic,
+                                            compile_workers=args.jit_max_workers)
+        jit = None
+        if args.enable_jit_compilation:
+            jit = JitPolicy(JitConfig(True, args.jit_threshold, args.jit_max_workers, args.jit_unit_size),
+                            num_layers=cfg.num_hidden_layers)
+            logger.info("JIT on: decode buckets compile after %d hits, %d at once, %d layers per unit (backend %s)",
+                        args.jit_threshold, args.jit_max_workers, args.jit_unit_size, self.runner.jit_backend)
         sched = Scheduler(
             SchedulerConfig(
                 num_blocks=num_blocks,
@@ -142,7 +147,7 @@ class LLMEngine:
             ),
             eos_token_ids=self.eos_token_ids,
         )
-        self.core = EngineCore(sched, self.queue, time.monotonic)
+        self.core = EngineCore(sched, self.queue, time.monotonic, jit=jit)
         self._tracked: dict[str, _Tracked] = {}
         self._lock = threading.RLock()
         logger.info(

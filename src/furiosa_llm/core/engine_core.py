@@ -6,15 +6,18 @@ from typing import Callable
 
 from furiosa_llm.hal import ExecutionQueue, StepResult
 
+from .jit import JitPolicy
 from .request import Request, RequestStatus
 from .scheduler import CoreOutput, Scheduler
 
 
 class EngineCore:
-    def __init__(self, scheduler: Scheduler, queue: ExecutionQueue, clock: Callable[[], float]) -> None:
+    def __init__(self, scheduler: Scheduler, queue: ExecutionQueue, clock: Callable[[], float],
+                 jit: JitPolicy | None = None) -> None:
         self.scheduler = scheduler
         self.queue = queue
         self.clock = clock
+        self.jit = jit
 
     @property
     def allocator(self):
@@ -35,15 +38,36 @@ class EngineCore:
         return self.scheduler.has_unfinished()
 
     def submit(self) -> int:
-        """Schedule and submit batches while the queue has room; returns how many were submitted."""
+        """Schedule and submit batches while the queue has room; returns how many were submitted.
+
+        With JIT on, each batch's bucket is counted, runs compiled when it is ready, and buckets
+        that reached the threshold start compiling on the backend.
+        """
+        self.poll_compilations()
         n = 0
         while self.queue.has_room:
             batch = self.scheduler.schedule(self.clock())
             if batch is None:
                 break
+            self.prepare(batch)
             self.queue.submit(batch)
             n += 1
         return n
+
+    def poll_compilations(self) -> None:
+        """Fold finished JIT compilations into the policy."""
+        if self.jit is not None:
+            for res in self.queue.compiled():
+                self.jit.finish(res.bucket, res.ok, res.seconds, self.clock(), res.error)
+
+    def prepare(self, batch) -> None:
+        """JIT: count the batch's bucket, mark it to run compiled when ready, start due compilations."""
+        jit = self.jit
+        if jit is None:
+            return
+        batch.bucket = jit.observe(batch)
+        for bucket in jit.start():
+            self.queue.compile(bucket, jit.num_units)
 
     def wait(self) -> StepResult | None:
         return self.queue.wait() if self.queue.in_flight else None

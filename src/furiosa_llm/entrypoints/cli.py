@@ -37,6 +37,8 @@ def _add_sim_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--profile", default="rngd", help="'rngd' (from public specifications) or a JSON written by 'furiosa-llm calibrate'.")
     g.add_argument("--compute-efficiency", type=float, default=0.6, help="rngd profile: achieved share of peak FLOPs (assumed).")
     g.add_argument("--bandwidth-efficiency", type=float, default=0.8, help="rngd profile: achieved share of HBM bandwidth (assumed).")
+    g.add_argument("--jit-compile-s-per-unit", type=float, default=20.0, help="rngd profile, JIT on: seconds to compile one unit of a bucket (assumed).")
+    g.add_argument("--jit-slow-factor", type=float, default=2.0, help="rngd profile, JIT on: slowdown of a decode step whose bucket is not compiled (assumed).")
     g.add_argument("--dispatch", choices=["least_loaded", "round_robin"], default="least_loaded", help="How requests are spread over data-parallel replicas.")
     g.add_argument("--workers", type=int, default=1, help="Processes that simulate replicas in parallel (needs --dispatch round_robin).")
     g.add_argument("--token-source", choices=["synthetic", "model"], default="synthetic",
@@ -64,7 +66,9 @@ def _sim_inputs(ns: argparse.Namespace):
         sim["model"] = ModelShape.from_hf_config(hf_model.config, name=args.model)
     config = SimConfig.from_engine_args(args, tensor_parallel_size=ns.tensor_parallel_size, profile=ns.profile,
                                         compute_efficiency=ns.compute_efficiency,
-                                        bandwidth_efficiency=ns.bandwidth_efficiency, **sim)
+                                        bandwidth_efficiency=ns.bandwidth_efficiency,
+                                        jit_compile_s_per_unit=ns.jit_compile_s_per_unit,
+                                        jit_slow_factor=ns.jit_slow_factor, **sim)
     tokens = None
     if hf_model is not None:
         import torch

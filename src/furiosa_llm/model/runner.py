@@ -5,16 +5,21 @@ step writes each new token's K/V at ``block_table[pos // block_size]``, offset
 ``pos % block_size``, and attention reads a request's context back through its block table.
 There is no contiguous per-request cache beside it. The weights are those of the Hugging
 Face model (its linear layers, norms, MLP and rotary embedding); only attention is ours.
+
+With JIT on, ``compile_bucket`` compiles (``torch.compile``, backend from
+``FURIOSA_LLM_JIT_BACKEND``, default inductor) the decode step at a bucket's padded shape in
+the background; a batch whose ``bucket`` is set then runs on that graph.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
 
-from furiosa_llm.hal import Batch, StepResult
+from furiosa_llm.hal import Batch, Bucket, StepResult
 
 from .sampler import Sampler, token_logprobs
 
@@ -25,6 +30,15 @@ def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     elem = torch.empty((), dtype=dtype).element_size()
     return config.num_hidden_layers * 2 * block_size * config.num_key_value_heads * head_dim * elem
+
+
+class _DummySeq:
+    """A stand-in decode row for warming a compiled bucket: position 0 in the scratch block."""
+
+    def __init__(self, scratch: int) -> None:
+        self.token_ids = [0]
+        self.start_pos = 0
+        self.block_table = [scratch]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -54,10 +68,14 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.dtype = next(hf_model.parameters()).dtype
+        # one extra block past the allocator's: padded rows of compiled (JIT) steps write their K/V there
+        self.scratch_block = num_blocks
         self.kv_cache = torch.zeros(
-            len(self.layers), 2, num_blocks, block_size, self.num_kv_heads, self.head_dim,
+            len(self.layers), 2, num_blocks + 1, block_size, self.num_kv_heads, self.head_dim,
             dtype=self.dtype, device=self.device,
         )
+        self.jit_backend = os.environ.get("FURIOSA_LLM_JIT_BACKEND", "inductor")
+        self._compiled: dict[Bucket, tuple] = {}
         self.sampler = Sampler(seed)
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB) on %s",
@@ -67,6 +85,9 @@ class ModelRunner:
     # ---- one step ------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, batch: Batch) -> StepResult:
+        compiled = self._compiled.get(batch.bucket) if batch.bucket is not None else None
+        if compiled is not None:
+            return self._execute_compiled(batch, batch.bucket, *compiled)
         seqs = batch.sequences
         dev = self.device
         bs = self.block_size
@@ -149,6 +170,94 @@ class ModelRunner:
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale, enable_gqa=g > 1)
             out[lo : lo + n] = o[0].transpose(0, 1)
         return out
+
+    # ---- JIT: compiled decode steps at padded bucket shapes -------------------------------------
+    def _decode_unit(self, x, cos, sin, block_tables, mask, kv, start: int, end: int):
+        """Layers ``start..end`` of a padded decode step; reads cached K/V, returns the new K/V unwritten.
+
+        Each row attends to its cached positions (``mask``) plus its own new key, appended last.
+        """
+        b = x.shape[0]
+        nkv, hd, g = self.num_kv_heads, self.head_dim, self.num_heads // self.num_kv_heads
+        new_k, new_v = [], []
+        for li in range(start, end):
+            layer = self.layers[li]
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(b, self.num_heads, hd)
+            k = attn.k_proj(h).view(b, nkv, hd)
+            v = attn.v_proj(h).view(b, nkv, hd)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            kc, vc = kv[li - start, 0], kv[li - start, 1]
+            kd = kc.index_select(0, block_tables).view(b, -1, nkv, hd).transpose(1, 2)
+            vd = vc.index_select(0, block_tables).view(b, -1, nkv, hd).transpose(1, 2)
+            kd = torch.cat((kd, k.view(b, nkv, 1, hd)), dim=2)
+            vd = torch.cat((vd, v.view(b, nkv, 1, hd)), dim=2)
+            od = F.scaled_dot_product_attention(q.view(b, nkv, g, hd), kd, vd, attn_mask=mask, scale=self.scale)
+            x = x + attn.o_proj(od.reshape(b, self.num_heads * hd))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            new_k.append(k)
+            new_v.append(v)
+        return x, torch.stack(new_k), torch.stack(new_v)
+
+    def _bucket_inputs(self, bucket: Bucket, seqs) -> tuple:
+        """Token ids, positions, KV slots, flat block tables and masks of a batch padded to ``bucket``."""
+        bs, dev = self.block_size, self.device
+        nblk = -(-bucket.length // bs)
+        pad = bucket.batch - len(seqs)
+        scratch = self.scratch_block
+        tokens = [s.token_ids[0] for s in seqs] + [0] * pad
+        positions = [s.start_pos for s in seqs] + [0] * pad
+        slots = [s.block_table[s.start_pos // bs] * bs + s.start_pos % bs for s in seqs]
+        slots += [scratch * bs + i % bs for i in range(pad)]
+        tables = [b for s in seqs for b in s.block_table[:nblk] + [scratch] * (nblk - min(nblk, len(s.block_table)))]
+        tables += [scratch] * (nblk * pad)
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        past = torch.arange(nblk * bs, device=dev)[None, :] < pos[:, None]
+        past[len(seqs):] = False  # padded rows attend only to their own new key
+        mask = torch.cat((past, torch.ones(bucket.batch, 1, dtype=torch.bool, device=dev)), dim=1)[:, None, None, :]
+        return (torch.tensor(tokens, dtype=torch.long, device=dev), pos, torch.tensor(slots, dtype=torch.long, device=dev),
+                torch.tensor(tables, dtype=torch.long, device=dev), mask)
+
+    def compile_bucket(self, bucket: Bucket, num_units: int) -> None:
+        """Compile the decode step at ``bucket``'s padded shape, ``num_units`` graphs of consecutive layers.
+
+        Runs on a background thread: it traces and compiles with dummy inputs and writes no K/V,
+        so serving goes on, eagerly, meanwhile. Raises on failure.
+        """
+        import torch._dynamo
+
+        cfg = torch._dynamo.config
+        cfg.recompile_limit = max(cfg.recompile_limit, 4096)
+        cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 65536)
+        n = len(self.layers)
+        per = -(-n // max(1, num_units))
+        ranges = [(s, min(s + per, n)) for s in range(0, n, per)]
+        fn = torch.compile(self._decode_unit, dynamic=False, backend=self.jit_backend)
+        with torch.inference_mode():
+            dummy = [_DummySeq(self.scratch_block)] * bucket.batch
+            tokens, pos, _slots, tables, mask = self._bucket_inputs(bucket, dummy)
+            x = self.embed(tokens)
+            cos, sin = self.rotary(x[None], pos[None])
+            cos, sin = cos[0][:, None, :].to(x.dtype), sin[0][:, None, :].to(x.dtype)
+            for s, e in ranges:
+                x, _k, _v = fn(x, cos, sin, tables, mask, self.kv_cache[s:e], s, e)
+        self._compiled[bucket] = (fn, ranges)
+
+    def _execute_compiled(self, batch: Batch, bucket: Bucket, fn, ranges) -> StepResult:
+        seqs = batch.sequences
+        tokens, pos, slots, tables, mask = self._bucket_inputs(bucket, seqs)
+        x = self.embed(tokens)
+        cos, sin = self.rotary(x[None], pos[None])
+        cos, sin = cos[0][:, None, :].to(x.dtype), sin[0][:, None, :].to(x.dtype)
+        nkv, hd = self.num_kv_heads, self.head_dim
+        for s, e in ranges:
+            x, new_k, new_v = fn(x, cos, sin, tables, mask, self.kv_cache[s:e], s, e)
+            for j in range(e - s):
+                self.kv_cache[s + j, 0].view(-1, nkv, hd).index_copy_(0, slots, new_k[j])
+                self.kv_cache[s + j, 1].view(-1, nkv, hd).index_copy_(0, slots, new_v[j])
+        return self._sample(batch, x[: len(seqs)], list(range(len(seqs))))
 
     def _sample(self, batch: Batch, x: torch.Tensor, offsets: list[int]) -> StepResult:
         seqs = batch.sequences
