@@ -48,6 +48,7 @@ class SequenceChunk:
     num_output_tokens: int = 0
     prompt_token_ids: Sequence[int] = ()
     output_token_ids: Sequence[int] = ()
+    owner: object = None  # opaque handle of the core's request; backends ignore it
 
     @property
     def context_len(self) -> int:

@@ -25,7 +25,7 @@ class RequestStatus(enum.Enum):
         return self.value if self.finished else None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Request:
     request_id: str
     prompt_token_ids: list[int]

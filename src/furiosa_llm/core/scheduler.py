@@ -139,6 +139,7 @@ class Scheduler:
             len(req.output_token_ids),
             req.prompt_token_ids if history or s.prompt_logprobs is not None else (),
             req.output_token_ids.copy() if history else (),
+            req,
         )
 
     def schedule(self, now: float) -> Batch | None:
@@ -213,14 +214,13 @@ class Scheduler:
         alloc = self.allocator
         bs = alloc.block_size
         hashing = alloc.enable_prefix_caching
-        requests = self.requests
         sampled, logprobs, prompt_lps = result.sampled, result.logprobs, result.prompt_logprobs
         eos, max_len = self.eos_token_ids, self.config.max_model_len
         num_generated = 0
         for chunk in batch.sequences:
-            req = requests.get(chunk.request_id)
-            if req is None or not req.in_flight:
-                continue  # aborted or finished while in flight: its result is dropped
+            req = chunk.owner
+            if not req.in_flight:
+                continue  # aborted or finished while in flight (finish clears in_flight): its result is dropped
             req.in_flight = False
             n = len(chunk.token_ids)
             if chunk.start_pos < len(req.prompt_token_ids):
