@@ -283,3 +283,17 @@ async def test_health_is_503_when_the_engine_is_dead(app_client, async_engine, m
     async with app_client() as c:
         r = await c.get("/health")
         assert r.status_code == 503 and "boom" in r.json()["error"]["message"]
+
+
+async def test_chat_template_override(app_client, async_engine, tmp_path):
+    from furiosa_llm.entrypoints.serve import load_chat_template
+
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    path = tmp_path / "t.jinja"
+    path.write_text(template)
+    assert load_chat_template(str(path)) == template == load_chat_template(template)
+    with pytest.raises(ValueError, match="chat_template"):
+        load_chat_template("no/such/file")
+    async with app_client(chat_template=template) as c:
+        r = await c.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert async_engine.tokenizer.decode(r.json()["tokens"]) == "[user] hi\n"
