@@ -80,6 +80,12 @@ class ModelShape:
         emb = self.vocab_size * self.hidden_size
         return self.num_layers * self.layer_params + emb * (1 if self.tie_word_embeddings else 2)
 
+    def step_flops(self, b: "BatchShape") -> float:
+        """FLOPs of one step: the layers' matmuls per token, attention per attended position, the LM head per sample."""
+        return (2.0 * self.num_layers * self.layer_params * b.num_tokens
+                + 4.0 * self.num_layers * self.num_heads * self.head_dim * b.attended
+                + 2.0 * self.hidden_size * self.vocab_size * b.num_sampled)
+
     def weight_bytes(self, dtype_bytes: float) -> float:
         return self.num_params * dtype_bytes
 
@@ -116,6 +122,11 @@ class BatchShape:
     num_sampled: int  # sequences that sample a token (LM head rows)
     attended: int  # sum over computed tokens of the positions each attends to
     kv_read_tokens: int  # sum of context lengths: K/V positions read
+
+    @property
+    def kv_tokens(self) -> int:
+        """K/V positions touched: read, plus the new ones written."""
+        return self.kv_read_tokens + self.num_tokens
 
     @classmethod
     def of(cls, batch: Batch) -> "BatchShape":
@@ -163,11 +174,8 @@ class CostModel:
 
     # ---- evaluation ------------------------------------------------------------------------
     def device_time(self, model: ModelShape, b: BatchShape) -> float:
-        flops = (2.0 * model.num_layers * model.layer_params * b.num_tokens
-                 + 4.0 * model.num_layers * model.num_heads * model.head_dim * b.attended
-                 + 2.0 * model.hidden_size * model.vocab_size * b.num_sampled)
-        kv_bytes = (b.kv_read_tokens + b.num_tokens) * model.kv_bytes_per_token(self.dtype_bytes)
-        compute = flops * self.s_per_flop
+        kv_bytes = b.kv_tokens * model.kv_bytes_per_token(self.dtype_bytes)
+        compute = model.step_flops(b) * self.s_per_flop
         memory = model.weight_bytes(self.dtype_bytes) * self.s_per_weight_byte + kv_bytes * self.s_per_kv_byte
         body = max(compute, memory) if self.combine == "max" else compute + memory
         return self.overhead_s + self.s_per_seq * b.num_seqs + self.s_per_token_comm * b.num_tokens + body
@@ -289,11 +297,8 @@ def fit_cost_model(model: ModelShape, samples: Sequence[StepSample], *, name: st
     rows, ys, hrows, hys = [], [], [], []
     for s in samples:
         b = s.shape
-        flops = (2.0 * model.num_layers * model.layer_params * b.num_tokens
-                 + 4.0 * model.num_layers * model.num_heads * model.head_dim * b.attended
-                 + 2.0 * model.hidden_size * model.vocab_size * b.num_sampled)
         w = 1.0 / max(s.device_s, 1e-6)
-        rows.append([w, flops * w, (b.kv_read_tokens + b.num_tokens) * kvb * w, b.num_seqs * w])
+        rows.append([w, model.step_flops(b) * w, b.kv_tokens * kvb * w, b.num_seqs * w])
         ys.append(1.0)
         hw = 1.0 / max(s.host_s, 1e-4)
         hrows.append([hw, b.num_seqs * hw])

@@ -23,6 +23,7 @@ class ExecutionQueue(abc.ABC):
         if limit < 1:
             raise ValueError(f"npu_queue_limit={limit}: must be >= 1")
         self.limit = limit
+        self._done_compiles: list[CompileResult] = []  # ended, not yet reported by ``compiled()``
 
     @abc.abstractmethod
     def submit(self, batch: Batch) -> None:
@@ -46,19 +47,12 @@ class ExecutionQueue(abc.ABC):
 
         A backend without a compiler reports a failure at once, so the bucket stays on the slow path.
         """
-        self._compile_done().append(CompileResult(bucket, False, 0.0, f"{type(self).__name__} has no JIT compiler"))
+        self._done_compiles.append(CompileResult(bucket, False, 0.0, f"{type(self).__name__} has no JIT compiler"))
 
     def compiled(self) -> list[CompileResult]:
         """Compilations that ended since the last call."""
-        done = self._compile_done()
-        out = list(done)
-        done.clear()
+        out, self._done_compiles = self._done_compiles, []
         return out
-
-    def _compile_done(self) -> list[CompileResult]:
-        if not hasattr(self, "_done_compiles"):
-            self._done_compiles: list[CompileResult] = []
-        return self._done_compiles
 
     def close(self) -> None:  # pragma: no cover - trivial default
         pass
@@ -113,7 +107,7 @@ class ThreadedQueue(ExecutionQueue):
             except Exception as e:  # noqa: BLE001 - a failed compilation disables its bucket, serving goes on
                 res = CompileResult(bucket, False, time.perf_counter() - t0, f"{type(e).__name__}: {e}")
             with self._compile_lock:
-                self._compile_done().append(res)
+                self._done_compiles.append(res)
 
         self._compile_pool.submit(run)
 

@@ -63,10 +63,7 @@ def measure(engine, sweep: Sweep, progress: bool = False) -> list[StepSample]:
         while engine.has_unfinished_requests():
             start = time.monotonic()
             engine.step()
-            end = time.monotonic()
-            for shape, device_s, _s, _f in rec.completed:
-                samples.append(StepSample(shape, device_s, max(0.0, (end - start) - device_s)))
-            rec.completed.clear()
+            samples += rec.take_samples(time.monotonic() - start)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -81,9 +78,8 @@ def calibrate(engine, sweep: Sweep | None = None, *, progress: bool = False) -> 
     sweep = sweep or Sweep()
     samples = measure(engine, sweep, progress)
     model = ModelShape.from_hf_config(engine.model_config, name=engine.args.model)
-    dtype_bytes = torch.tensor([], dtype=engine.runner.dtype).element_size() if hasattr(engine.runner, "dtype") else 4
     device = str(engine.runner.device)
-    cost = fit_cost_model(model, samples, name=f"torch-{device}-{model.name}", dtype_bytes=dtype_bytes)
+    cost = fit_cost_model(model, samples, name=f"torch-{device}-{model.name}", dtype_bytes=engine.runner.dtype.itemsize)
     cost.notes.update({
         "num_kv_blocks": engine.num_total_blocks,
         "block_size": engine.args.block_size,

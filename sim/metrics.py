@@ -105,17 +105,8 @@ class MetricsRecorder:
 
     def on_outputs(self, outputs, now: float) -> int:
         """Record a step's ``CoreOutput``s; returns how many requests completed."""
-        done = 0
-        live, itl = self._live, self.itl
-        for out in outputs:
-            rec = live.get(out.request_id)
-            if rec is None or out.finish_reason is not None or not out.new_token_ids or rec[1] < 0:
-                done += self.on_tokens(out.request_id, len(out.new_token_ids), now, out.finish_reason is not None)
-                continue
-            itl.append(now - rec[2])  # the common case: one more token of a running request
-            rec[2] = now
-            rec[4] += len(out.new_token_ids)
-        return done
+        on_tokens = self.on_tokens
+        return sum(on_tokens(o.request_id, len(o.new_token_ids), now, o.finish_reason is not None) for o in outputs)
 
     @property
     def num_completed(self) -> int:

@@ -46,6 +46,15 @@ class RecordingQueue(ExecutionQueue):
     def close(self) -> None:
         self.inner.close()
 
+    def take_samples(self, step_s: float) -> list[StepSample]:
+        """The batches completed during one ``LLMEngine.step`` of ``step_s`` seconds, as samples.
+
+        The step's time beyond the device's is host time (scheduling, sampling, detokenizing).
+        """
+        samples = [StepSample(shape, device_s, max(0.0, step_s - device_s)) for shape, device_s, _s, _f in self.completed]
+        self.completed.clear()
+        return samples
+
 
 def install_recorder(engine) -> RecordingQueue:
     rec = engine.queue if isinstance(engine.queue, RecordingQueue) else RecordingQueue(engine.queue)
@@ -109,10 +118,7 @@ def run_workload(engine, workload: Workload, *, progress: bool = False) -> RealR
         start = time.monotonic()
         outs = engine.step()
         end = time.monotonic()
-        if rec.completed:
-            shape, device_s, _s, _f = rec.completed[-1]
-            rec.completed.clear()
-            samples.append(StepSample(shape, device_s, max(0.0, (end - start) - device_s)))
+        samples += rec.take_samples(end - start)
         for o in outs:
             c = o.outputs[0]
             metrics.on_tokens(o.request_id, len(c.token_ids), end, o.finished, aborted=c.finish_reason == "abort")

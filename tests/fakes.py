@@ -35,7 +35,7 @@ class FakeQueue(ExecutionQueue):
         bucket = self.compiling.pop(i)
         if ok:
             self.ready.add(bucket)
-        self._compile_done().append(CompileResult(bucket, ok, 1.0, None if ok else "planted failure"))
+        self._done_compiles.append(CompileResult(bucket, ok, 1.0, None if ok else "planted failure"))
         return bucket
 
     def submit(self, batch: Batch) -> None:

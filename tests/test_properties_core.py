@@ -200,7 +200,7 @@ class CoreMachine(RuleBasedStateMachine):
             return
         cfg = self.jit.config
         # never more than max_workers compilations at once
-        unreported = len(self.queue._compile_done())  # ended on the device, not yet polled by the core
+        unreported = len(self.queue._done_compiles)  # ended on the device, not yet polled by the core
         assert self.jit.compiling == len(self.queue.compiling) + unreported <= cfg.max_workers
         # a bucket compiles once: a ready (or failed) bucket never recompiles
         assert len(self.queue.compile_log) == len(set(self.queue.compile_log))

@@ -215,7 +215,6 @@ class Scheduler:
         bs = alloc.block_size
         hashing = alloc.enable_prefix_caching
         sampled, logprobs, prompt_lps = result.sampled, result.logprobs, result.prompt_logprobs
-        eos, max_len = self.eos_token_ids, self.config.max_model_len
         num_generated = 0
         for chunk in batch.sequences:
             req = chunk.owner
@@ -237,19 +236,16 @@ class Scheduler:
                     outputs.append(CoreOutput(rid, [], prompt_logprobs=prompt_lp))
                 continue
             tok = sampled[rid]
-            req.output_token_ids.append(tok)
-            req.token_ids.append(tok)
+            req.append_output(tok)
             num_generated += 1
             if req.first_token_time is None:
                 req.first_token_time = now
             out = CoreOutput(rid, [tok], None, None, logprobs.get(rid) if logprobs else None, prompt_lp)
-            if (len(req.output_token_ids) >= req.max_tokens or len(req.token_ids) >= max_len
-                    or tok in req.stop_token_ids or (tok in eos and not req.ignore_eos)):
-                status, stop_reason = self._check_stop(req, tok)
-                if status is not None:
-                    self.finish(rid, status, stop_reason, now)
-                    out.finish_reason = status.finish_reason
-                    out.stop_reason = stop_reason
+            status, stop_reason = self._check_stop(req, tok)
+            if status is not None:
+                self.finish(rid, status, stop_reason, now)
+                out.finish_reason = status.finish_reason
+                out.stop_reason = stop_reason
             outputs.append(out)
         self.stats.num_generated_tokens += num_generated
         return outputs

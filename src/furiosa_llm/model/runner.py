@@ -46,6 +46,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
 class ModelRunner:
     """Executes a ``Batch`` on ``cpu`` or ``cuda:N`` and samples; a ``BatchExecutor`` for the HAL."""
 
@@ -81,6 +85,12 @@ class ModelRunner:
             "KV cache: %d blocks of %d tokens (%.1f MiB) on %s",
             num_blocks, block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**20, self.device,
         )
+
+    def _embed(self, input_ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token embeddings and the rotary cos/sin of their positions, shaped to broadcast over heads."""
+        x = self.embed(input_ids)
+        cos, sin = self.rotary(x[None], pos[None])
+        return x, cos[0][:, None, :].to(x.dtype), sin[0][:, None, :].to(x.dtype)
 
     # ---- one step ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -121,17 +131,14 @@ class ModelRunner:
             rows = torch.tensor([offsets[i] for i in rows_i], device=dev)
             dec_groups.append((rows, torch.tensor(bt, dtype=torch.long, device=dev), mask))
 
-        x = self.embed(input_ids)
-        cos, sin = self.rotary(x[None], pos[None])
-        cos, sin = cos[0][:, None, :].to(x.dtype), sin[0][:, None, :].to(x.dtype)
+        x, cos, sin = self._embed(input_ids, pos)
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
             q = attn.q_proj(h).view(total, self.num_heads, self.head_dim)
             k = attn.k_proj(h).view(total, self.num_kv_heads, self.head_dim)
             v = attn.v_proj(h).view(total, self.num_kv_heads, self.head_dim)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             kc = self.kv_cache[li, 0]
             vc = self.kv_cache[li, 1]
             kc.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot, k)
@@ -187,8 +194,7 @@ class ModelRunner:
             q = attn.q_proj(h).view(b, self.num_heads, hd)
             k = attn.k_proj(h).view(b, nkv, hd)
             v = attn.v_proj(h).view(b, nkv, hd)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             kc, vc = kv[li - start, 0], kv[li - start, 1]
             kd = kc.index_select(0, block_tables).view(b, -1, nkv, hd).transpose(1, 2)
             vd = vc.index_select(0, block_tables).view(b, -1, nkv, hd).transpose(1, 2)
@@ -238,9 +244,7 @@ class ModelRunner:
         with torch.inference_mode():
             dummy = [_DummySeq(self.scratch_block)] * bucket.batch
             tokens, pos, _slots, tables, mask = self._bucket_inputs(bucket, dummy)
-            x = self.embed(tokens)
-            cos, sin = self.rotary(x[None], pos[None])
-            cos, sin = cos[0][:, None, :].to(x.dtype), sin[0][:, None, :].to(x.dtype)
+            x, cos, sin = self._embed(tokens, pos)
             for s, e in ranges:
                 x, _k, _v = fn(x, cos, sin, tables, mask, self.kv_cache[s:e], s, e)
         self._compiled[bucket] = (fn, ranges)
@@ -248,9 +252,7 @@ class ModelRunner:
     def _execute_compiled(self, batch: Batch, bucket: Bucket, fn, ranges) -> StepResult:
         seqs = batch.sequences
         tokens, pos, slots, tables, mask = self._bucket_inputs(bucket, seqs)
-        x = self.embed(tokens)
-        cos, sin = self.rotary(x[None], pos[None])
-        cos, sin = cos[0][:, None, :].to(x.dtype), sin[0][:, None, :].to(x.dtype)
+        x, cos, sin = self._embed(tokens, pos)
         nkv, hd = self.num_kv_heads, self.head_dim
         for s, e in ranges:
             x, new_k, new_v = fn(x, cos, sin, tables, mask, self.kv_cache[s:e], s, e)

@@ -64,10 +64,15 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
 
+def error_body(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | int | None = None) -> dict:
+    """OpenAI's error shape."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code if code is not None else status}}
+
+
 def error_json(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                code: str | int | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code if code is not None else status}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(error_body(status, message, type_, param, code), status_code=status)
 
 
 class ServerState:
@@ -172,8 +177,6 @@ async def _until_disconnected(request: Request) -> None:
 async def _unless_disconnected(request: Request, coro, on_abort=None):
     """Run ``coro``; if the client disconnects first, cancel it (which aborts its requests)."""
     work = asyncio.ensure_future(coro)
-    if not hasattr(request, "receive"):
-        return await work
     watch = asyncio.ensure_future(_until_disconnected(request))
     try:
         await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -516,8 +519,7 @@ async def _stream_completion(state: ServerState, req: CompletionRequest, rid: st
                                           usage=_usage(n_prompt, n_out)))
         yield "data: [DONE]\n\n"
     except AsyncEngineDeadError as e:
-        yield _sse({"error": {"message": f"the engine is not running: {e}", "type": "ServiceUnavailableError",
-                              "param": None, "code": 503}})
+        yield _sse(error_body(503, f"the engine is not running: {e}", "ServiceUnavailableError"))
     finally:
         if num_finished < len(gens):
             state.metrics.aborted(len(gens) - num_finished)
@@ -562,8 +564,7 @@ async def _stream_chat(state: ServerState, req: ChatCompletionRequest, rid: str,
             yield _sse({**base, "choices": [], "usage": _usage(len(out.prompt_token_ids), n_out).model_dump()})
         yield "data: [DONE]\n\n"
     except AsyncEngineDeadError as e:
-        yield _sse({"error": {"message": f"the engine is not running: {e}", "type": "ServiceUnavailableError",
-                              "param": None, "code": 503}})
+        yield _sse(error_body(503, f"the engine is not running: {e}", "ServiceUnavailableError"))
     finally:
         if not finished:
             state.metrics.aborted()
