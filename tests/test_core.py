@@ -2,7 +2,7 @@
 
 import pytest
 
-from furiosa_llm.core import BlockAllocator, EngineCore, Request, RequestStatus, Scheduler, SchedulerConfig
+from furiosa_llm.core import BlockAllocator, BlockTable, EngineCore, Request, RequestStatus, Scheduler, SchedulerConfig
 from furiosa_llm.hal import SamplingSettings
 
 from fakes import FakeQueue, fake_token
@@ -36,7 +36,7 @@ def test_generates_tokens_and_frees_blocks():
     toks = [t for o in outs if o.request_id == "a" for t in o.new_token_ids]
     assert toks == [fake_token("a", 10 + i) for i in range(5)]
     assert outs[-1].finish_reason == "length"
-    assert core.allocator.num_free == core.allocator.num_blocks
+    assert core.scheduler.allocator.num_free == core.scheduler.allocator.num_blocks
 
 
 def test_chunked_prefill_respects_token_budget():
@@ -45,7 +45,7 @@ def test_chunked_prefill_respects_token_budget():
     core.add_request(req("b", 3, max_tokens=2, base=100))
     drain(core)
     assert all(b.num_tokens <= 8 for b in q.submitted)
-    first = core.scheduler.stats.trace[:3]
+    first = core.trace[:3]
     assert first[0][1] == (("a", 8),)
     assert first[1][1] == (("a", 8),)
     assert first[2][1] == (("a", 4), ("b", 3))
@@ -89,7 +89,7 @@ def test_preemption_by_recompute_gives_same_tokens():
         return d
 
     assert tokens(outs_small) == tokens(outs_big)
-    assert small.allocator.num_free == small.allocator.num_blocks
+    assert small.scheduler.allocator.num_free == small.scheduler.allocator.num_blocks
 
 
 def test_fcfs_admission_order():
@@ -119,9 +119,9 @@ def test_abort_frees_blocks_at_once_and_late_result_is_harmless():
     assert q.in_flight == 1
     assert core.abort("a").status is RequestStatus.FINISHED_ABORTED
     assert core.abort("a") is None and core.abort("nope") is None
-    assert all(core.allocator.blocks[b].ref_count <= 1 for b in range(core.allocator.num_blocks))
+    assert all(core.scheduler.allocator.blocks[b].ref_count <= 1 for b in range(core.scheduler.allocator.num_blocks))
     drain(core)
-    assert core.allocator.num_free == core.allocator.num_blocks
+    assert core.scheduler.allocator.num_free == core.scheduler.allocator.num_blocks
 
 
 def test_duplicate_live_id_rejected():
@@ -155,16 +155,16 @@ def test_queue_limit_keeps_batches_in_flight():
 
 def test_allocator_accounting():
     a = BlockAllocator(8, 4)
-    t1: list[int] = []
-    assert a.allocate(t1, 10)
+    t1 = BlockTable()
+    assert a.admit(t1, list(range(10)), [])
     assert len(t1) == 3 and a.num_free == 5
-    assert not a.allocate([], 40)
-    a.cache_full_blocks(t1, list(range(10)), 8, 0, None)
+    assert not a.admit(BlockTable(), list(range(40)), [])
+    a.commit(t1, list(range(10)), 8)
     hits = a.cached_prefix(list(range(10)))
-    assert hits == t1[:2]
-    t2: list[int] = []
-    assert a.allocate(t2, 10, hits)
-    assert a.blocks[t1[0]].ref_count == 2
+    assert hits == t1.ids[:2]
+    t2 = BlockTable()
+    assert a.admit(t2, list(range(10)), hits)
+    assert a.blocks[t1.ids[0]].ref_count == 2
     a.free(t1)
     a.free(t2)
     assert a.num_free == 8

@@ -44,11 +44,11 @@ def test_threshold_workers_ready_and_failed():
     started = p.start()
     assert len(started) == 2 and p.compiling == 2  # at most max_workers at once
     assert p.start() == []
-    p.finish(started[0], True, 1.5, now=10.0)
+    p.end_compilation(started[0], True, 1.5, now=10.0)
     assert p.state(started[0]) is BucketState.READY and p.stats.first_ready_at == 10.0
     third = p.start()
     assert len(third) == 1 and p.compiling == 2
-    p.finish(started[1], False, 0.5, now=11.0, error="boom")
+    p.end_compilation(started[1], False, 0.5, now=11.0, error="boom")
     assert p.state(started[1]) is BucketState.FAILED
     ready_batch = next(b for b in shapes if p.bucket_of(b) == started[0])
     failed_batch = next(b for b in shapes if p.bucket_of(b) == started[1])
@@ -59,7 +59,7 @@ def test_threshold_workers_ready_and_failed():
     assert p.stats.compilations_finished == 1 and p.stats.compilations_failed == 1
     assert p.stats.compile_seconds_total == 2.0 and 0 < p.stats.hit_rate < 1
     with pytest.raises(RuntimeError, match="was not compiling"):
-        p.finish(started[0], True, 1.0, now=12.0)
+        p.end_compilation(started[0], True, 1.0, now=12.0)
 
 
 @pytest.mark.parametrize("kw,needle", [({"threshold": 0}, "jit_threshold=0"), ({"max_workers": 0}, "jit_max_workers=0"),

@@ -97,19 +97,14 @@ class CoreMachine(RuleBasedStateMachine):
 
     @rule()
     def submit(self):
-        # what EngineCore.submit does, one schedule() at a time so each decision is checked
-        self.core.poll_compilations()
-        while self.queue.has_room:
-            running_before = list(self.sched.running)
-            waiting_before = list(self.sched.waiting)
-            batch = self.sched.schedule(self.queue.now)
-            if batch is None:
-                break
-            self.core.prepare(batch)
+        # EngineCore.submit itself, with a hook that checks each scheduling decision as it is made
+        before = {"running": list(self.sched.running), "waiting": list(self.sched.waiting)}
+
+        def check(batch):
+            running_before, waiting_before = before["running"], before["waiting"]
             if batch.bucket is not None:
                 assert self.jit.state(batch.bucket) is BucketState.READY
                 event("a step ran on a compiled bucket")
-            self.queue.submit(batch)
             assert 0 < batch.num_tokens <= self.cfg.max_num_batched_tokens
             newly = [r for r in waiting_before if r.status is RequestStatus.RUNNING]
             for r in newly:
@@ -121,6 +116,9 @@ class CoreMachine(RuleBasedStateMachine):
                     # only a request entering an empty running set may dip into the spare blocks
                     spare = self.cfg.spare_blocks_ratio * self.cfg.num_blocks
                     assert self.sched.allocator.num_free >= spare, (self.sched.allocator.num_free, spare)
+            before["running"], before["waiting"] = list(self.sched.running), list(self.sched.waiting)
+
+        self.core.submit(on_batch=check)
         assert self.queue.in_flight <= self.queue.limit
 
     @precondition(lambda self: self.queue.in_flight)

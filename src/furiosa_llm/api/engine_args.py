@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from furiosa_llm.core.config import EngineConfig, JitConfig, SchedulerConfig, resolve_max_model_len
 from furiosa_llm.hal import Device, parse_devices
 
 
@@ -110,6 +111,30 @@ class EngineArgs:
     @property
     def resolved_spare_blocks_ratio(self) -> float:
         return float(self.spare_blocks_ratio or 0.0)
+
+    def engine_config(self, *, num_blocks: int, model_max_len: int | None) -> EngineConfig:
+        """The core's configuration from these arguments: the one mapping, for every backend.
+
+        ``num_blocks``: KV blocks of one replica (the backend's memory budget, unless
+        ``num_kv_blocks`` is given: then that). ``model_max_len``: the model's
+        ``max_position_embeddings`` (None when unknown). ``max_model_len`` is resolved by
+        ``resolve_max_model_len``. Raises ``ValueError`` for a value the core refuses.
+        """
+        num_blocks = self.num_kv_blocks or num_blocks
+        if num_blocks < 1:
+            raise ValueError(f"num_kv_blocks={num_blocks}: the KV cache must hold at least one block")
+        sched = SchedulerConfig(
+            num_blocks=num_blocks,
+            block_size=self.block_size,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_processing_samples=self.resolved_max_processing_samples,
+            spare_blocks_ratio=self.resolved_spare_blocks_ratio,
+            max_model_len=resolve_max_model_len(self.max_model_len, model_max_len, num_blocks, self.block_size),
+            enable_prefix_caching=self.enable_prefix_caching,
+        )
+        jit = JitConfig(enabled=self.enable_jit_compilation, threshold=self.jit_threshold,
+                        max_workers=self.jit_max_workers, unit_size=self.jit_unit_size)
+        return EngineConfig(scheduler=sched, jit=jit, npu_queue_limit=self.resolved_npu_queue_limit)
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ with the same tokens reuses it. Free blocks keep their hash until they are hande
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 
@@ -23,6 +23,22 @@ class Block:
     ref_count: int = 0
     hash: int | None = None
     token_ids: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class BlockTable:
+    """A request's KV blocks: ``ids`` in position order, and its prefix-cache progress.
+
+    The first ``num_hashed`` blocks are full and hashed; ``last_hash`` is the hash of the last
+    of them (the chain continues from it). Changed only through the allocator's verbs.
+    """
+
+    ids: list[int] = field(default_factory=list)
+    num_hashed: int = 0
+    last_hash: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 class BlockAllocator:
@@ -81,23 +97,68 @@ class BlockAllocator:
         revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)
         return new + revived
 
-    # ---- mutations -----------------------------------------------------------------------
-    def allocate(self, block_table: list[int], num_tokens: int, cached: Sequence[int] = ()) -> bool:
-        """Grow ``block_table`` (in place) with ``cached`` blocks, then fresh ones, to cover ``num_tokens``.
+    # ---- verbs on a request's block table -------------------------------------------------
+    def admit(self, table: BlockTable, token_ids: Sequence[int], cached: Sequence[int]) -> bool:
+        """Give an empty ``table`` the ``cached`` prefix blocks plus fresh ones to cover ``token_ids``.
 
         Returns False and changes nothing when there are not enough free blocks.
         """
-        if not cached and len(block_table) * self.block_size >= num_tokens:
+        assert not table.ids, "admit() takes an empty block table"
+        if not self._allocate(table.ids, len(token_ids), cached):
+            return False
+        self.commit(table, token_ids, len(cached) * self.block_size)
+        return True
+
+    def grow(self, table: BlockTable, num_tokens: int) -> bool:
+        """Append fresh blocks so ``table`` covers ``num_tokens``; False (and no change) when they are lacking."""
+        if len(table.ids) * self.block_size >= num_tokens:
             return True  # the common decode case: the last block has room
-        if self.cost_of(block_table, num_tokens, cached) > len(self._free):
+        return self._allocate(table.ids, num_tokens)
+
+    def commit(self, table: BlockTable, token_ids: Sequence[int], num_computed: int) -> None:
+        """Offer the blocks of ``table`` that are now full of computed K/V to the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        num_hashed, last_hash = table.num_hashed, table.last_hash
+        while (num_hashed + 1) * bs <= num_computed:
+            tokens = tuple(token_ids[num_hashed * bs : (num_hashed + 1) * bs])
+            h = chain_hash(last_hash, tokens)
+            block = self.blocks[table.ids[num_hashed]]
+            if block.hash is None and h not in self.hash_to_block:
+                block.hash = h
+                block.token_ids = tokens
+                self.hash_to_block[h] = block.block_id
+            num_hashed += 1
+            last_hash = h
+        table.num_hashed, table.last_hash = num_hashed, last_hash
+
+    def free(self, table: BlockTable) -> None:
+        """Drop one reference to each block of ``table`` and empty it.
+
+        The old id list is left as it was (a batch still in flight may hold it); the table gets a new one.
+        """
+        for bid in reversed(table.ids):
+            block = self.blocks[bid]
+            if block.ref_count <= 0:
+                raise RuntimeError(f"block {bid} freed more often than allocated")
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._free[bid] = None
+        table.ids = []
+        table.num_hashed = 0
+        table.last_hash = None
+
+    def _allocate(self, ids: list[int], num_tokens: int, cached: Sequence[int] = ()) -> bool:
+        if self.cost_of(ids, num_tokens, cached) > len(self._free):
             return False
         for bid in cached:
             block = self.blocks[bid]
             if block.ref_count == 0:
                 del self._free[bid]
             block.ref_count += 1
-            block_table.append(bid)
-        while len(block_table) * self.block_size < num_tokens:
+            ids.append(bid)
+        while len(ids) * self.block_size < num_tokens:
             bid, _ = self._free.popitem(last=False)
             block = self.blocks[bid]
             if block.hash is not None:
@@ -106,41 +167,5 @@ class BlockAllocator:
                 block.hash = None
                 block.token_ids = ()
             block.ref_count = 1
-            block_table.append(bid)
+            ids.append(bid)
         return True
-
-    def free(self, block_table: list[int]) -> None:
-        """Drop one reference to each block of ``block_table``; the caller drops the table itself.
-
-        The list is left as it is: a batch still in flight may hold it as its block table.
-        """
-        for bid in reversed(block_table):
-            block = self.blocks[bid]
-            if block.ref_count <= 0:
-                raise RuntimeError(f"block {bid} freed more often than allocated")
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self._free[bid] = None
-
-    def cache_full_blocks(
-        self, block_table: Sequence[int], token_ids: Sequence[int], num_computed: int,
-        num_hashed: int, last_hash: int | None,
-    ) -> tuple[int, int | None]:
-        """Hash the blocks of ``block_table`` that became full with computed tokens.
-
-        Returns the new ``(num_hashed, last_hash)`` pair the caller keeps for the request.
-        """
-        if not self.enable_prefix_caching:
-            return num_hashed, last_hash
-        bs = self.block_size
-        while (num_hashed + 1) * bs <= num_computed:
-            tokens = tuple(token_ids[num_hashed * bs : (num_hashed + 1) * bs])
-            h = chain_hash(last_hash, tokens)
-            block = self.blocks[block_table[num_hashed]]
-            if block.hash is None and h not in self.hash_to_block:
-                block.hash = h
-                block.token_ids = tokens
-                self.hash_to_block[h] = block.block_id
-            num_hashed += 1
-            last_hash = h
-        return num_hashed, last_hash

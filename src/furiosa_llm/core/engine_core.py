@@ -1,12 +1,23 @@
-"""EngineCore: the scheduler driving an execution queue, with an injected clock. No torch, no asyncio."""
+"""EngineCore: the scheduler driving an execution queue, with an injected clock. No torch, no asyncio.
+
+One step is: ``submit`` (schedule batches while the queue has room), wait for the oldest batch
+on the queue, ``process`` its result. ``step()`` does all three; a driver that waits in its own
+way (the simulator's SimPy process) calls ``submit`` and ``process`` around its wait. Requests
+can be added and aborted from other threads while a step waits on the device: every change of
+the scheduler's state holds ``lock``, and the wait does not.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from typing import Callable
 
-from furiosa_llm.hal import ExecutionQueue, StepResult
+from furiosa_llm.hal import Batch, ExecutionQueue, StepResult
 
+from .config import EngineConfig
 from .jit import JitPolicy
+from .metrics import EngineStats
 from .request import Request, RequestStatus
 from .scheduler import CoreOutput, Scheduler
 
@@ -18,49 +29,82 @@ class EngineCore:
         self.queue = queue
         self.clock = clock
         self.jit = jit
+        self.lock = threading.RLock()
 
-    @property
-    def allocator(self):
-        return self.scheduler.allocator
+    @classmethod
+    def from_config(cls, config: EngineConfig, queue: ExecutionQueue, clock: Callable[[], float], *,
+                    eos_token_ids: frozenset[int] = frozenset(), num_layers: int = 1,
+                    record_trace: bool = False) -> "EngineCore":
+        """A core for one replica: its scheduler from ``config.scheduler``, a JIT policy when ``config.jit.enabled``.
 
+        ``num_layers`` is the model's layer count (the JIT policy compiles in units of layers).
+        """
+        sched = Scheduler(config.scheduler, eos_token_ids=eos_token_ids, record_trace=record_trace)
+        jit = JitPolicy(config.jit, num_layers=num_layers) if config.jit.enabled else None
+        return cls(sched, queue, clock, jit=jit)
+
+    # ---- requests ------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
-        self.scheduler.add(request)
+        """Queue ``request``; a ``ValueError`` when a live request has its id."""
+        with self.lock:
+            self.scheduler.add(request)
 
     def abort(self, request_id: str) -> Request | None:
-        """Abort a live request and free its blocks at once; an unknown id is harmless."""
-        return self.scheduler.finish(request_id, RequestStatus.FINISHED_ABORTED, now=self.clock())
+        """Abort a live request and free its blocks at once; an unknown id is harmless (None)."""
+        with self.lock:
+            return self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED, now=self.clock())
 
-    def finish(self, request_id: str, stop_reason: str) -> Request | None:
-        """Stop a request for a reason found above the core (a stop string)."""
-        return self.scheduler.finish(request_id, RequestStatus.FINISHED_STOPPED, stop_reason, now=self.clock())
+    def stop(self, request_id: str, stop_reason: str) -> Request | None:
+        """End a request for a reason found above the core (a stop string in its text)."""
+        with self.lock:
+            return self.scheduler.finish_request(request_id, RequestStatus.FINISHED_STOPPED, stop_reason,
+                                                 now=self.clock())
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        with self.lock:
+            return self.scheduler.has_unfinished()
 
-    def submit(self) -> int:
+    # ---- the step ------------------------------------------------------------------------------
+    def step(self) -> list[CoreOutput]:
+        """One engine step: fill the queue, wait for the oldest batch, fold its result in."""
+        self.submit()
+        if not self.queue.in_flight:
+            return []
+        result = self.queue.wait()  # the device works without the lock held
+        return self.process(result)
+
+    def submit(self, on_batch: Callable[[Batch], None] | None = None) -> int:
         """Schedule and submit batches while the queue has room; returns how many were submitted.
 
         With JIT on, each batch's bucket is counted, runs compiled when it is ready, and buckets
-        that reached the threshold start compiling on the backend.
+        that reached the threshold start compiling on the backend. ``on_batch`` (a test's hook)
+        sees each batch right after it is submitted.
         """
-        self.poll_compilations()
-        n = 0
-        while self.queue.has_room:
-            batch = self.scheduler.schedule(self.clock())
-            if batch is None:
-                break
-            self.prepare(batch)
-            self.queue.submit(batch)
-            n += 1
-        return n
+        with self.lock:
+            self._poll_compilations()
+            n = 0
+            while self.queue.has_room:
+                batch = self.scheduler.schedule(self.clock())
+                if batch is None:
+                    break
+                self._prepare(batch)
+                self.queue.submit(batch)
+                n += 1
+                if on_batch is not None:
+                    on_batch(batch)
+            return n
 
-    def poll_compilations(self) -> None:
-        """Fold finished JIT compilations into the policy."""
+    def process(self, result: StepResult) -> list[CoreOutput]:
+        """Fold a completed batch's result into its requests."""
+        with self.lock:
+            return self.scheduler.update(result, self.clock())
+
+    def _poll_compilations(self) -> None:
         if self.jit is not None:
             for res in self.queue.compiled():
-                self.jit.finish(res.bucket, res.ok, res.seconds, self.clock(), res.error)
+                self.jit.end_compilation(res.bucket, res.ok, res.seconds, self.clock(), res.error)
 
-    def prepare(self, batch) -> None:
+    def _prepare(self, batch: Batch) -> None:
         """JIT: count the batch's bucket, mark it to run compiled when ready, start due compilations."""
         jit = self.jit
         if jit is None:
@@ -69,14 +113,27 @@ class EngineCore:
         for bucket in jit.start():
             self.queue.compile(bucket, jit.num_units)
 
-    def wait(self) -> StepResult | None:
-        return self.queue.wait() if self.queue.in_flight else None
+    # ---- stats as data -------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        """A snapshot of the core's state and counters."""
+        with self.lock:
+            s = self.scheduler
+            a, c = s.allocator, s.stats
+            return EngineStats(
+                num_running=len(s.running), num_waiting=len(s.waiting),
+                num_kv_blocks_used=a.num_used, num_kv_blocks_total=a.num_blocks,
+                num_steps=c.num_steps, num_preemptions=c.num_preemptions,
+                num_prompt_tokens_computed=c.num_prompt_tokens_computed, num_cached_tokens=c.num_cached_tokens,
+                num_generated_tokens=c.num_generated_tokens,
+                jit=None if self.jit is None else dataclasses.replace(self.jit.stats),
+            )
 
-    def process(self, result: StepResult) -> list[CoreOutput]:
-        return self.scheduler.update(result, self.clock())
+    @property
+    def num_unfinished(self) -> int:
+        """Live requests (running or waiting)."""
+        return len(self.scheduler.requests)
 
-    def step(self) -> list[CoreOutput]:
-        """One engine step: fill the queue, wait for the oldest batch, fold its result in."""
-        self.submit()
-        result = self.wait()
-        return [] if result is None else self.process(result)
+    @property
+    def trace(self) -> list | None:
+        """The scheduler's decision trace (``record_trace=True``): ``(step_id, ((request_id, num_tokens), ...))``."""
+        return self.scheduler.trace

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 
 from furiosa_llm.hal import Batch, Bucket
 
-logger = logging.getLogger("furiosa_llm")
+from .config import JitConfig
 
-BATCH_EDGES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-LENGTH_EDGES = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+logger = logging.getLogger("furiosa_llm")
 
 
 class BucketState(enum.Enum):
@@ -35,26 +34,6 @@ class BucketState(enum.Enum):
     COMPILING = "compiling"
     READY = "ready"
     FAILED = "failed"
-
-
-@dataclass(slots=True)
-class JitConfig:
-    enabled: bool = False
-    threshold: int = 5
-    max_workers: int = 15
-    unit_size: int = 8
-    batch_edges: tuple[int, ...] = BATCH_EDGES
-    length_edges: tuple[int, ...] = LENGTH_EDGES
-
-    def __post_init__(self) -> None:
-        for name, lo in (("jit_threshold", 1), ("jit_max_workers", 1), ("jit_unit_size", 2)):
-            v = getattr(self, name.removeprefix("jit_"))
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise ValueError(f"{name}={v!r}: must be an int >= {lo}")
-        for name in ("batch_edges", "length_edges"):
-            edges = getattr(self, name)
-            if not edges or list(edges) != sorted(set(edges)) or edges[0] < 1:
-                raise ValueError(f"{name}={edges!r}: must be increasing positive ints")
 
 
 @dataclass(slots=True)
@@ -152,7 +131,7 @@ class JitPolicy:
             room -= 1
         return started
 
-    def finish(self, bucket: Bucket, ok: bool, seconds: float, now: float, error: str | None = None) -> None:
+    def end_compilation(self, bucket: Bucket, ok: bool, seconds: float, now: float, error: str | None = None) -> None:
         """A backend reports a compilation's end."""
         entry = self.buckets.get(bucket)
         if entry is None or entry.state is not BucketState.COMPILING:

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 from furiosa_llm.hal import SamplingSettings
 
+from .block_allocator import BlockTable
+from .metrics import RequestMetrics
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -42,21 +45,23 @@ class Request:
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
-    block_ids: list[int] = field(default_factory=list)
-    num_hashed_blocks: int = 0
-    last_block_hash: int | None = None
-    in_flight: bool = False
+    block_table: BlockTable = field(default_factory=BlockTable)
+    in_batch: bool = False  # part of a batch in flight whose result is not folded in yet
     num_preemptions: int = 0
     stop_reason: int | str | None = None
-    first_scheduled_time: float | None = None
-    first_token_time: float | None = None
-    finished_time: float | None = None
+    reported: bool = False  # an output of this request has left the core (the first carries timing)
+    metrics: RequestMetrics = field(init=False)  # the request's timing record, on the core's clock
     needs_history: bool = field(init=False, default=False)  # the sampler reads earlier tokens (penalties)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
         self.needs_history = self.sampling.needs_history
+        self.metrics = RequestMetrics(self.arrival_time)
+
+    @property
+    def block_ids(self) -> list[int]:
+        return self.block_table.ids
 
     @property
     def num_tokens(self) -> int:

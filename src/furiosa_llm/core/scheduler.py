@@ -6,42 +6,31 @@ tensors. Deterministic given the arrivals, the results and the clock.
 
 One rule covers prefill and decode: a request computes ``num_tokens - num_computed_tokens``
 tokens (the whole prompt, a chunk of it, or the one token sampled last step) and samples a
-new token when a step brings it to ``num_tokens``.
+new token when a step brings it to ``num_tokens``. Block tables change only through the
+allocator's verbs: ``admit`` (first blocks, with the cached prefix), ``grow``, ``commit``
+(hash blocks that became full) and ``free``.
 """
 
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from furiosa_llm.hal import Batch, SequenceChunk, StepResult
 
 from .block_allocator import BlockAllocator
+from .config import SchedulerConfig
+from .metrics import RequestMetrics, SchedulerStats
 from .request import Request, RequestStatus
 
 
 @dataclass(slots=True)
-class SchedulerConfig:
-    num_blocks: int
-    block_size: int = 16
-    max_num_batched_tokens: int = 2048
-    max_processing_samples: int = 65536
-    spare_blocks_ratio: float = 0.0
-    max_model_len: int = 8192
-    enable_prefix_caching: bool = True
-
-    def __post_init__(self) -> None:
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens}: must be >= 1")
-        if self.max_processing_samples < 1:
-            raise ValueError(f"max_processing_samples={self.max_processing_samples}: must be > 0")
-        if not 0.0 <= self.spare_blocks_ratio < 1.0:
-            raise ValueError(f"spare_blocks_ratio={self.spare_blocks_ratio}: must be in [0, 1)")
-
-
-@dataclass(slots=True)
 class CoreOutput:
-    """What one step produced for one request."""
+    """What one step produced for one request.
+
+    The request's first output also carries ``num_cached_tokens`` (prompt tokens served from
+    the prefix cache) and ``metrics``, the request's timing record (kept up to date by the core).
+    """
 
     request_id: str
     new_token_ids: list[int]
@@ -49,20 +38,12 @@ class CoreOutput:
     stop_reason: int | str | None = None
     logprobs: list | None = None
     prompt_logprobs: list | None = None
+    num_cached_tokens: int | None = None
+    metrics: RequestMetrics | None = None
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
-
-
-@dataclass(slots=True)
-class SchedulerStats:
-    num_steps: int = 0
-    num_preemptions: int = 0
-    num_prompt_tokens_computed: int = 0
-    num_cached_tokens: int = 0
-    num_generated_tokens: int = 0
-    trace: list[tuple[int, tuple[tuple[str, int], ...]]] | None = field(default=None)
 
 
 class Scheduler:
@@ -73,8 +54,10 @@ class Scheduler:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
-        self.in_flight: dict[int, Batch] = {}
-        self.stats = SchedulerStats(trace=[] if record_trace else None)
+        self.in_flight: dict[int, Batch] = {}  # batches submitted, results not folded in yet
+        self.stats = SchedulerStats()
+        # the decision trace: (step id, ((request id, tokens computed), ...)) per batch, when recorded
+        self.trace: list[tuple[int, tuple[tuple[str, int], ...]]] | None = [] if record_trace else None
         self._next_step = 0
 
     # ---- requests --------------------------------------------------------------------------
@@ -84,8 +67,12 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
-    def finish(self, request_id: str, status: RequestStatus, stop_reason: int | str | None = None, now: float | None = None) -> Request | None:
-        """End a live request (abort, or a stop string found above the core) and free its blocks."""
+    def finish_request(self, request_id: str, status: RequestStatus, stop_reason: int | str | None = None,
+                       now: float | None = None) -> Request | None:
+        """End a live request with ``status`` and free its blocks; an unknown id returns None.
+
+        A batch in flight may still hold the request; its result for it is dropped on ``update``.
+        """
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
@@ -93,101 +80,84 @@ class Scheduler:
             self.running.remove(req)
         else:
             self.waiting.remove(req)
-        self.allocator.free(req.block_ids)
-        req.block_ids = []
+        self.allocator.free(req.block_table)
         req.status = status
         req.stop_reason = stop_reason
-        req.in_flight = False
-        req.finished_time = now
+        req.in_batch = False
+        req.metrics.finished_time = now
         return req
 
     def has_unfinished(self) -> bool:
         return bool(self.requests) or bool(self.in_flight)
 
     # ---- scheduling --------------------------------------------------------------------------
-    def _preempt(self, req: Request) -> None:
-        self.running.remove(req)
-        self.allocator.free(req.block_ids)
-        req.block_ids = []
-        req.status = RequestStatus.PREEMPTED
-        req.num_computed_tokens = 0
-        req.num_hashed_blocks = 0
-        req.last_block_hash = None
-        req.num_preemptions += 1
-        self.stats.num_preemptions += 1
-        self.waiting.appendleft(req)
-
-    def _victim(self) -> Request | None:
-        for r in reversed(self.running):
-            if not r.in_flight:
-                return r
-        return None
-
-    def _chunk(self, req: Request, n: int) -> SequenceChunk:
-        """The next ``n`` tokens of ``req`` for this step; the request is in flight until its result is in."""
-        start = req.num_computed_tokens
-        s = req.sampling
-        history = req.needs_history
-        req.in_flight = True
-        return SequenceChunk(
-            req.request_id,
-            req.token_ids[start : start + n],
-            start,
-            req.block_ids,  # not grown while in flight; replaced by a new list when freed
-            start + n == len(req.token_ids),
-            s,
-            len(req.output_token_ids),
-            req.prompt_token_ids if history or s.prompt_logprobs is not None else (),
-            req.output_token_ids.copy() if history else (),
-            req,
-        )
-
     def schedule(self, now: float) -> Batch | None:
-        cfg = self.config
-        alloc = self.allocator
-        budget = cfg.max_num_batched_tokens
+        """The next batch: running requests first (phase 1), then waiting ones (phase 2); None when idle."""
+        budget = self.config.max_num_batched_tokens
         seqs: list[SequenceChunk] = []
-        preempted = False
+        budget, preempted = self._schedule_running(seqs, budget)
+        if not preempted:  # a preemption this step means memory is short: admit nothing new
+            budget = self._schedule_waiting(seqs, budget, now)
+        assert 0 <= budget <= self.config.max_num_batched_tokens
+        assert len(self.running) <= self.config.max_processing_samples
+        if not seqs:
+            return None
+        step_id = self._next_step
+        self._next_step += 1
+        batch = Batch(step_id=step_id, sequences=seqs)
+        self.in_flight[step_id] = batch
+        self.stats.num_steps += 1
+        if self.trace is not None:
+            self.trace.append((step_id, tuple((c.request_id, len(c.token_ids)) for c in seqs)))
+        return batch
 
-        # 1. running requests, oldest first: decode tokens and unfinished prefill chunks. A victim
-        #    of preemption is always newer than the request being grown, so never already chunked.
-        bs = alloc.block_size
+    def _schedule_running(self, seqs: list[SequenceChunk], budget: int) -> tuple[int, bool]:
+        """Decode tokens and unfinished prefill chunks of running requests, oldest first.
+
+        A request that needs another block preempts the newest running request not in a batch
+        (possibly itself). A victim is always newer than the request being grown, so it was not
+        chunked this step. Returns the budget left and whether anything was preempted.
+        """
+        alloc = self.allocator
+        room = alloc.block_size
+        preempted = False
         for req in list(self.running):
             if budget == 0:
                 break
-            if req.in_flight or req.status is not RequestStatus.RUNNING:
+            if req.in_batch or req.status is not RequestStatus.RUNNING:
                 continue
-            n = min(len(req.token_ids) - req.num_computed_tokens, budget)
-            if len(req.block_ids) * bs < req.num_computed_tokens + n:  # needs another block
-                while not alloc.allocate(req.block_ids, req.num_computed_tokens + n):
-                    victim = self._victim()
-                    assert victim is not None  # req itself is not in flight
-                    self._preempt(victim)
-                    preempted = True
-                    if victim is req:
-                        break
-                if req.status is not RequestStatus.RUNNING:
-                    continue
-            seqs.append(self._chunk(req, n))
-            budget -= n
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            need = req.num_computed_tokens + n
+            while len(req.block_table.ids) * room < need and not alloc.grow(req.block_table, need):
+                victim = self._victim()
+                assert victim is not None  # req itself is not in a batch
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            if req.status is RequestStatus.RUNNING:
+                seqs.append(self._chunk(req, n))
+                budget -= n
+        return budget, preempted
 
-        # 2. waiting requests, FCFS; none after a preemption this step
-        while self.waiting and budget > 0 and not preempted and len(self.running) < cfg.max_processing_samples:
+    def _schedule_waiting(self, seqs: list[SequenceChunk], budget: int, now: float) -> int:
+        """Admit waiting requests in arrival order (FCFS) while the budget, the running cap and the blocks allow.
+
+        Unless the running set is empty, admission keeps ``spare_blocks_ratio`` of the blocks free.
+        """
+        cfg, alloc = self.config, self.allocator
+        spare = cfg.spare_blocks_ratio * alloc.num_blocks
+        while self.waiting and budget > 0 and len(self.running) < cfg.max_processing_samples:
             req = self.waiting[0]
             cached = alloc.cached_prefix(req.token_ids)
-            cost = alloc.cost_of([], req.num_tokens, cached)
-            spare = cfg.spare_blocks_ratio * alloc.num_blocks
-            if self.running and alloc.num_free - cost < spare:
+            if self.running and alloc.num_free - alloc.cost_of((), req.num_tokens, cached) < spare:
                 break  # keep spare blocks for the running requests to grow into
-            if not alloc.allocate(req.block_ids, req.num_tokens, cached):
+            if not alloc.admit(req.block_table, req.token_ids, cached):
                 break
             self.waiting.popleft()
             req.num_computed_tokens = len(cached) * alloc.block_size
-            req.num_hashed_blocks, req.last_block_hash = alloc.cache_full_blocks(
-                req.block_ids, req.token_ids, req.num_computed_tokens, 0, None
-            )
-            if req.first_scheduled_time is None:
-                req.first_scheduled_time = now
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
                 req.num_cached_tokens = req.num_computed_tokens
                 self.stats.num_cached_tokens += req.num_computed_tokens
             req.status = RequestStatus.RUNNING
@@ -195,60 +165,93 @@ class Scheduler:
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             seqs.append(self._chunk(req, n))
             budget -= n
+        return budget
 
-        if not seqs:
-            return None
-        step_id = self._next_step
-        self._next_step += 1
-        batch = Batch(step_id, seqs)
-        self.in_flight[step_id] = batch
-        self.stats.num_steps += 1
-        if self.stats.trace is not None:
-            self.stats.trace.append((step_id, tuple((c.request_id, len(c.token_ids)) for c in seqs)))
-        return batch
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.allocator.free(req.block_table)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.stats.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _victim(self) -> Request | None:
+        for r in reversed(self.running):
+            if not r.in_batch:
+                return r
+        return None
+
+    def _chunk(self, req: Request, n: int) -> SequenceChunk:
+        """The next ``n`` tokens of ``req`` for this step; the request is in a batch until its result is in."""
+        start = req.num_computed_tokens
+        s = req.sampling
+        history = req.needs_history
+        req.in_batch = True
+        return SequenceChunk(
+            request_id=req.request_id,
+            token_ids=req.token_ids[start : start + n],
+            start_pos=start,
+            block_table=req.block_table.ids,  # not grown while in a batch; replaced by a new list when freed
+            sample=start + n == len(req.token_ids),
+            sampling=s,
+            num_output_tokens=len(req.output_token_ids),
+            prompt_token_ids=req.prompt_token_ids if history or s.prompt_logprobs is not None else (),
+            output_token_ids=req.output_token_ids.copy() if history else (),
+            owner=req,
+        )
 
     # ---- results -----------------------------------------------------------------------------
     def update(self, result: StepResult, now: float) -> list[CoreOutput]:
+        """Fold a step's result into its requests; returns one output per request that has news."""
         batch = self.in_flight.pop(result.step_id)
         outputs: list[CoreOutput] = []
         alloc = self.allocator
-        bs = alloc.block_size
-        hashing = alloc.enable_prefix_caching
+        hashing, bs = alloc.enable_prefix_caching, alloc.block_size
         sampled, logprobs, prompt_lps = result.sampled, result.logprobs, result.prompt_logprobs
         num_generated = 0
         for chunk in batch.sequences:
             req = chunk.owner
-            if not req.in_flight:
-                continue  # aborted or finished while in flight (finish clears in_flight): its result is dropped
-            req.in_flight = False
+            if not req.in_batch:
+                continue  # ended while in flight (finish_request clears in_batch): its result is dropped
+            req.in_batch = False
             n = len(chunk.token_ids)
-            if chunk.start_pos < len(req.prompt_token_ids):
-                self.stats.num_prompt_tokens_computed += min(n, len(req.prompt_token_ids) - chunk.start_pos)
+            num_prompt = len(req.prompt_token_ids)
+            if chunk.start_pos < num_prompt:
+                self.stats.num_prompt_tokens_computed += min(n, num_prompt - chunk.start_pos)
             req.num_computed_tokens += n
-            if hashing and (req.num_hashed_blocks + 1) * bs <= req.num_computed_tokens:  # a block became full
-                req.num_hashed_blocks, req.last_block_hash = alloc.cache_full_blocks(
-                    req.block_ids, req.token_ids, req.num_computed_tokens, req.num_hashed_blocks, req.last_block_hash
-                )
+            if hashing and (req.block_table.num_hashed + 1) * bs <= req.num_computed_tokens:  # a block became full
+                alloc.commit(req.block_table, req.token_ids, req.num_computed_tokens)
             rid = req.request_id
             prompt_lp = prompt_lps.get(rid) if prompt_lps else None
             if not chunk.sample:
                 if prompt_lp is not None:
-                    outputs.append(CoreOutput(rid, [], prompt_logprobs=prompt_lp))
+                    outputs.append(self._output(req, CoreOutput(rid, [], prompt_logprobs=prompt_lp)))
                 continue
             tok = sampled[rid]
             req.append_output(tok)
             num_generated += 1
-            if req.first_token_time is None:
-                req.first_token_time = now
-            out = CoreOutput(rid, [tok], None, None, logprobs.get(rid) if logprobs else None, prompt_lp)
+            m = req.metrics
+            if m.first_token_time is None:
+                m.first_token_time = now
+            m.last_token_time = now
+            out = CoreOutput(rid, [tok], logprobs=logprobs.get(rid) if logprobs else None, prompt_logprobs=prompt_lp)
             status, stop_reason = self._check_stop(req, tok)
             if status is not None:
-                self.finish(rid, status, stop_reason, now)
+                self.finish_request(rid, status, stop_reason, now)
                 out.finish_reason = status.finish_reason
                 out.stop_reason = stop_reason
-            outputs.append(out)
+            outputs.append(self._output(req, out))
         self.stats.num_generated_tokens += num_generated
         return outputs
+
+    @staticmethod
+    def _output(req: Request, out: CoreOutput) -> CoreOutput:
+        if not req.reported:
+            req.reported = True
+            out.num_cached_tokens = req.num_cached_tokens
+            out.metrics = req.metrics
+        return out
 
     def _check_stop(self, req: Request, tok: int) -> tuple[RequestStatus | None, int | None]:
         num_out = len(req.output_token_ids)
