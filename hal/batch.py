@@ -8,7 +8,13 @@ from typing import Sequence
 
 @dataclass(frozen=True, slots=True)
 class SamplingSettings:
-    """Per-request sampling settings a backend's sampler needs."""
+    """Per-request sampling settings a backend's sampler needs.
+
+    The fields of ``SamplingParams`` with the same names (``SamplingParams.settings`` copies
+    them by name), except ``stop_token_ids``: every token that may not be sampled before
+    ``min_tokens`` output tokens exist (the request's stop token ids, and the model's EOS
+    ids unless ``ignore_eos``).
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -20,6 +26,8 @@ class SamplingSettings:
     seed: int | None = None
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    min_tokens: int = 0
+    stop_token_ids: frozenset[int] = frozenset()
 
     @property
     def greedy(self) -> bool:

@@ -7,7 +7,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from furiosa_llm.core import EngineCore, JitConfig, JitPolicy, Request, Scheduler, SchedulerConfig
+from furiosa_llm.core import EngineCore, EngineStats, JitConfig, JitPolicy, Request, Scheduler, SchedulerConfig
 from furiosa_llm.core.scheduler import CoreOutput
 from furiosa_llm.hal import Device, ExecutionQueue, TokenLogprob
 
@@ -223,17 +223,13 @@ class LLMEngine:
 
     def get_num_unfinished_requests(self) -> int:
         with self._lock:
-            return len(self.core.scheduler.requests)
+            return self.core.num_unfinished
 
     # ---- stepping ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        core_outputs = self.core.step()
         with self._lock:
-            self.core.submit()
-        result = self.core.wait()  # the device works without the lock held
-        if result is None:
-            return []
-        with self._lock:
-            return self._process(self.core.process(result))
+            return self._process(core_outputs)
 
     def _process(self, core_outputs: list[CoreOutput]) -> list[RequestOutput]:
         outs: list[RequestOutput] = []
@@ -254,16 +250,12 @@ class LLMEngine:
                     t.cumulative_logprob += entry[tok].logprob
                 hit = t.detok.add(tok)
                 if hit is not None and finish is None and len(t.token_ids) >= t.params.min_tokens:
-                    self.core.finish(co.request_id, hit)
+                    self.core.stop(co.request_id, hit)
                     finish, stop_reason = "stop", hit
             if not co.new_token_ids:
                 continue
             if t.metrics.first_token_time is None:
                 t.metrics.first_token_time = now
-                req = self.core.scheduler.requests.get(co.request_id)
-                if req is not None:
-                    t.metrics.first_scheduled_time = req.first_scheduled_time
-                    t.num_cached_tokens = req.num_cached_tokens
             t.metrics.last_token_time = now
             if finish is not None:
                 t.metrics.finished_time = now
@@ -306,14 +298,18 @@ class LLMEngine:
         )
 
     # ---- state --------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        """A snapshot of the engine core: requests running and waiting, KV blocks, counters."""
+        return self.core.stats()
+
     @property
     def num_free_blocks(self) -> int:
-        with self._lock:
-            return self.core.allocator.num_free
+        st = self.core.stats()
+        return st.num_kv_blocks_total - st.num_kv_blocks_used
 
     @property
     def num_total_blocks(self) -> int:
-        return self.core.allocator.num_blocks
+        return self.core.stats().num_kv_blocks_total
 
     def shutdown(self) -> None:
         with self._lock:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from furiosa_llm.hal import SamplingSettings
@@ -106,16 +106,15 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < 1e-5
 
-    def settings(self) -> SamplingSettings:
-        return SamplingSettings(
-            temperature=float(self.temperature),
-            top_p=float(self.top_p),
-            top_k=int(self.top_k),
-            min_p=float(self.min_p),
-            repetition_penalty=float(self.repetition_penalty),
-            presence_penalty=float(self.presence_penalty),
-            frequency_penalty=float(self.frequency_penalty),
-            seed=self.seed,
-            logprobs=self.logprobs,
-            prompt_logprobs=self.prompt_logprobs,
-        )
+    def settings(self, eos_token_ids: frozenset[int] = frozenset()) -> SamplingSettings:
+        """The backend's view of these parameters: the fields ``SamplingSettings`` shares with them, by name.
+
+        ``stop_token_ids`` becomes every id masked until ``min_tokens`` outputs exist: these
+        ``stop_token_ids`` and, unless ``ignore_eos``, the model's ``eos_token_ids``.
+        """
+        kw = {name: getattr(self, name) for name in _SHARED_FIELDS}
+        kw["stop_token_ids"] = frozenset(self.stop_token_ids or ()) | (frozenset() if self.ignore_eos else eos_token_ids)
+        return SamplingSettings(**kw)
+
+
+_SHARED_FIELDS = tuple(f.name for f in fields(SamplingSettings) if f.name != "stop_token_ids")

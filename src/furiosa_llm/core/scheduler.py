@@ -149,7 +149,8 @@ class Scheduler:
         spare = cfg.spare_blocks_ratio * alloc.num_blocks
         while self.waiting and budget > 0 and len(self.running) < cfg.max_processing_samples:
             req = self.waiting[0]
-            cached = alloc.cached_prefix(req.token_ids)
+            # prompt logprobs need the logits of every prompt position: such a prompt is computed whole
+            cached = alloc.cached_prefix(req.token_ids) if req.sampling.prompt_logprobs is None else []
             if self.running and alloc.num_free - alloc.cost_of((), req.num_tokens, cached) < spare:
                 break  # keep spare blocks for the running requests to grow into
             if not alloc.admit(req.block_table, req.token_ids, cached):

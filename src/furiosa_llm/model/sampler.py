@@ -44,6 +44,27 @@ def _filter(logits: torch.Tensor, chunk: SequenceChunk) -> torch.Tensor:
     return logits
 
 
+def _mask_stops_before_min_tokens(logits: torch.Tensor, chunks: list[SequenceChunk]) -> torch.Tensor:
+    """``logits`` with EOS and stop token ids at -inf in the rows that have fewer than ``min_tokens`` outputs.
+
+    vLLM's ``min_tokens``: those tokens cannot be sampled until then. Log-probabilities are
+    still reported from the unmasked logits.
+    """
+    rows, cols = [], []
+    vocab = logits.shape[-1]
+    for i, c in enumerate(chunks):
+        s = c.sampling
+        if c.num_output_tokens < s.min_tokens and s.stop_token_ids:
+            ids = [t for t in s.stop_token_ids if t < vocab]
+            rows += [i] * len(ids)
+            cols += ids
+    if not rows:
+        return logits
+    scores = logits.clone()
+    scores[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
+    return scores
+
+
 class Sampler:
     def __init__(self, seed: int | None = None) -> None:
         self.generator = torch.Generator()
@@ -64,16 +85,17 @@ class Sampler:
     def sample(self, logits: torch.Tensor, chunks: list[SequenceChunk]) -> tuple[list[int], list[list[TokenLogprob] | None]]:
         """``logits``: [len(chunks), vocab] float32. Returns token ids and optional logprob lists."""
         logits = logits.float()
+        scores = _mask_stops_before_min_tokens(logits, chunks)
         simple = [i for i, c in enumerate(chunks) if c.sampling.greedy and not c.sampling.needs_history]
         tokens = [0] * len(chunks)
         if simple:
             idx = torch.tensor(simple, device=logits.device)
-            for i, t in zip(simple, logits.index_select(0, idx).argmax(dim=-1).tolist()):
+            for i, t in zip(simple, scores.index_select(0, idx).argmax(dim=-1).tolist()):
                 tokens[i] = t
         for i, c in enumerate(chunks):
             if i in simple:
                 continue
-            row = _apply_penalties(logits[i].clone(), c)
+            row = _apply_penalties(scores[i].clone(), c)
             if c.sampling.greedy:
                 tokens[i] = int(row.argmax())
                 continue
