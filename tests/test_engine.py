@@ -4,7 +4,8 @@ import asyncio
 
 import pytest
 
-from furiosa_llm import AsyncEngineDeadError, AsyncLLMEngine, PromptTooLongError, RequestOutputKind, SamplingParams
+from furiosa_llm import (AsyncEngineDeadError, AsyncLLMEngine, PromptTooLongError, RequestFailedError, RequestOutputKind,
+                         SamplingParams)
 
 from conftest import engine_args
 
@@ -179,26 +180,75 @@ async def test_encode_is_a_clear_error(async_engine):
         async_engine.encode("hi", None, "enc")
 
 
-async def test_engine_loop_error_reaches_every_stream_and_marks_dead():
-    engine = AsyncLLMEngine.from_engine_args(engine_args(num_kv_blocks=64))
+async def test_failed_step_ends_only_its_batch_and_the_engine_serves_on():
+    engine = AsyncLLMEngine.from_engine_args(engine_args(num_kv_blocks=64, max_processing_samples=1))
+    runner = engine.native_engine.runner
+    real_execute = runner.execute
+
+    def fail_once(batch):
+        runner.execute = real_execute
+        raise RuntimeError("device fell over")
+
+    params = SamplingParams(max_tokens=30, ignore_eos=True, **GREEDY)
+    first = asyncio.create_task(collect(engine, "hello", params, "f-a"))
+    await asyncio.sleep(0.2)  # f-a is running; f-b waits (one request runs at a time)
+    second = asyncio.create_task(collect(engine, "hello", params, "f-b"))
+    runner.execute = fail_once
+    with pytest.raises(RequestFailedError, match="device fell over") as info:
+        await asyncio.wait_for(first, 20)
+    assert info.value.request_id == "f-a"
+    outs = await asyncio.wait_for(second, 30)
+    assert outs[-1].outputs[0].finish_reason == "length" and len(outs[-1].outputs[0].token_ids) == 30
+    assert not engine.errored
+    await engine.check_health()
+    assert await wait_idle(engine)
+    engine.shutdown()
+
+
+async def test_repeated_step_failures_reach_every_stream_and_mark_dead():
+    engine = AsyncLLMEngine.from_engine_args(engine_args(num_kv_blocks=64, max_processing_samples=1))
     runner = engine.native_engine.runner
 
     def boom(batch):
         raise RuntimeError("device fell over")
 
     params = SamplingParams(max_tokens=50, ignore_eos=True, **GREEDY)
-    streams = [asyncio.create_task(collect(engine, "hello", params, f"e{i}")) for i in range(3)]
-    await asyncio.sleep(0.2)
     runner.execute = boom
+    streams = [asyncio.create_task(collect(engine, "hello", params, f"e{i}")) for i in range(5)]
+    errors = []
     for t in streams:
-        with pytest.raises(AsyncEngineDeadError):
+        with pytest.raises((RequestFailedError, AsyncEngineDeadError)) as info:
             await asyncio.wait_for(t, 10)
+        errors.append(type(info.value))
+    # one request per failing step until the fault repeats; then every stream hears the engine died
+    assert errors == [RequestFailedError] * 2 + [AsyncEngineDeadError] * 3
     assert engine.errored
     with pytest.raises(AsyncEngineDeadError):
         await engine.check_health()
     with pytest.raises(AsyncEngineDeadError):
         await collect(engine, "again", params, "e-after")
     engine.shutdown()
+
+
+def test_llm_generate_raises_on_a_failed_step_then_serves_again():
+    from furiosa_llm import LLM
+
+    llm = LLM("smollm2-135m-instruct", cache_dir=engine_args().cache_dir, devices="cpu", num_kv_blocks=64)
+    runner = llm.llm_engine.runner
+    real_execute = runner.execute
+
+    def fail_once(batch):
+        runner.execute = real_execute
+        raise RuntimeError("device fell over")
+
+    runner.execute = fail_once
+    with pytest.raises(RequestFailedError, match="device fell over"):
+        llm.generate(["Hello", "The sky is"], SamplingParams(max_tokens=4, **GREEDY), use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert llm.llm_engine.num_free_blocks == llm.llm_engine.num_total_blocks
+    outs = llm.generate(["Hello"], SamplingParams(max_tokens=4, **GREEDY), use_tqdm=False)
+    assert outs[0].finished and outs[0].outputs[0].finish_reason == "length"
+    llm.llm_engine.shutdown()
 
 
 async def test_shutdown_aborts_live_requests_and_frees_blocks():

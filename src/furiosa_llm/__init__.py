@@ -16,6 +16,8 @@ _EXPORTS = {
     "PromptTooLongError": "furiosa_llm.api.llm_engine",
     "AsyncLLMEngine": "furiosa_llm.api.async_llm_engine",
     "AsyncEngineDeadError": "furiosa_llm.api.async_llm_engine",
+    "RequestFailedError": "furiosa_llm.api.async_llm_engine",
+    "EngineDeadError": "furiosa_llm.api.llm_engine",
     "EngineArgs": "furiosa_llm.api.engine_args",
     "AsyncEngineArgs": "furiosa_llm.api.engine_args",
     "SamplingParams": "furiosa_llm.api.sampling_params",
@@ -43,10 +45,10 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .api.async_llm_engine import AsyncEngineDeadError, AsyncLLMEngine
+    from .api.async_llm_engine import AsyncEngineDeadError, AsyncLLMEngine, RequestFailedError
     from .api.engine_args import AsyncEngineArgs, EngineArgs
     from .api.inputs import PromptType, TextPrompt, TokensPrompt
     from .api.llm import LLM
-    from .api.llm_engine import LLMEngine, PromptTooLongError
+    from .api.llm_engine import EngineDeadError, LLMEngine, PromptTooLongError
     from .api.outputs import CompletionOutput, Logprob, PoolingParams, PoolingRequestOutput, RequestMetrics, RequestOutput
     from .api.sampling_params import RequestOutputKind, SamplingParams

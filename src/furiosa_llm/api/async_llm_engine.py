@@ -26,6 +26,15 @@ class AsyncEngineDeadError(RuntimeError):
     """The engine loop died; the original exception is the ``__cause__``."""
 
 
+class RequestFailedError(RuntimeError):
+    """The step that computed this request failed; the message names the cause. Other requests go on."""
+
+    def __init__(self, request_id: str, error: str | None) -> None:
+        super().__init__(f"request {request_id!r} failed: {error or 'unknown error'}")
+        self.request_id = request_id
+        self.error = error
+
+
 class AsyncLLMEngine:
     def __init__(self, native_engine: LLMEngine, tokenizer=None, task_type: str = "generate",
                  max_model_len: int | None = None, llm=None, model_path: str | None = None,
@@ -94,11 +103,7 @@ class AsyncLLMEngine:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                outputs = await loop.run_in_executor(self._executor, engine.step)
-                for out in outputs:
-                    q = self._queues.get(out.request_id)
-                    if q is not None:
-                        q.put_nowait(out)
+                self._deliver(await loop.run_in_executor(self._executor, engine.step))
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # noqa: BLE001 - every waiting stream must hear of it
@@ -106,6 +111,12 @@ class AsyncLLMEngine:
             self._dead = e
             for q in self._queues.values():
                 q.put_nowait(e)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            q = self._queues.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
 
     # ---- requests ----------------------------------------------------------------------------
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams, request_id: str) -> AsyncGenerator[RequestOutput, None]:
@@ -122,6 +133,8 @@ class AsyncLLMEngine:
                 if isinstance(item, BaseException):
                     raise self.dead_error
                 finished = item.finished
+                if finished and item.outputs[0].finish_reason == "error":
+                    raise RequestFailedError(request_id, item.error)
                 yield item
                 if finished:
                     return
@@ -140,19 +153,13 @@ class AsyncLLMEngine:
 
     async def abort(self, request_id: str) -> None:
         """End a live request with finish_reason "abort"; an unknown id is harmless."""
-        for out in self.native_engine.abort_request(request_id):
-            q = self._queues.get(out.request_id)
-            if q is not None:
-                q.put_nowait(out)
+        self._deliver(self.native_engine.abort_request(request_id))
 
     def shutdown(self) -> None:
         """Abort every live request (their streams end with "abort") and stop the loop."""
         if self._closed:
             return
-        for out in self.native_engine.abort_request(list(self._queues)):
-            q = self._queues.get(out.request_id)
-            if q is not None:
-                q.put_nowait(out)
+        self._deliver(self.native_engine.abort_request(list(self._queues)))
         self._closed = True
         if self._wake is not None:
             self._wake.set()

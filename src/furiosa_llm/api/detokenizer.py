@@ -29,8 +29,11 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
-    def add(self, token_id: int) -> str | None:
-        """Append one token; returns the stop string if the text now contains one (text is cut there)."""
+    def add(self, token_id: int, check_stop: bool = True) -> str | None:
+        """Append one token; returns the stop string if the new text completes one (text is cut there).
+
+        With ``check_stop`` False (before ``min_tokens``) stop strings are not searched.
+        """
         self._ids.append(token_id)
         prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
         full = self._decode(self._ids[self._prefix_offset :])
@@ -40,7 +43,7 @@ class IncrementalDetokenizer:
         self.text += full[len(prefix) :]
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
-        return self._find_stop(before)
+        return self._find_stop(before) if check_stop else None
 
     def _find_stop(self, before: int) -> str | None:
         if not self.stop:

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 from .engine_args import EngineArgs
 from .inputs import PromptType
+from .async_llm_engine import RequestFailedError
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -62,6 +63,9 @@ class LLM:
         finally:
             if bar is not None:
                 bar.close()
+        failed = [finals[r] for r in ids if finals[r].outputs[0].finish_reason == "error"]
+        if failed:
+            raise RequestFailedError(failed[0].request_id, failed[0].error)
         return [finals[r] for r in ids]
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,

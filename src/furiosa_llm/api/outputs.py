@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from furiosa_llm.core.metrics import RequestMetrics  # the core's timing record, shown as it is
+
 
 @dataclass(slots=True)
 class Logprob:
@@ -15,21 +17,6 @@ class Logprob:
 
 SampleLogprobs = list[dict[int, Logprob]]
 PromptLogprobs = list[dict[int, Logprob] | None]
-
-
-@dataclass(slots=True)
-class RequestMetrics:
-    """Per-request timing, in seconds of the engine's clock."""
-
-    arrival_time: float
-    first_scheduled_time: float | None = None
-    first_token_time: float | None = None
-    last_token_time: float | None = None
-    finished_time: float | None = None
-
-    @property
-    def time_to_first_token(self) -> float | None:
-        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
 
 
 @dataclass(slots=True)
@@ -56,6 +43,7 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
+    error: str | None = None  # why the request failed, when its finish_reason is "error"
 
 
 @dataclass(kw_only=True)

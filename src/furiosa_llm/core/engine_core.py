@@ -23,6 +23,8 @@ from .scheduler import CoreOutput, Scheduler
 
 
 class EngineCore:
+    MAX_CONSECUTIVE_FAILURES = 3  # failed steps in a row after which the device counts as lost
+
     def __init__(self, scheduler: Scheduler, queue: ExecutionQueue, clock: Callable[[], float],
                  jit: JitPolicy | None = None) -> None:
         self.scheduler = scheduler
@@ -30,6 +32,8 @@ class EngineCore:
         self.clock = clock
         self.jit = jit
         self.lock = threading.RLock()
+        self.consecutive_failures = 0
+        self.last_error: BaseException | None = None
 
     @classmethod
     def from_config(cls, config: EngineConfig, queue: ExecutionQueue, clock: Callable[[], float], *,
@@ -66,12 +70,33 @@ class EngineCore:
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[CoreOutput]:
-        """One engine step: fill the queue, wait for the oldest batch, fold its result in."""
+        """One engine step: fill the queue, wait for the oldest batch, fold its result in.
+
+        A batch whose execution raises fails its own requests (finish reason "error", blocks
+        freed) and nothing else; see ``fail_oldest`` and ``dead``.
+        """
         self.submit()
         if not self.queue.in_flight:
             return []
-        result = self.queue.wait()  # the device works without the lock held
+        try:
+            result = self.queue.wait()  # the device works without the lock held
+        except Exception as e:  # noqa: BLE001 - a failed batch ends its requests, the engine goes on
+            return self.fail_oldest(e)
+        self.consecutive_failures = 0
         return self.process(result)
+
+    def fail_oldest(self, error: BaseException) -> list[CoreOutput]:
+        """The oldest batch in flight failed with ``error``: end its requests with finish reason "error"."""
+        with self.lock:
+            self.consecutive_failures += 1
+            self.last_error = error
+            step_id = next(iter(self.scheduler.in_flight))
+            return self.scheduler.fail_batch(step_id, f"{type(error).__name__}: {error}", self.clock())
+
+    @property
+    def dead(self) -> bool:
+        """``MAX_CONSECUTIVE_FAILURES`` steps failed in a row: the fault is not one request's."""
+        return self.consecutive_failures >= self.MAX_CONSECUTIVE_FAILURES
 
     def submit(self, on_batch: Callable[[Batch], None] | None = None) -> int:
         """Schedule and submit batches while the queue has room; returns how many were submitted.

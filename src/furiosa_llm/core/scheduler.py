@@ -40,6 +40,7 @@ class CoreOutput:
     prompt_logprobs: list | None = None
     num_cached_tokens: int | None = None
     metrics: RequestMetrics | None = None
+    error: str | None = None  # why the request failed (finish_reason "error")
 
     @property
     def finished(self) -> bool:
@@ -244,6 +245,19 @@ class Scheduler:
                 out.stop_reason = stop_reason
             outputs.append(self._output(req, out))
         self.stats.num_generated_tokens += num_generated
+        return outputs
+
+    def fail_batch(self, step_id: int, error: str, now: float) -> list[CoreOutput]:
+        """End every request of the in-flight batch ``step_id`` with finish reason "error" and free its blocks.
+
+        The batch leaves the in-flight map; requests that already ended are left alone.
+        """
+        batch = self.in_flight.pop(step_id)
+        outputs = []
+        for chunk in batch.sequences:
+            req = chunk.owner
+            if req.in_batch and self.finish_request(req.request_id, RequestStatus.FINISHED_ERROR, now=now) is not None:
+                outputs.append(self._output(req, CoreOutput(req.request_id, [], finish_reason="error", error=error)))
         return outputs
 
     @staticmethod

@@ -1,0 +1,148 @@
+"""The torch backend: a real model in PyTorch on ``cpu`` or ``cuda:N`` behind a ``ThreadedQueue``.
+
+``TorchBackend`` chooses the device, the weight dtype and the KV-cache memory budget, loads
+the model and its tokenizer (``furiosa_llm.model``), and, once the engine has resolved its
+configuration, creates the execution queue: a ``ModelRunner`` holding the paged KV cache,
+run on a worker thread. torch is imported only here and in ``model``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from .devices import Device
+from .queue import ExecutionQueue, ThreadedQueue
+
+logger = logging.getLogger("furiosa_llm")
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+CPU_KV_BUDGET_BYTES = 2 * 2**30  # at most 2 GiB of KV cache on cpu by default...
+CPU_KV_SHARE = 0.25  # ...and at most a quarter of the available memory
+CUDA_KV_SHARE = 0.8  # share of the free GPU memory (after loading the weights) given to the KV cache
+
+
+def select_device(devices: list[Device] | None, pipeline_parallel_size: int | None = None,
+                  data_parallel_size: int | None = None) -> Device:
+    """The one device the torch backend runs on; ``ValueError`` naming the devices otherwise.
+
+    ``devices=None`` means the default (``cpu`` unless RNGD cards are found, which need the rngd backend).
+    """
+    from .discovery import check_available, default_devices
+
+    devices = devices or default_devices()
+    check_available(devices)
+    listed = ",".join(map(str, devices))
+    if any(d.kind == "npu" for d in devices):
+        raise ValueError(
+            f"devices={listed!r}: RNGD NPUs need the driver backend, which this build does not include; "
+            "use --devices cpu or cuda:N (or the simulator)"
+        )
+    pp, dp = pipeline_parallel_size or 1, data_parallel_size or 1
+    if pp * dp > len(devices):
+        raise ValueError(
+            f"pipeline_parallel_size={pp} x data_parallel_size={dp} requires {pp * dp} devices; "
+            f"{len(devices)} available ({listed})"
+        )
+    if pp > 1 or dp > 1 or len(devices) > 1:
+        raise ValueError(
+            f"devices={listed!r}: the torch backend runs one replica on one device "
+            "(pipeline_parallel_size=1, data_parallel_size=1); pass a single device"
+        )
+    return devices[0]
+
+
+def kv_budget_bytes(device: str) -> int:
+    """Default KV-cache memory budget on ``device``, in bytes.
+
+    cuda: ``CUDA_KV_SHARE`` of the free memory; cpu: ``CPU_KV_SHARE`` of ``MemAvailable``, at
+    most ``CPU_KV_BUDGET_BYTES``.
+    """
+    import torch
+
+    if device.startswith("cuda"):
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free * CUDA_KV_SHARE)
+    avail = 8 * 2**30
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(min(CPU_KV_BUDGET_BYTES, avail * CPU_KV_SHARE))
+
+
+def resolve_dtype(dtype: str, device: str):
+    """The torch dtype of ``dtype`` (one of ``DTYPES``); auto is float32 on cpu, bfloat16 on cuda."""
+    import torch
+
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    if dtype not in table:
+        raise ValueError(f"dtype={dtype!r}: must be one of {', '.join(DTYPES)}")
+    return table[dtype]
+
+
+class TorchBackend:
+    """One model on one torch device: loaded at construction, executed by the queue of ``create_queue``.
+
+    Attributes after construction: ``device`` (``"cpu"``/``"cuda:N"``), ``dtype``,
+    ``model_config`` (the Hugging Face config), ``tokenizer``, ``eos_token_ids``,
+    ``max_position_embeddings`` (None when the config lacks it), ``num_layers``,
+    ``kv_bytes_per_block`` and ``num_blocks_that_fit`` (KV blocks in the memory budget),
+    ``load_seconds``.
+    """
+
+    def __init__(self, model: str, *, devices: list[Device] | None = None, pipeline_parallel_size: int | None = None,
+                 data_parallel_size: int | None = None, dtype: str = "auto", block_size: int = 16,
+                 kv_cache_memory_bytes: int | None = None, tokenizer: str | None = None,
+                 tokenizer_mode: str = "auto", revision: str | None = None, cache_dir: str | None = None,
+                 seed: int | None = None) -> None:
+        from furiosa_llm.model.loader import load_model_and_tokenizer, resolve_model
+        from furiosa_llm.model.runner import kv_bytes_per_block
+
+        self.device = select_device(devices, pipeline_parallel_size, data_parallel_size).torch_device
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.block_size = block_size
+        self.seed = seed
+        hf_model, self.tokenizer, self.load_seconds = load_model_and_tokenizer(
+            resolve_model(model, revision), cache_dir=cache_dir, tokenizer=tokenizer, tokenizer_mode=tokenizer_mode,
+            revision=revision, dtype=self.dtype,
+        )
+        logger.info("loaded %s in %.1fs on %s", model, self.load_seconds, self.device)
+        self._hf_model = hf_model
+        cfg = self.model_config = hf_model.config
+        self.max_position_embeddings = getattr(cfg, "max_position_embeddings", None)
+        self.num_layers = cfg.num_hidden_layers
+        self.eos_token_ids = self._eos_ids(hf_model, self.tokenizer)
+        self.kv_bytes_per_block = kv_bytes_per_block(cfg, block_size, self.dtype)
+        budget = kv_cache_memory_bytes or kv_budget_bytes(self.device)
+        self.num_blocks_that_fit = budget // self.kv_bytes_per_block
+        if kv_cache_memory_bytes is not None and self.num_blocks_that_fit < 1:
+            raise ValueError(f"kv_cache_memory_bytes={budget}: less than one KV block ({self.kv_bytes_per_block} bytes)")
+        self.runner = None
+
+    @staticmethod
+    def _eos_ids(hf_model, tokenizer) -> frozenset[int]:
+        eos: set[int] = set()
+        for ids in (getattr(hf_model.generation_config, "eos_token_id", None), hf_model.config.eos_token_id,
+                    tokenizer.eos_token_id):
+            if isinstance(ids, int):
+                eos.add(ids)
+            elif ids:
+                eos.update(ids)
+        return frozenset(eos)
+
+    def create_queue(self, num_blocks: int, npu_queue_limit: int = 1, compile_workers: int = 1) -> ExecutionQueue:
+        """The execution queue: a ``ModelRunner`` with a paged KV cache of ``num_blocks`` blocks on a worker thread."""
+        from furiosa_llm.model.runner import ModelRunner
+
+        self.runner = ModelRunner(self._hf_model, self.device, num_blocks, self.block_size, seed=self.seed)
+        return ThreadedQueue(self.runner, npu_queue_limit, clock=time.monotonic, compile_workers=compile_workers)
+
+    @property
+    def jit_backend(self) -> str | None:
+        return None if self.runner is None else self.runner.jit_backend
