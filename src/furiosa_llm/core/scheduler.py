@@ -228,7 +228,7 @@ class Scheduler:
             prompt_lp = prompt_lps.get(rid) if prompt_lps else None
             if not chunk.sample:
                 if prompt_lp is not None:
-                    outputs.append(self._output(req, CoreOutput(rid, [], prompt_logprobs=prompt_lp)))
+                    outputs.append(self._output(req, CoreOutput(request_id=rid, new_token_ids=[], prompt_logprobs=prompt_lp)))
                 continue
             tok = sampled[rid]
             req.append_output(tok)
@@ -237,7 +237,8 @@ class Scheduler:
             if m.first_token_time is None:
                 m.first_token_time = now
             m.last_token_time = now
-            out = CoreOutput(rid, [tok], logprobs=logprobs.get(rid) if logprobs else None, prompt_logprobs=prompt_lp)
+            out = CoreOutput(request_id=rid, new_token_ids=[tok], logprobs=logprobs.get(rid) if logprobs else None,
+                             prompt_logprobs=prompt_lp)
             status, stop_reason = self._check_stop(req, tok)
             if status is not None:
                 self.finish_request(rid, status, stop_reason, now)
@@ -257,7 +258,8 @@ class Scheduler:
         for chunk in batch.sequences:
             req = chunk.owner
             if req.in_batch and self.finish_request(req.request_id, RequestStatus.FINISHED_ERROR, now=now) is not None:
-                outputs.append(self._output(req, CoreOutput(req.request_id, [], finish_reason="error", error=error)))
+                outputs.append(self._output(req, CoreOutput(request_id=req.request_id, new_token_ids=[], finish_reason="error",
+                                                            error=error)))
         return outputs
 
     @staticmethod
