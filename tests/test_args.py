@@ -36,6 +36,9 @@ def test_cli_defaults_match_the_seed():
         (dict(tokenizer_mode="fast"), "tokenizer_mode"),
         (dict(pipeline_parallel_size=0), "pipeline_parallel_size"),
         (dict(enable_jit_compilation="yes"), "enable_jit_compilation"),
+        (dict(max_logprobs=-2), "max_logprobs"),
+        (dict(max_logprobs=True), "max_logprobs"),
+        (dict(max_logprobs="20"), "max_logprobs"),
     ],
 )
 def test_engine_args_validation_names_the_flag(kw, name):
@@ -59,7 +62,7 @@ def test_engine_args_validation_names_the_flag(kw, name):
         (dict(max_tokens=0), "max_tokens"),
         (dict(min_tokens=5, max_tokens=2), "min_tokens"),
         (dict(min_tokens=-1), "min_tokens"),
-        (dict(logprobs=-1), "logprobs"),
+        (dict(logprobs=-2), "logprobs"),
         (dict(prompt_logprobs=-2), "prompt_logprobs"),
         (dict(stop=3), "stop"),
         (dict(stop_token_ids=["a"]), "stop_token_ids"),
@@ -69,6 +72,14 @@ def test_engine_args_validation_names_the_flag(kw, name):
 def test_sampling_params_validation(kw, name):
     with pytest.raises(ValueError, match=name):
         SamplingParams(**kw)
+
+
+def test_max_logprobs_flag():
+    assert parse().max_logprobs == 20  # vLLM's default
+    assert parse("--max-logprobs", "-1").max_logprobs == -1  # the whole vocabulary
+    assert parse("--max-logprobs", "0").max_logprobs == 0
+    with pytest.raises(ValueError, match="max_logprobs=-5"):
+        parse("--max-logprobs", "-5")
 
 
 def test_sampling_params_normalise():

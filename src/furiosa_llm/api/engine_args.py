@@ -65,6 +65,7 @@ class EngineArgs:
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
     dtype: str = "auto"
+    max_logprobs: int = 20
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -95,6 +96,7 @@ class EngineArgs:
         _int_at_least("num_kv_blocks", self.num_kv_blocks, 1, optional=True)
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r}: must be one of auto, float32, bfloat16, float16")
+        _int_at_least("max_logprobs", self.max_logprobs, -1)  # -1: the vocabulary size
 
     def parsed_devices(self) -> list[Device] | None:
         return None if self.devices is None else parse_devices(self.devices)
@@ -162,6 +164,9 @@ class EngineArgs:
         a("--num-kv-blocks", type=int, default=None, help="Number of KV blocks (overrides the memory budget).")
         a("--enable-prefix-caching", type=_str2bool, default=True, help="Reuse KV blocks of shared prompt prefixes.")
         a("--dtype", type=str, default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="Weight dtype: auto = float32 on cpu, the model's own on cuda.")
+        a("--max-logprobs", type=int, default=20, help="Maximum number of log probabilities a request may ask for "
+          "(logprobs, prompt_logprobs); default 20, as OpenAI's API. -1 means no cap: the whole vocabulary, "
+          "which may cost a lot of memory and time.")
         return parser
 
     @classmethod

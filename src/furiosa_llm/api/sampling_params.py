@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import math
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -15,14 +17,68 @@ class RequestOutputKind(enum.Enum):
     FINAL = 2  # one output, when the request finishes
 
 
-def _num(name: str, value: Any, *, integer: bool = False) -> None:
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if not ok or isinstance(value, bool):
-        raise ValueError(f"{name}={value!r}: expected {'an int' if integer else 'a number'}")
+_MAX_TEMPERATURE = 1e6
+"""Above this every token is about equally likely; far above, the float32 division gives inf and NaN."""
+_MIN_REPETITION_PENALTY = 1e-6
+"""Below this, dividing a logit by the penalty can overflow float32 (inf logits, NaN probabilities)."""
+
+
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _show(value: Any) -> str:
+    """``repr`` for an error message, short, also for an int too long to print."""
+    try:
+        return f"{value!r:.80}"
+    except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+        if isinstance(value, int):
+            return f"<an int of {value.bit_length()} bits>"
+        return f"<a {type(value).__name__} holding an int too long to print>"
+
+
+def _int(name: str, value: Any, lo: int = _INT64[0], hi: int = _INT64[1]) -> int:
+    """``value`` as an int in ``[lo, hi]`` (default: int64): any integral number but a bool (numpy ints too).
+
+    Counts are bounded by the model or engine later (``verify``, ``max_model_len``); the int64
+    range here keeps every value printable and fit for a tensor.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}={_show(value)}: expected an int")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}={_show(value)}: must be an int in [{lo}, {hi}]")
+    return int(value)
+
+
+def _float(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False, hint: str = "") -> float:
+    """``value`` as a finite float in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``), else a ValueError."""
+    interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}={_show(value)}: expected a number in {interval}")
+    try:
+        x = float(value)
+    except (OverflowError, ValueError):  # an int too large for a float, an odd Real
+        x = math.nan
+    if not math.isfinite(x) or x < lo or x > hi or (lo_open and x == lo):
+        raise ValueError(f"{name}={_show(value)}: must be a finite number in {interval}{hint}")
+    return x
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={_show(value)}: expected True or False")
+    return value
 
 
 @dataclass(kw_only=True)
 class SamplingParams:
+    """Sampling parameters of one request, with vLLM's names, defaults and meaning.
+
+    Construction rejects a value of the wrong type, NaN, an infinity or a value out of range
+    with a ``ValueError`` that names the argument, the value and what is allowed. Bounds that
+    depend on the model or the engine (vocabulary size, ``max_logprobs``, ``max_model_len``) are
+    checked when the request is added (``verify`` and ``LLMEngine.add_request``).
+    """
+
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
@@ -42,30 +98,30 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
-    extra_args: dict[str, Any] = field(default_factory=dict)
+    extra_args: dict[str, Any] | None = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _num("n", self.n, integer=True)
+        self._check_fields()
+
+    def _check_fields(self) -> None:
+        """Type and range of every field on its own; normalises (floats, ints, stop lists). Idempotent."""
+        self.n = _int("n", self.n)
         if self.n != 1:
-            raise ValueError(f"n={self.n}: only n=1 is supported")
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
-            _num(name, getattr(self, name))
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature}: must be >= 0 (below 1e-5 means greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
-        _num("top_k", self.top_k, integer=True)
+            raise ValueError(f"n={self.n}: must be 1 (one output per request is supported)")
+        self.temperature = _float("temperature", self.temperature, 0.0, _MAX_TEMPERATURE,
+                                  hint=" (below 1e-5 means greedy)")
+        self.top_p = _float("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        self.top_k = _int("top_k", self.top_k)
         if self.top_k < -1:
             raise ValueError(f"top_k={self.top_k}: must be -1 or 0 (off) or >= 1")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p={self.min_p}: must be in [0, 1]")
-        if not 0 < self.repetition_penalty <= 2:
-            raise ValueError(f"repetition_penalty={self.repetition_penalty}: must be in (0, 2]")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                raise ValueError(f"{name}={getattr(self, name)}: must be in [-2, 2]")
+        self.min_p = _float("min_p", self.min_p, 0.0, 1.0)
+        self.repetition_penalty = _float("repetition_penalty", self.repetition_penalty, _MIN_REPETITION_PENALTY, 2.0)
+        self.presence_penalty = _float("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        self.frequency_penalty = _float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         if self.seed is not None:
-            _num("seed", self.seed, integer=True)
+            # what torch.Generator.manual_seed accepts; negative seeds too (the sampler mixes the
+            # seed with the token index into [0, 2**63) first)
+            self.seed = _int("seed", self.seed, -(2**63), 2**64 - 1)
         if self.stop is None:
             self.stop = []
         elif isinstance(self.stop, str):
@@ -73,34 +129,68 @@ class SamplingParams:
         elif isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) for s in self.stop):
             self.stop = [s for s in self.stop if s]
         else:
-            raise ValueError(f"stop={self.stop!r}: expected a string or a list of strings")
+            raise ValueError(f"stop={_show(self.stop)}: expected a string or a list of strings")
         if self.stop_token_ids is None:
             self.stop_token_ids = []
         elif not isinstance(self.stop_token_ids, (list, tuple)) or not all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
+            isinstance(t, numbers.Integral) and not isinstance(t, bool) and 0 <= t <= _INT64[1] for t in self.stop_token_ids
         ):
-            raise ValueError(f"stop_token_ids={self.stop_token_ids!r}: expected a list of non-negative ints")
+            raise ValueError(f"stop_token_ids={_show(self.stop_token_ids)}: expected a list of non-negative ints in int64")
         else:
-            self.stop_token_ids = list(self.stop_token_ids)
+            self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
+            _bool(name, getattr(self, name))
         if self.max_tokens is not None:
-            _num("max_tokens", self.max_tokens, integer=True)
+            self.max_tokens = _int("max_tokens", self.max_tokens)
             if self.max_tokens < 1:
                 raise ValueError(f"max_tokens={self.max_tokens}: must be >= 1 (or None to fill the context)")
-        _num("min_tokens", self.min_tokens, integer=True)
+        self.min_tokens = _int("min_tokens", self.min_tokens)
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens={self.min_tokens}: must be >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens={self.min_tokens}: must be <= max_tokens={self.max_tokens}")
-        if self.logprobs is not None:
-            _num("logprobs", self.logprobs, integer=True)
-            if self.logprobs < 0:
-                raise ValueError(f"logprobs={self.logprobs}: must be >= 0")
-        if self.prompt_logprobs is not None:
-            _num("prompt_logprobs", self.prompt_logprobs, integer=True)
-            if self.prompt_logprobs < -1:
-                raise ValueError(f"prompt_logprobs={self.prompt_logprobs}: must be >= 0, or -1 for the whole vocabulary")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                value = _int(name, value)
+                if value < -1:
+                    raise ValueError(f"{name}={value}: must be >= 0, or -1 for the whole vocabulary")
+                setattr(self, name, value)
         if not isinstance(self.output_kind, RequestOutputKind):
-            raise ValueError(f"output_kind={self.output_kind!r}: expected a RequestOutputKind")
+            raise ValueError(f"output_kind={_show(self.output_kind)}: expected a RequestOutputKind")
+        if self.extra_args is None:
+            self.extra_args = {}
+        elif not isinstance(self.extra_args, dict):
+            raise ValueError(f"extra_args={_show(self.extra_args)}: expected a dict or None")
+
+    def verify(self, *, max_logprobs: int, vocab_size: int) -> None:
+        """Raise ``ValueError`` for a count above what the engine can give (vLLM's checks when a request is added).
+
+        ``max_logprobs``: the engine's ``EngineArgs.max_logprobs`` (-1: the vocabulary size).
+        ``logprobs`` and ``prompt_logprobs`` of -1 mean the whole vocabulary, so they need
+        ``max_logprobs`` >= ``vocab_size`` (or -1). ``top_k`` may not exceed the vocabulary
+        (vLLM's rule) and every ``stop_token_ids`` entry must be a token id of it. The fields
+        are checked again first, in case they were changed after construction.
+        """
+        self._check_fields()
+        cap = vocab_size if max_logprobs == -1 else max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            wanted = vocab_size if value == -1 else value
+            if wanted is not None and wanted > cap:
+                limit = f"max_logprobs={max_logprobs}" + (f" (the vocabulary size, {vocab_size})" if max_logprobs == -1 else "")
+                raise ValueError(
+                    f"{name}={value}: must be <= this engine's {limit}" + (f" (-1 asks for all {vocab_size})" if value == -1 else "")
+                    + "; ask for fewer, or start the engine with a larger --max-logprobs (-1 allows the whole vocabulary)"
+                )
+        if self.top_k > vocab_size:
+            raise ValueError(f"top_k={self.top_k}: must not exceed the vocabulary size {vocab_size} (-1 or 0 for all)")
+        bad = [t for t in self.stop_token_ids or () if t >= vocab_size]
+        if bad:
+            raise ValueError(
+                f"stop_token_ids={_show(self.stop_token_ids)}: must be token ids of this model, "
+                f"0..{vocab_size - 1} (vocabulary size {vocab_size}); {bad[0]} is not"
+            )
 
     @property
     def greedy(self) -> bool:

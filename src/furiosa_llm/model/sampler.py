@@ -112,7 +112,8 @@ class Sampler:
 
 
 def token_logprobs(row: torch.Tensor, token_id: int, k: int) -> list[TokenLogprob]:
-    """The chosen token's logprob and rank first, then the top ``k`` (vLLM's layout)."""
+    """The chosen token's logprob and rank first, then the top ``k`` (vLLM's layout; -1: the whole vocabulary)."""
+    k = row.numel() if k < 0 else min(k, row.numel())
     lp = float(row[token_id])
     rank = int((row > row[token_id]).sum()) + 1
     entries = [TokenLogprob(token_id, lp, rank)]
