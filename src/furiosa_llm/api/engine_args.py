@@ -74,6 +74,8 @@ class EngineArgs:
             raise ValueError(f"tokenizer_mode={self.tokenizer_mode!r}: must be 'auto' or 'slow'")
         if self.seed is not None:
             _int_at_least("seed", self.seed, 0)
+            if self.seed >= 2**63:
+                raise ValueError(f"seed={self.seed}: must be < 2**63 (torch.Generator.manual_seed)")
         if self.devices is not None:
             self.parsed_devices()  # raises a ValueError naming the bad token
         _int_at_least("pipeline_parallel_size", self.pipeline_parallel_size, 1, optional=True)
