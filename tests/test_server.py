@@ -252,6 +252,401 @@ def test_fuzzing_the_openapi_schema_finds_no_5xx(server):
     _wait_idle(url, timeout=60)
 
 
+# ---- validation: NaN, unsupported features ------------------------------------------------------
+FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                "length_penalty")
+CHAT = [{"role": "user", "content": "Hi"}]
+
+
+def _assert_openai_error(r: httpx.Response, status: int | tuple = 400, param: str | None = None) -> dict:
+    statuses = status if isinstance(status, tuple) else (status,)
+    assert r.status_code in statuses, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code"} and err["message"] and err["type"], err
+    if param is not None:
+        assert err["param"] == param and param in err["message"], err
+    return err
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_nan_and_infinite_floats_are_400_naming_the_field(server, path, literal):
+    """Python's json (and Starlette's request.json) read NaN and Infinity; the server refuses them."""
+    url, _ = server
+    head = '"prompt": "Hi"' if path == "/v1/completions" else f'"messages": {json.dumps(CHAT)}'
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for field in FLOAT_FIELDS:
+            r = client.post(path, content=f'{{{head}, "max_tokens": 2, "{field}": {literal}}}',
+                            headers={"content-type": "application/json"})
+            _assert_openai_error(r, 400, field)
+        r = client.post(path, content=f'{{{head}, "logit_bias": {{"5": {literal}}}}}',
+                        headers={"content-type": "application/json"})
+        _assert_openai_error(r, 400, "logit_bias")
+
+
+UNSUPPORTED = [
+    ("/v1/completions", {"structured_outputs": {"json": {"type": "object"}}}, "structured_outputs"),
+    ("/v1/completions", {"guided_json": {"type": "object"}}, "guided_json"),
+    ("/v1/completions", {"guided_regex": "[a-z]+"}, "guided_regex"),
+    ("/v1/completions", {"guided_choice": ["yes", "no"]}, "guided_choice"),
+    ("/v1/completions", {"guided_grammar": "root ::= 'a'"}, "guided_grammar"),
+    ("/v1/completions", {"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend"),
+    ("/v1/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/completions", {"logit_bias": {"5": 10}}, "logit_bias"),
+    ("/v1/completions", {"n": 2}, "n"),
+    ("/v1/completions", {"best_of": 2}, "best_of"),
+    ("/v1/completions", {"suffix": "end"}, "suffix"),
+    ("/v1/completions", {"use_beam_search": True}, "use_beam_search"),
+    ("/v1/completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
+    ("/v1/completions", {"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options"),
+    ("/v1/chat/completions", {"guided_json": {"type": "object"}}, "guided_json"),
+    ("/v1/chat/completions", {"structured_outputs": {"regex": "a+"}}, "structured_outputs"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
+    ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
+    ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
+    ("/v1/chat/completions", {"n": 3}, "n"),
+    ("/v1/chat/completions", {"best_of": 2}, "best_of"),
+    ("/v1/chat/completions", {"logit_bias": {"5": -100}}, "logit_bias"),
+    ("/v1/chat/completions", {"echo": True}, "echo"),
+]
+
+
+@pytest.mark.parametrize("path,extra,field", UNSUPPORTED, ids=[f"{p.split('/')[-1]}-{f}" for p, _, f in UNSUPPORTED])
+def test_a_field_naming_an_unimplemented_feature_is_400(server, path, extra, field):
+    url, _ = server
+    base = {"prompt": "Hi"} if path == "/v1/completions" else {"messages": CHAT}
+    r = httpx.post(f"{url}{path}", json={**base, "max_tokens": 2, **extra}, timeout=30)
+    _assert_openai_error(r, 400, field)
+
+
+@pytest.mark.parametrize("path,extra", [
+    ("/v1/completions", {"response_format": {"type": "text"}, "best_of": 1, "logit_bias": {}, "use_beam_search": False,
+                         "n": 1, "suffix": "", "user": "me", "metadata": {"a": "b"}}),
+    ("/v1/chat/completions", {"response_format": {"type": "text"}, "tool_choice": "none", "logit_bias": {},
+                              "tools": [{"type": "function", "function": {"name": "f"}}], "echo": False}),
+])
+def test_the_no_op_value_of_an_unsupported_field_is_accepted(server, path, extra):
+    url, _ = server
+    base = {"prompt": "Hi"} if path == "/v1/completions" else {"messages": CHAT}
+    r = httpx.post(f"{url}{path}", json={**base, "max_tokens": 2, **extra}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": "x", "max_tokens": True}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 2.0}, "max_tokens"),
+    ({"prompt": "x", "temperature": "0.5"}, "temperature"),
+    ({"prompt": "x", "temperature": True}, "temperature"),
+    ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "echo": 1}, "echo"),
+    ({"prompt": "x", "seed": 2**64}, "seed"),
+    ({"prompt": "x", "seed": -(2**64)}, "seed"),
+    ({"prompt": "x", "logprobs": -1}, "logprobs"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"prompt": "x", "echo": True, "logprobs": 21, "max_tokens": 0}, "logprobs"),
+    ({"prompt": "x", "top_k": 10**12}, "top_k"),
+    ({"prompt": "x", "top_k": -2}, "top_k"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": -3}, "max_tokens"),
+    ({"prompt": "x", "min_tokens": 10**30}, "min_tokens"),
+    ({"prompt": "x", "stop_token_ids": [10**9]}, "stop_token_ids"),
+    ({"prompt": "x", "stop": 5}, "stop"),
+])
+def test_completion_field_audit(server, body, param):
+    """Type, lower and upper bound of the completion fields: each bad value is a 400 naming its field."""
+    url, _ = server
+    _assert_openai_error(httpx.post(f"{url}/v1/completions", json=body, timeout=30), 400, param)
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    ({"max_completion_tokens": 0}, "max_tokens"),
+    ({"logprobs": "yes"}, "logprobs"),
+    ({"add_generation_prompt": "no"}, "add_generation_prompt"),
+])
+def test_chat_field_audit(server, extra, param):
+    url, _ = server
+    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2, **extra}, timeout=30)
+    _assert_openai_error(r, 400, param)
+
+
+# ---- echo with logprobs: the prompt is scored too ----------------------------------------------------
+def _completion(url: str, body: dict) -> dict:
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _streamed_completion(url: str, body: dict) -> dict:
+    """The chunks of a streamed completion folded into the shape of a whole one (one prompt)."""
+    text, finish, usage = "", None, None
+    lp = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    saw_lp = False
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True,
+                                                             "stream_options": {"include_usage": True}},
+                      timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    for data in lines[:-1]:
+        chunk = json.loads(data)
+        assert "error" not in chunk, chunk
+        usage = chunk.get("usage") or usage
+        for c in chunk["choices"]:
+            text += c["text"]
+            finish = c["finish_reason"] or finish
+            if c["logprobs"] is not None:
+                saw_lp = True
+                for k in lp:
+                    lp[k] += c["logprobs"][k]
+    return {"text": text, "finish_reason": finish, "usage": usage, "logprobs": lp if saw_lp else None}
+
+
+def _prompt_ids(url: str, text: str) -> list[int]:
+    return httpx.post(f"{url}/tokenize", json={"prompt": text, "add_special_tokens": True}).json()["tokens"]
+
+
+def test_echo_with_logprobs_scores_the_prompt_tokens(server):
+    url, _ = server
+    prompt = "The capital of France is"
+    ids = _prompt_ids(url, prompt)
+    body = {"prompt": prompt, "max_tokens": 4, "echo": True, "logprobs": 2, "temperature": 0, "ignore_eos": True}
+    out = _completion(url, body)
+    choice, usage = out["choices"][0], out["usage"]
+    assert usage["prompt_tokens"] == len(ids) and usage["completion_tokens"] == 4
+    assert choice["text"].startswith(prompt) and len(choice["text"]) > len(prompt)
+    lp = choice["logprobs"]
+    n = len(ids) + 4
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == n
+    # the first prompt token has nothing before it: null logprob, null top logprobs
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(isinstance(x, float) and x <= 0 for x in lp["token_logprobs"][1:])
+    assert all(isinstance(t, dict) and len(t) == 2 for t in lp["top_logprobs"][1:])
+    # text_offset counts characters of the echoed text from 0
+    assert lp["text_offset"][0] == 0
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(n)]
+    assert "".join(lp["tokens"]) == choice["text"]
+    assert "".join(lp["tokens"][: len(ids)]) == prompt
+    # the prompt entries are the model's: the logprob of a generated token and of the same token as
+    # the last prompt token agree
+    plain = _completion(url, {**body, "echo": False})
+    assert plain["choices"][0]["text"] == choice["text"][len(prompt):]
+    first_lp = plain["choices"][0]["logprobs"]["token_logprobs"][0]
+    assert lp["token_logprobs"][len(ids)] == pytest.approx(first_lp, abs=1e-4)
+    first_id = httpx.post(f"{url}/tokenize", json={"prompt": prompt + plain["choices"][0]["logprobs"]["tokens"][0],
+                                                   "add_special_tokens": True}).json()["tokens"]
+    if first_id[: len(ids)] == ids and len(first_id) == len(ids) + 1:
+        scored = _completion(url, {"prompt": first_id, "max_tokens": 0, "echo": True, "logprobs": 1})
+        assert scored["choices"][0]["logprobs"]["token_logprobs"][-1] == pytest.approx(first_lp, abs=1e-3)
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_only(server):
+    """lm-evaluation-harness's loglikelihood request: echo, logprobs, max_tokens 0."""
+    url, _ = server
+    prompt = "Paris is the capital of France"
+    ids = _prompt_ids(url, prompt)
+    out = _completion(url, {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0})
+    choice = out["choices"][0]
+    assert choice["text"] == prompt and choice["finish_reason"] == "length"
+    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(ids) and "".join(lp["tokens"]) == prompt
+    assert lp["token_logprobs"][0] is None and all(x is not None for x in lp["token_logprobs"][1:])
+    assert lp["text_offset"][0] == 0
+    # several prompts at once, token-id prompts too; each scored on its own
+    two = _completion(url, {"prompt": [ids, ids[:3]], "max_tokens": 0, "echo": True, "logprobs": 0})
+    a, b = sorted(two["choices"], key=lambda c: c["index"])
+    assert a["text"] == prompt and prompt.startswith(b["text"])
+    assert a["logprobs"]["token_logprobs"] == pytest.approx(lp["token_logprobs"], abs=1e-4)
+    assert b["logprobs"]["token_logprobs"] == pytest.approx(lp["token_logprobs"][:3], abs=1e-4)
+    assert two["usage"]["completion_tokens"] == 0 and two["usage"]["prompt_tokens"] == len(ids) + 3
+    # echo without logprobs, and a repeated prompt (the prefix cache) give the same scores
+    assert _completion(url, {"prompt": prompt, "max_tokens": 0, "echo": True})["choices"][0]["text"] == prompt
+    again = _completion(url, {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1})
+    assert again["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(lp["token_logprobs"], abs=1e-4)
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "The capital of France is", "max_tokens": 6, "echo": True, "logprobs": 3, "temperature": 0},
+    {"prompt": "Grüße aus Köln — 日本語 🙂", "max_tokens": 5, "echo": True, "logprobs": 1, "temperature": 0,
+     "ignore_eos": True},
+    {"prompt": "One, two, three,", "max_tokens": 12, "echo": True, "logprobs": 2, "stop": [" six"], "temperature": 0,
+     "ignore_eos": True},
+    {"prompt": "Hello", "max_tokens": 5, "logprobs": 2, "temperature": 0, "ignore_eos": True},
+    {"prompt": "Paris is the capital of France", "max_tokens": 0, "echo": True, "logprobs": 2},
+])
+def test_streamed_echo_logprobs_equal_the_whole_response(server, body):
+    url, _ = server
+    whole = _completion(url, body)
+    streamed = _streamed_completion(url, body)
+    choice = whole["choices"][0]
+    assert streamed["text"] == choice["text"]
+    assert streamed["finish_reason"] == choice["finish_reason"]
+    assert streamed["usage"] == whole["usage"]
+    a, b = streamed["logprobs"], choice["logprobs"]
+    assert a["tokens"] == b["tokens"] and a["text_offset"] == b["text_offset"]
+    assert a["token_logprobs"] == pytest.approx(b["token_logprobs"], abs=1e-4)
+    if body.get("echo"):
+        assert a["token_logprobs"][0] is None and a["text_offset"][0] == 0
+        assert streamed["text"].startswith(body["prompt"])
+
+
+# ---- stream integrity: streamed text joined equals the whole response's text ------------------------
+PROMPTS = ["What is 2+2?", "Tell me a story about a cat.", "Grüße aus Köln, sagte er.", "日本語で答えてください。",
+           "Emoji time: 🙂🙃🎉 and more", "List three colours:", "Ĉu vi parolas Esperanton?", "1, 2, 3,"]
+STOPS = [".", " the", "\n", ",", "é", "🙂", " a", "!", "the cat", "3"]
+
+
+def _streamed_chat(url: str, body: dict) -> dict:
+    text, finish, usage = "", None, None
+    with httpx.stream("POST", f"{url}/v1/chat/completions",
+                      json={**body, "stream": True, "stream_options": {"include_usage": True}}, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    for data in lines[:-1]:
+        chunk = json.loads(data)
+        usage = chunk.get("usage") or usage
+        for c in chunk["choices"]:
+            text += c["delta"].get("content") or ""
+            finish = c["finish_reason"] or finish
+    return {"text": text, "finish_reason": finish, "usage": usage}
+
+
+def test_streamed_text_equals_the_whole_text_for_random_requests(server):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    url, _ = server
+
+    @settings(max_examples=12, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(chat=st.booleans(), prompt=st.sampled_from(PROMPTS), stop=st.lists(st.sampled_from(STOPS), max_size=3),
+           max_tokens=st.integers(1, 24), min_tokens=st.integers(0, 10), include=st.booleans(),
+           greedy=st.booleans(), seed=st.integers(0, 2**31), skip_special=st.booleans())
+    def check(chat, prompt, stop, max_tokens, min_tokens, include, greedy, seed, skip_special):
+        body = {"max_tokens": max_tokens, "min_tokens": min(min_tokens, max_tokens), "stop": stop,
+                "include_stop_str_in_output": include, "skip_special_tokens": skip_special,
+                "temperature": 0 if greedy else 0.9, "seed": seed}
+        if chat:
+            body["messages"] = [{"role": "user", "content": prompt}]
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            whole = r.json()
+            text, finish = whole["choices"][0]["message"]["content"], whole["choices"][0]["finish_reason"]
+            streamed = _streamed_chat(url, body)
+        else:
+            body["prompt"] = prompt
+            whole = _completion(url, body)
+            text, finish = whole["choices"][0]["text"], whole["choices"][0]["finish_reason"]
+            streamed = _streamed_completion(url, body)
+        assert streamed["text"] == text, body
+        assert streamed["finish_reason"] == finish, body
+        assert streamed["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"], body
+        if finish == "stop" and stop and not include:
+            assert not any(s in text for s in stop), body
+
+    check()
+
+
+# ---- poison among normal traffic ---------------------------------------------------------------
+C, CC = "/v1/completions", "/v1/chat/completions"
+POISON = [  # (path, JSON body as text or object); each must be a 4xx in OpenAI's shape
+    (C, '{"prompt": "Hi", "temperature": NaN}'),
+    (C, '{"prompt": "Hi", "top_p": Infinity}'),
+    (C, '{"prompt": "Hi", "min_p": -Infinity}'),
+    (CC, '{"messages": [{"role": "user", "content": "Hi"}], "presence_penalty": NaN}'),
+    (CC, '{"messages": [{"role": "user", "content": "Hi"}], "repetition_penalty": 1e999}'),
+    (C, {"prompt": "Hi", "max_tokens": 10**30}),
+    (C, {"prompt": "Hi", "max_tokens": -5}),
+    (C, {"prompt": "Hi", "logprobs": 10**30}),
+    (C, {"prompt": "Hi", "logprobs": -1}),
+    (C, {"prompt": "Hi", "logprobs": 21}),
+    (C, {"prompt": "Hi", "echo": True, "max_tokens": 0, "logprobs": 1000}),
+    (CC, {"messages": CHAT, "logprobs": True, "top_logprobs": 21}),
+    (C, {"prompt": "Hi", "top_k": 10**30}),
+    (C, {"prompt": "Hi", "top_k": 10**6}),
+    (C, {"prompt": "Hi", "top_k": -7}),
+    (C, {"prompt": "Hi", "seed": 10**30}),
+    (C, {"prompt": "Hi", "seed": -(10**30)}),
+    (C, {"prompt": "Hi", "min_tokens": 10**30}),
+    (C, {"prompt": "Hi", "stop_token_ids": [10**12]}),
+    (C, {"prompt": "Hi", "stop_token_ids": [-1]}),
+    (C, {"prompt": [10**12]}),
+    (C, {"prompt": [5] * 500}),
+    (C, {"prompt": 5}),
+    (C, {"prompt": "Hi", "max_tokens": "10"}),
+    (C, {"prompt": "Hi", "temperature": True}),
+    (C, {"prompt": "Hi", "stream": "yes"}),
+    (C, {"prompt": "Hi", "stop": {"a": 1}}),
+    (CC, {"messages": [{"role": "user", "content": 5}]}),
+    (CC, {"messages": [{"role": "user"}], "max_tokens": [1]}),
+    (C, "[1, 2, 3]"),
+    (C, {"prompt": "Hi", "guided_json": {"type": "object"}}),
+    (C, {"prompt": "Hi", "structured_outputs": {"choice": ["a", "b"]}}),
+    (CC, {"messages": CHAT, "response_format": {"type": "json_object"}}),
+    (CC, {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}),
+    (C, {"prompt": "Hi", "n": 4}),
+    (C, {"prompt": "Hi", "best_of": 4}),
+    (C, {"prompt": "Hi", "use_beam_search": True}),
+    (C, {"prompt": "Hi", "logit_bias": {"1": 5}}),
+    (C, {"prompt": "Hi", "suffix": "!"}),
+]
+
+
+async def _poison(client: httpx.AsyncClient, path: str, body) -> tuple[int, dict]:
+    if isinstance(body, str):
+        r = await client.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        r = await client.post(path, json=body)
+    return r.status_code, r.json()
+
+
+def test_poison_requests_among_64_streams_harm_no_one(server):
+    """Each poison request is a 4xx; every normal stream completes; the engine stays healthy, no KV block leaks."""
+    import random
+
+    url, _ = server
+
+    async def run():
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(300.0), limits=limits) as client:
+            jobs = [("normal", i) for i in range(64)] + [("poison", i) for i in range(len(POISON))]
+            random.Random(0).shuffle(jobs)
+
+            async def job(kind, i):
+                if kind == "normal":
+                    return kind, i, await _one_stream(client, i, leave=False)
+                await asyncio.sleep(0.01 * (i % 8))  # spread the poison over the streams' lifetime
+                return kind, i, await _poison(client, *POISON[i])
+
+            results = await asyncio.gather(*(job(k, i) for k, i in jobs))
+            health = (await client.get("/health")).status_code
+            return results, health
+
+    results, health = asyncio.run(run())
+    assert health == 200
+    bad = []
+    for kind, i, res in results:
+        if kind == "normal":
+            if not (res["done"] and res["finish"] == "length" and res["usage"]["completion_tokens"] == 10):
+                bad.append(f"normal stream {i}: {res}")
+        else:
+            status, body = res
+            err = body.get("error") if isinstance(body, dict) else None
+            if not (400 <= status < 500 and err and err.get("message") and err.get("type")):
+                bad.append(f"poison {POISON[i]!r:.120} -> {status} {body!r:.200}")
+    assert not bad, "\n".join(bad)
+    text = _wait_idle(url, timeout=30)
+    assert _metric(text, "furiosa_llm:kv_cache_blocks_used") == 0
+    assert httpx.get(f"{url}/health").status_code == 200
+    # and the server still serves
+    assert _completion(url, {"prompt": "Hi", "max_tokens": 3, "ignore_eos": True})["usage"]["completion_tokens"] == 3
+
+
 # ---- in-process: API key and a dead engine ----------------------------------------------------
 @pytest.fixture
 def app_client(async_engine):
@@ -297,3 +692,32 @@ async def test_chat_template_override(app_client, async_engine, tmp_path):
     async with app_client(chat_template=template) as c:
         r = await c.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]})
         assert async_engine.tokenizer.decode(r.json()["tokens"]) == "[user] hi\n"
+
+
+async def test_a_request_that_fails_in_the_engine_gets_a_500_in_openai_shape(async_engine, monkeypatch):
+    """A failed request (its step raised: ``RequestFailedError``) is a 500 naming the cause, or an error event."""
+    from furiosa_llm.entrypoints.openai.api_server import create_app
+
+    real = async_engine.generate
+
+    async def failing(prompt, params, request_id):  # the request's last step fails
+        async for out in real(prompt, params, request_id):
+            if out.finished:
+                raise RuntimeError(f"request {request_id!r} failed: boom in the step")
+            yield out
+
+    monkeypatch.setattr(async_engine, "generate", failing)
+    app = create_app(async_engine, served_model_name=MODEL, log_interval_s=0)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
+        body = {"prompt": "Hi", "max_tokens": 8, "ignore_eos": True}
+        r = await c.post("/v1/completions", json=body)
+        assert r.status_code == 500 and "boom" in r.json()["error"]["message"], r.text
+        r = await c.post("/v1/completions", json={**body, "stream": True})
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        assert "boom" in events[-1]["error"]["message"] and events[-1]["error"]["code"] == 500
+        r = await c.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 8, "stream": True})
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        assert "boom" in events[-1]["error"]["message"]
+    assert async_engine.native_engine.stats().num_kv_blocks_used == 0

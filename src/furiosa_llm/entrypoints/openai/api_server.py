@@ -1,8 +1,18 @@
 """The FastAPI application: OpenAI-compatible endpoints over an ``AsyncLLMEngine``.
 
+The endpoints are module-level routes of ``router``; each gets the ``ServerState`` (engine,
+tokenizer, metrics) from ``request.app.state`` through a dependency. ``create_app`` builds the
+app: state, error handlers, the API-key middleware, the router.
+
 Errors use OpenAI's JSON shape (``{"error": {"message", "type", "param", "code"}}``): a
-client's mistake is a 4xx, never a 500. A client that goes away, mid-stream or while a
-non-streaming request runs, aborts its request, which frees its KV blocks.
+client's mistake is a 4xx naming the field (see ``protocol`` for what is validated), never a
+500; a request that fails in the engine is a 500 naming the cause, or an error event on a
+stream. A client that goes away, mid-stream or while a non-streaming request runs, aborts its
+request, which frees its KV blocks.
+
+``/v1/completions`` with ``echo`` and ``logprobs`` scores the prompt tokens too (the first
+entry is null); ``max_tokens=0`` with ``echo`` scores the prompt only. A stream gives the same
+tokens, logprobs and text offsets as the whole response.
 """
 
 from __future__ import annotations
@@ -11,12 +21,13 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import Annotated, AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -49,6 +60,7 @@ from .protocol import (
     TopLogprob,
     UsageInfo,
     VersionResponse,
+    unsupported_field,
 )
 
 logger = logging.getLogger("furiosa_llm.server")
@@ -76,10 +88,15 @@ def error_json(status: int, message: str, type_: str = "invalid_request_error", 
 
 
 class ServerState:
-    def __init__(self, engine: AsyncLLMEngine, model_name: str, chat_template: str | None) -> None:
+    """What every route needs: the engine, names, settings, the metrics."""
+
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, chat_template: str | None, *,
+                 api_key: str | None = None, log_interval_s: float = 10.0) -> None:
         self.engine = engine
         self.model_name = model_name
         self.chat_template = chat_template
+        self.api_key = api_key
+        self.log_interval_s = log_interval_s
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.native_engine.vocab_size
@@ -93,10 +110,24 @@ def _check_model(state: ServerState, model: str | None) -> None:
                        "NotFoundError", "model", "model_not_found")
 
 
-def _sampling_params(req: SamplingFields, max_tokens: int | None, kind: RequestOutputKind, logprobs: int | None
-                     ) -> SamplingParams:
-    if req.logit_bias:
-        raise APIError(400, "logit_bias is not supported", param="logit_bias")
+def _check_supported(req) -> None:
+    """A field naming a feature the engine does not implement is a 400 (protocol.UNSUPPORTED)."""
+    bad = unsupported_field(req)
+    if bad is not None:
+        raise APIError(400, bad[1], param=bad[0], code="unsupported_parameter")
+
+
+def _param_of(message: str, renames: dict[str, str] | None = None) -> str | None:
+    """The argument a ``ValueError`` message names (``"name=value: ..."`` or ``"name: ..."``)."""
+    m = re.match(r"(\w+)[=:]", message)
+    if m is None:
+        return None
+    name = "prompt" if m.group(1).startswith("prompt_token_ids") else m.group(1)
+    return (renames or {}).get(name, name)
+
+
+def _sampling_params(req: SamplingFields, max_tokens: int | None, kind: RequestOutputKind, logprobs: int | None,
+                     prompt_logprobs: int | None = None) -> SamplingParams:
     kw = dict(
         n=req.n if req.n is not None else 1,
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -114,13 +145,14 @@ def _sampling_params(req: SamplingFields, max_tokens: int | None, kind: RequestO
         max_tokens=max_tokens,
         min_tokens=req.min_tokens or 0,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         skip_special_tokens=True if req.skip_special_tokens is None else req.skip_special_tokens,
         output_kind=kind,
     )
     try:
         return SamplingParams(**kw)
     except ValueError as e:
-        raise APIError(400, str(e), param=str(e).split("=", 1)[0]) from None
+        raise APIError(400, str(e), param=_param_of(str(e))) from None
 
 
 def _usage(prompt: int, completion: int) -> UsageInfo:
@@ -220,9 +252,16 @@ def _decode_token(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id])
 
 
-def _completion_logprobs(tokenizer, output, top: int, offset: int) -> CompletionLogProbs:
-    lp = CompletionLogProbs()
-    for tok, entry in zip(output.token_ids, output.logprobs or []):
+def _add_completion_logprobs(lp: CompletionLogProbs, tokenizer, token_ids, logprobs, top: int, offset: int) -> int:
+    """Append one entry per token to ``lp``; returns the text offset after them.
+
+    An entry without log-probabilities (the first prompt token's) gives ``null`` for its
+    logprob and its top logprobs. ``text_offset`` counts the characters of the token strings
+    before each token, so a stream and a whole response give the same offsets.
+    """
+    logprobs = logprobs or []
+    for i, tok in enumerate(token_ids):
+        entry = logprobs[i] if i < len(logprobs) else None
         text = _decode_token(tokenizer, tok)
         lp.tokens.append(text)
         lp.token_logprobs.append(entry[tok].logprob if entry and tok in entry else None)
@@ -231,7 +270,7 @@ def _completion_logprobs(tokenizer, output, top: int, offset: int) -> Completion
                                if entry else None)
         lp.text_offset.append(offset)
         offset += len(text)
-    return lp
+    return offset
 
 
 def _chat_logprobs(tokenizer, token_ids, logprobs, top: int) -> ChatLogProbs:
@@ -246,152 +285,182 @@ def _chat_logprobs(tokenizer, token_ids, logprobs, top: int) -> ChatLogProbs:
     return ChatLogProbs(content=content)
 
 
+# ---- the routes ---------------------------------------------------------------------------
+router = APIRouter()
+
+
+def get_state(request: Request) -> ServerState:
+    """The server's state, set on the app by ``create_app``."""
+    return request.app.state.server
+
+
+State = Annotated[ServerState, Depends(get_state)]
+
+
+@router.get("/health", responses={503: {"model": ErrorResponse}})
+async def health(state: State):
+    try:
+        await state.engine.check_health()
+    except AsyncEngineDeadError as e:
+        return error_json(503, f"the engine is not running: {e}", "ServiceUnavailableError")
+    return Response(status_code=200)
+
+
+@router.get("/metrics")
+async def metrics(state: State):
+    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/version", response_model=VersionResponse)
+async def version():
+    return VersionResponse(version=__version__)
+
+
+@router.get("/v1/models", response_model=ModelList, responses=ERRORS)
+async def models(state: State):
+    return ModelList(data=[ModelCard(id=state.model_name, root=state.engine.model_path, max_model_len=state.max_model_len)])
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
+async def tokenize(req: TokenizeRequest, state: State):
+    _check_model(state, req.model)
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+    if req.messages is not None:
+        ids = _chat_prompt_ids(state, req.messages, bool(req.add_generation_prompt), False, None, None)
+    else:
+        ids = state.tokenizer(req.prompt, add_special_tokens=bool(req.add_special_tokens)).input_ids
+    return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=state.max_model_len)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
+async def detokenize(req: DetokenizeRequest, state: State):
+    _check_model(state, req.model)
+    bad = [t for t in req.tokens if not 0 <= t < state.vocab_size]
+    if bad:
+        raise APIError(400, f"tokens: ids {bad[:5]} are outside the vocabulary [0, {state.vocab_size})", param="tokens")
+    return DetokenizeResponse(prompt=state.tokenizer.decode(req.tokens))
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
+async def completions(req: CompletionRequest, raw: Request, state: State):
+    _check_model(state, req.model)
+    _check_supported(req)
+    prompts = _completion_prompts(req.prompt)
+    stream = bool(req.stream)
+    kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    # echo with max_tokens=0 scores the prompt only (lm-evaluation-harness loglikelihood): one token
+    # is generated, because a request always samples one, and dropped from the response
+    score_only = bool(req.echo) and max_tokens == 0
+    prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
+    params = _sampling_params(req, 1 if score_only else max_tokens, kind, req.logprobs, prompt_logprobs)
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    gens = [state.engine.generate(p, params, f"{rid}-{i}") for i, p in enumerate(prompts)]
+
+    async def respond():
+        first = await _start(gens)
+        if stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return EventStream(_stream_completion(state, req, rid, gens, first, include_usage, score_only))
+        return await _full_completion(state, req, rid, gens, first, score_only)
+
+    return await _unless_disconnected(raw, respond(), state.metrics.aborted)
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
+async def chat_completions(req: ChatCompletionRequest, raw: Request, state: State):
+    _check_model(state, req.model)
+    _check_supported(req)
+    ids = _chat_prompt_ids(state, req.messages, bool(req.add_generation_prompt), bool(req.continue_final_message),
+                           req.chat_template, req.chat_template_kwargs)
+    stream = bool(req.stream)
+    kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if max_tokens is None:
+        max_tokens = max(1, state.max_model_len - len(ids))
+    top = req.top_logprobs or 0
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+    params = _sampling_params(req, max_tokens, kind, top if req.logprobs else None)
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    gens = [state.engine.generate({"prompt_token_ids": ids}, params, rid)]
+
+    async def respond():
+        first = await _start(gens, {"logprobs": "top_logprobs"})
+        if stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return EventStream(_stream_chat(state, req, rid, gens, first, include_usage))
+        return await _full_chat(state, req, rid, gens[0], first[0])
+
+    return await _unless_disconnected(raw, respond(), state.metrics.aborted)
+
+
 # ---- the app ------------------------------------------------------------------------------
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    state: ServerState = app.state.server
+    interval = state.log_interval_s
+    task = asyncio.create_task(state.metrics.log_periodically(interval)) if interval > 0 else None
+    try:
+        yield
+    finally:
+        if task is not None:
+            task.cancel()
+
+
+async def _api_error(_request: Request, exc: APIError):
+    return error_json(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+
+async def _validation_error(_request: Request, exc: RequestValidationError):
+    parts = []
+    param = None
+    for err in exc.errors()[:5]:
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        param = param or (loc[0] if loc else None)
+        parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
+    return error_json(400, "; ".join(parts) or "invalid request", "BadRequestError", param)
+
+
+async def _http_error(_request: Request, exc: StarletteHTTPException):
+    kind = {404: "NotFoundError", 405: "MethodNotAllowed"}.get(exc.status_code, "invalid_request_error")
+    return error_json(exc.status_code, str(exc.detail), kind)
+
+
+async def _dead(_request: Request, exc: AsyncEngineDeadError):
+    return error_json(503, f"the engine is not running: {exc}", "ServiceUnavailableError")
+
+
+async def _internal_error(_request: Request, exc: Exception):
+    """Anything else (a request whose step failed, a bug) is a 500 in OpenAI's shape that names the cause."""
+    logger.error("request failed: %r", exc)
+    return error_json(500, f"internal error: {exc}", "InternalServerError")
+
+
+async def _auth(request: Request, call_next):
+    api_key = request.app.state.server.api_key
+    if api_key and request.url.path.startswith("/v1"):
+        got = request.headers.get("authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
+            return error_json(401, "Unauthorized: a valid API key is required (Authorization: Bearer <key>)",
+                              "AuthenticationError", code="invalid_api_key")
+    return await call_next(request)
+
+
 def create_app(engine: AsyncLLMEngine, *, served_model_name: str, api_key: str | None = None,
                chat_template: str | None = None, log_interval_s: float = 10.0) -> FastAPI:
-    state = ServerState(engine, served_model_name, chat_template)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        task = asyncio.create_task(state.metrics.log_periodically(log_interval_s)) if log_interval_s > 0 else None
-        try:
-            yield
-        finally:
-            if task is not None:
-                task.cancel()
-
-    app = FastAPI(title="furiosa-llm OpenAI-compatible server", version=__version__, lifespan=lifespan)
-    app.state.server = state
-
-    # -- errors ---------------------------------------------------------------------------------
-    @app.exception_handler(APIError)
-    async def _api_error(_request: Request, exc: APIError):
-        return error_json(exc.status, exc.message, exc.type, exc.param, exc.code)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_request: Request, exc: RequestValidationError):
-        parts = []
-        param = None
-        for err in exc.errors()[:5]:
-            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-            param = param or loc or None
-            parts.append(f"{loc or 'body'}: {err.get('msg')}")
-        return error_json(400, "; ".join(parts) or "invalid request", "BadRequestError", param)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException):
-        kind = {404: "NotFoundError", 405: "MethodNotAllowed"}.get(exc.status_code, "invalid_request_error")
-        return error_json(exc.status_code, str(exc.detail), kind)
-
-    @app.exception_handler(AsyncEngineDeadError)
-    async def _dead(_request: Request, exc: AsyncEngineDeadError):
-        return error_json(503, f"the engine is not running: {exc}", "ServiceUnavailableError")
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            got = request.headers.get("authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
-                return error_json(401, "Unauthorized: a valid API key is required (Authorization: Bearer <key>)",
-                                  "AuthenticationError", code="invalid_api_key")
-        return await call_next(request)
-
-    # -- plain endpoints ------------------------------------------------------------------------
-    @app.get("/health", responses={503: {"model": ErrorResponse}})
-    async def health():
-        try:
-            await engine.check_health()
-        except AsyncEngineDeadError as e:
-            return error_json(503, f"the engine is not running: {e}", "ServiceUnavailableError")
-        return Response(status_code=200)
-
-    @app.get("/metrics")
-    async def metrics():
-        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.get("/version", response_model=VersionResponse)
-    async def version():
-        return VersionResponse(version=__version__)
-
-    @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
-    async def models():
-        return ModelList(data=[ModelCard(id=state.model_name, root=engine.model_path, max_model_len=state.max_model_len)])
-
-    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
-    async def tokenize(req: TokenizeRequest):
-        _check_model(state, req.model)
-        if (req.prompt is None) == (req.messages is None):
-            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
-        if req.messages is not None:
-            ids = _chat_prompt_ids(state, req.messages, bool(req.add_generation_prompt), False, None, None)
-        else:
-            ids = state.tokenizer(req.prompt, add_special_tokens=bool(req.add_special_tokens)).input_ids
-        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=state.max_model_len)
-
-    @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
-    async def detokenize(req: DetokenizeRequest):
-        _check_model(state, req.model)
-        bad = [t for t in req.tokens if not 0 <= t < state.vocab_size]
-        if bad:
-            raise APIError(400, f"tokens: ids {bad[:5]} are outside the vocabulary [0, {state.vocab_size})", param="tokens")
-        return DetokenizeResponse(prompt=state.tokenizer.decode(req.tokens))
-
-    # -- completions ------------------------------------------------------------------------------
-    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
-    async def completions(req: CompletionRequest, raw: Request):
-        _check_model(state, req.model)
-        if req.suffix:
-            raise APIError(400, "suffix is not supported", param="suffix")
-        if req.best_of not in (None, 1):
-            raise APIError(400, f"best_of={req.best_of}: only 1 is supported", param="best_of")
-        prompts = _completion_prompts(req.prompt)
-        stream = bool(req.stream)
-        kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL
-        params = _sampling_params(req, 16 if req.max_tokens is None else req.max_tokens, kind, req.logprobs)
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        gens = [engine.generate(p, params, f"{rid}-{i}") for i, p in enumerate(prompts)]
-
-        async def respond():
-            first = await _start(gens)
-            if stream:
-                include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                return EventStream(_stream_completion(state, req, rid, gens, first, include_usage))
-            return await _full_completion(state, req, rid, gens, first)
-
-        return await _unless_disconnected(raw, respond(), state.metrics.aborted)
-
-    # -- chat ---------------------------------------------------------------------------------------
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
-    async def chat_completions(req: ChatCompletionRequest, raw: Request):
-        _check_model(state, req.model)
-        if req.tools:
-            raise APIError(400, "tools are not supported", param="tools")
-        if req.response_format and req.response_format.get("type") not in (None, "text"):
-            raise APIError(400, f"response_format={req.response_format.get('type')!r}: only 'text' is supported",
-                           param="response_format")
-        ids = _chat_prompt_ids(state, req.messages, bool(req.add_generation_prompt), bool(req.continue_final_message),
-                               req.chat_template, req.chat_template_kwargs)
-        stream = bool(req.stream)
-        kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        if max_tokens is None:
-            max_tokens = max(1, state.max_model_len - len(ids))
-        top = req.top_logprobs or 0
-        if req.top_logprobs is not None and not req.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        params = _sampling_params(req, max_tokens, kind, top if req.logprobs else None)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        gens = [engine.generate({"prompt_token_ids": ids}, params, rid)]
-
-        async def respond():
-            first = await _start(gens)
-            if stream:
-                include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                return EventStream(_stream_chat(state, req, rid, gens, first, include_usage))
-            return await _full_chat(state, req, rid, gens[0], first[0])
-
-        return await _unless_disconnected(raw, respond(), state.metrics.aborted)
-
+    """The server: ``router``'s endpoints over ``engine``, OpenAI's error shapes, the API key check."""
+    app = FastAPI(title="furiosa-llm OpenAI-compatible server", version=__version__, lifespan=_lifespan)
+    app.state.server = ServerState(engine, served_model_name, chat_template, api_key=api_key,
+                                   log_interval_s=log_interval_s)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(AsyncEngineDeadError, _dead)
+    app.add_exception_handler(Exception, _internal_error)
+    app.middleware("http")(_auth)
+    app.include_router(router)
     return app
 
 
@@ -439,8 +508,11 @@ def _chat_prompt_ids(state: ServerState, messages, add_generation_prompt: bool, 
     return list(ids)
 
 
-async def _start(gens: list) -> list[RequestOutput]:
-    """Add every request and wait for its first output, so bad input is a 400 before any byte is sent."""
+async def _start(gens: list, renames: dict[str, str] | None = None) -> list[RequestOutput]:
+    """Add every request and wait for its first output, so bad input is a 400 before any byte is sent.
+
+    ``renames`` maps an engine argument a ``ValueError`` names to the request field it came from.
+    """
     firsts: list[RequestOutput] = []
     try:
         for g in gens:
@@ -448,7 +520,10 @@ async def _start(gens: list) -> list[RequestOutput]:
     except ValueError as e:
         for g in gens:
             await g.aclose()
-        raise APIError(400, str(e), param="prompt" if "prompt" in str(e) else None) from None
+        param, message = _param_of(str(e), renames), str(e)
+        if param is not None and param != _param_of(message):
+            message = f"{param}: {message}"  # the engine's name for it is not the request's
+        raise APIError(400, message, param=param) from None
     except BaseException:
         for g in gens:
             await g.aclose()
@@ -463,12 +538,51 @@ async def _rest(gen, first: RequestOutput) -> AsyncIterator[RequestOutput]:
             yield out
 
 
-def _observe(state: ServerState, out: RequestOutput, num_generated: int) -> None:
-    c = out.outputs[0]
-    state.metrics.observe(len(out.prompt_token_ids), num_generated, c.finish_reason, out.metrics)
+def _observe(state: ServerState, out: RequestOutput, num_generated: int, finish_reason: str | None = None) -> None:
+    reason = finish_reason if finish_reason is not None else out.outputs[0].finish_reason
+    state.metrics.observe(len(out.prompt_token_ids), num_generated, reason, out.metrics)
 
 
-async def _full_completion(state: ServerState, req: CompletionRequest, rid: str, gens, first) -> CompletionResponse:
+class _CompletionChoiceView:
+    """What one completion choice shows of its request's outputs: the echoed prompt first (once),
+    then the generated text, tokens and logprobs; with ``score_only`` (echo and max_tokens=0)
+    the one generated token is dropped and the choice ends with "length"."""
+
+    def __init__(self, state: ServerState, req: CompletionRequest, score_only: bool) -> None:
+        self.tokenizer = state.tokenizer
+        self.echo = bool(req.echo)
+        self.logprobs = req.logprobs
+        self.score_only = score_only
+        self.echoed = not self.echo
+        self.offset = 0
+        self.num_generated = 0
+
+    def chunk(self, index: int, out: RequestOutput) -> CompletionChoice:
+        """The choice for ``out`` (a DELTA output in a stream, the FINAL one otherwise)."""
+        c = out.outputs[0]
+        text, token_ids, logprobs = c.text, c.token_ids, c.logprobs
+        finish_reason, stop_reason = c.finish_reason, c.stop_reason
+        if self.score_only:
+            text, token_ids, logprobs = "", [], []
+            if out.finished:
+                finish_reason, stop_reason = "length", None
+        self.num_generated += len(token_ids)
+        lp = CompletionLogProbs() if self.logprobs is not None else None
+        prefix = ""
+        if not self.echoed:
+            self.echoed = True
+            prefix = out.prompt if out.prompt is not None else self.tokenizer.decode(out.prompt_token_ids)
+            if lp is not None:
+                self.offset = _add_completion_logprobs(lp, self.tokenizer, out.prompt_token_ids, out.prompt_logprobs,
+                                                       self.logprobs, self.offset)
+        if lp is not None:
+            self.offset = _add_completion_logprobs(lp, self.tokenizer, token_ids, logprobs, self.logprobs, self.offset)
+        return CompletionChoice(index=index, text=prefix + text, logprobs=lp, finish_reason=finish_reason,
+                                stop_reason=stop_reason)
+
+
+async def _full_completion(state: ServerState, req: CompletionRequest, rid: str, gens, first,
+                           score_only: bool) -> CompletionResponse:
     finals: dict[int, RequestOutput] = {}
     async for i, out in _merge([_rest(g, f) for g, f in zip(gens, first)]):
         if out.finished:
@@ -476,50 +590,40 @@ async def _full_completion(state: ServerState, req: CompletionRequest, rid: str,
     choices, n_prompt, n_out = [], 0, 0
     for i in range(len(gens)):
         out = finals[i]
-        c = out.outputs[0]
-        prefix = (out.prompt or state.tokenizer.decode(out.prompt_token_ids)) if req.echo else ""
-        lp = _completion_logprobs(state.tokenizer, c, req.logprobs, len(prefix)) if req.logprobs is not None else None
-        choices.append(CompletionChoice(index=i, text=prefix + c.text, logprobs=lp, finish_reason=c.finish_reason,
-                                        stop_reason=c.stop_reason))
+        view = _CompletionChoiceView(state, req, score_only)
+        choice = view.chunk(i, out)
+        choices.append(choice)
         n_prompt += len(out.prompt_token_ids)
-        n_out += len(c.token_ids)
-        _observe(state, out, len(c.token_ids))
+        n_out += view.num_generated
+        _observe(state, out, view.num_generated, choice.finish_reason)
     return CompletionResponse(id=rid, model=state.model_name, choices=choices, usage=_usage(n_prompt, n_out))
 
 
-async def _stream_completion(state: ServerState, req: CompletionRequest, rid: str, gens, first, include_usage: bool):
+async def _stream_completion(state: ServerState, req: CompletionRequest, rid: str, gens, first, include_usage: bool,
+                             score_only: bool):
     created = int(time.time())
     n_prompt = n_out = 0
     num_finished = 0
-    counts = [0] * len(gens)
-    echoed = [not req.echo] * len(gens)
-    offsets = [0] * len(gens)
+    views = [_CompletionChoiceView(state, req, score_only) for _ in gens]
     try:
         async for i, out in _merge([_rest(g, f) for g, f in zip(gens, first)]):
-            c = out.outputs[0]
-            text = c.text
-            if not echoed[i]:
-                text = (out.prompt or state.tokenizer.decode(out.prompt_token_ids)) + text
-                echoed[i] = True
-            counts[i] += len(c.token_ids)
-            lp = None
-            if req.logprobs is not None:
-                lp = _completion_logprobs(state.tokenizer, c, req.logprobs, offsets[i])
-            offsets[i] += len(text)
-            chunk = CompletionResponse(id=rid, created=created, model=state.model_name, choices=[
-                CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
+            choice = views[i].chunk(i, out)
+            chunk = CompletionResponse(id=rid, created=created, model=state.model_name, choices=[choice])
             yield _sse(chunk)
             if out.finished:
                 num_finished += 1
                 n_prompt += len(out.prompt_token_ids)
-                n_out += counts[i]
-                _observe(state, out, counts[i])
+                n_out += views[i].num_generated
+                _observe(state, out, views[i].num_generated, choice.finish_reason)
         if include_usage:
             yield _sse(CompletionResponse(id=rid, created=created, model=state.model_name, choices=[],
                                           usage=_usage(n_prompt, n_out)))
         yield "data: [DONE]\n\n"
     except AsyncEngineDeadError as e:
         yield _sse(error_body(503, f"the engine is not running: {e}", "ServiceUnavailableError"))
+    except Exception as e:  # noqa: BLE001 - the request failed (e.g. its step raised): tell the client, end the stream
+        logger.error("stream failed: %r", e)
+        yield _sse(error_body(500, f"internal error: {e}", "InternalServerError"))
     finally:
         if num_finished < len(gens):
             state.metrics.aborted(len(gens) - num_finished)
@@ -565,6 +669,9 @@ async def _stream_chat(state: ServerState, req: ChatCompletionRequest, rid: str,
         yield "data: [DONE]\n\n"
     except AsyncEngineDeadError as e:
         yield _sse(error_body(503, f"the engine is not running: {e}", "ServiceUnavailableError"))
+    except Exception as e:  # noqa: BLE001 - the request failed (e.g. its step raised): tell the client, end the stream
+        logger.error("stream failed: %r", e)
+        yield _sse(error_body(500, f"internal error: {e}", "InternalServerError"))
     finally:
         if not finished:
             state.metrics.aborted()

@@ -1,7 +1,9 @@
 """Prometheus metrics of the server (seconds as the unit) and the periodic stats log line.
 
-Per-request counters and latency histograms are observed as requests finish; the engine's
-state (requests running and waiting, KV blocks in use, preemptions) is read at scrape time.
+Per-request counters and latency histograms are observed as requests finish, with the
+formulas of ``furiosa_llm.core.metrics``; the engine's state (requests running and waiting,
+KV blocks in use, preemptions, token counters) is read at scrape time from one
+``EngineStats`` snapshot (``LLMEngine.stats()``), never from the scheduler's attributes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from furiosa_llm.core.metrics import EngineStats, e2e_latency, time_per_output_token, time_to_first_token
 
 logger = logging.getLogger("furiosa_llm.server")
 
@@ -27,23 +31,27 @@ class _EngineCollector:
         self.model_name = model_name
 
     def collect(self):
-        sched = self.engine.native_engine.core.scheduler
-        alloc = sched.allocator
+        st = engine_stats(self.engine)
         labels = ["model_name"]
         values = [self.model_name]
         for name, doc, value in (
-            ("furiosa_llm:num_requests_running", "Requests in the running set.", len(sched.running)),
-            ("furiosa_llm:num_requests_waiting", "Requests waiting to be scheduled.", len(sched.waiting)),
-            ("furiosa_llm:kv_cache_blocks_used", "KV cache blocks in use.", alloc.num_used),
-            ("furiosa_llm:kv_cache_blocks_total", "KV cache blocks in all.", alloc.num_blocks),
-            ("furiosa_llm:kv_cache_usage_perc", "Share of KV cache blocks in use (0-1).", alloc.num_used / alloc.num_blocks),
+            ("furiosa_llm:num_requests_running", "Requests in the running set.", st.num_running),
+            ("furiosa_llm:num_requests_waiting", "Requests waiting to be scheduled.", st.num_waiting),
+            ("furiosa_llm:kv_cache_blocks_used", "KV cache blocks in use.", st.num_kv_blocks_used),
+            ("furiosa_llm:kv_cache_blocks_total", "KV cache blocks in all.", st.num_kv_blocks_total),
+            ("furiosa_llm:kv_cache_usage_perc", "Share of KV cache blocks in use (0-1).", st.kv_usage),
         ):
             g = GaugeMetricFamily(name, doc, labels=labels)
             g.add_metric(values, value)
             yield g
         c = CounterMetricFamily("furiosa_llm:num_preemptions", "Requests preempted (recomputed later).", labels=labels)
-        c.add_metric(values, sched.stats.num_preemptions)
+        c.add_metric(values, st.num_preemptions)
         yield c
+
+
+def engine_stats(engine) -> EngineStats:
+    """The snapshot of the synchronous engine under an ``AsyncLLMEngine``."""
+    return engine.native_engine.stats()
 
 
 class ServerMetrics:
@@ -72,11 +80,12 @@ class ServerMetrics:
         self.request_success.labels(m, finish_reason or "abort").inc()
         if metrics is None or metrics.first_token_time is None:
             return
-        self.ttft.labels(m).observe(max(0.0, metrics.first_token_time - metrics.arrival_time))
-        last = metrics.last_token_time or metrics.first_token_time
+        first = metrics.first_token_time
+        last = metrics.last_token_time if metrics.last_token_time is not None else first
+        self.ttft.labels(m).observe(max(0.0, time_to_first_token(metrics.arrival_time, first)))
         if num_generated > 1:
-            self.tpot.labels(m).observe(max(0.0, (last - metrics.first_token_time) / (num_generated - 1)))
-        self.e2e.labels(m).observe(max(0.0, (metrics.finished_time or last) - metrics.arrival_time))
+            self.tpot.labels(m).observe(max(0.0, time_per_output_token(first, last, num_generated)))
+        self.e2e.labels(m).observe(max(0.0, e2e_latency(metrics.arrival_time, last)))
 
     def aborted(self, n: int = 1) -> None:
         """Requests whose client went away before they finished."""
@@ -92,17 +101,16 @@ class ServerMetrics:
         while True:
             await asyncio.sleep(interval_s)
             now = time.monotonic()
-            sched = self.engine.native_engine.core.scheduler
-            p, g = sched.stats.num_prompt_tokens_computed, sched.stats.num_generated_tokens
-            alloc = sched.allocator
+            st = engine_stats(self.engine)
+            p, g = st.num_prompt_tokens_computed, st.num_generated_tokens
             dt = max(now - last_t, 1e-9)
-            if p == last_p and g == last_g and not sched.running and not sched.waiting:
+            if p == last_p and g == last_g and not st.num_unfinished:
                 last_t = now
                 continue  # idle: nothing to report
             logger.info(
                 "throughput: prompt %.1f tok/s, generation %.1f tok/s; running %d, waiting %d; KV usage %.1f%% "
                 "(%d/%d blocks); preemptions %d",
-                (p - last_p) / dt, (g - last_g) / dt, len(sched.running), len(sched.waiting),
-                100.0 * alloc.num_used / alloc.num_blocks, alloc.num_used, alloc.num_blocks, sched.stats.num_preemptions,
+                (p - last_p) / dt, (g - last_g) / dt, st.num_running, st.num_waiting,
+                100.0 * st.kv_usage, st.num_kv_blocks_used, st.num_kv_blocks_total, st.num_preemptions,
             )
             last_t, last_p, last_g = now, p, g

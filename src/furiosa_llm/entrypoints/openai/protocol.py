@@ -1,22 +1,118 @@
 """Request and response bodies of the OpenAI-compatible API (pydantic models; they make the OpenAPI schema).
 
-Fields common clients send that the engine does not use (``user``, ``logit_bias`` ...) are
-accepted and ignored; vLLM's extra sampling fields (``top_k``, ``min_p``,
-``repetition_penalty``, ``ignore_eos`` ...) are honoured.
+Validation of a request body, before anything reaches the engine:
+- Types are strict: an int field takes a JSON integer (not ``true``, ``2.0`` or ``"2"``), a
+  number field a JSON number, a boolean ``true``/``false``. Every number must be finite:
+  ``NaN``, ``Infinity`` and ``1e999`` (which Python's ``json`` reads as floats) are a 400
+  that names the field.
+- Ranges of the sampling fields are ``SamplingParams``'s (one place); ``seed`` is an int64 as
+  in vLLM; counts such as ``logprobs`` are bounded by the engine (``max_logprobs``) when the
+  request is added. A failed check is a 400 naming the field.
+- Fields of OpenAI's or vLLM's API that name a feature this engine does not implement
+  (``UNSUPPORTED`` below: guided/structured decoding, tools, beam search, ``logit_bias``,
+  ``suffix`` ...) are a 400 naming the field unless they hold their no-op value; they are
+  never silently ignored.
+- Other unknown fields (``user``, ``metadata``, ``service_tier`` ...) change nothing the engine
+  does and are ignored. vLLM's extra sampling fields (``top_k``, ``min_p``,
+  ``repetition_penalty``, ``ignore_eos`` ...) are honoured.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 NonNegInt = Annotated[int, Field(ge=0)]
 
 
 class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+def _unset(v: Any) -> bool:
+    return v is None
+
+
+def _off(v: Any) -> bool:
+    return v is None or v is False
+
+
+def _empty(v: Any) -> bool:
+    return v is None or (isinstance(v, (str, list, dict)) and not v)
+
+
+def _one(v: Any) -> bool:
+    return v is None or (type(v) in (int, float) and v == 1)
+
+
+def _text_format(v: Any) -> bool:
+    return v is None or v == {"type": "text"}
+
+
+def _no_tool_choice(v: Any) -> bool:
+    return v is None or v == "none"
+
+
+_GUIDED = "guided (structured) decoding is not supported by this engine"
+# Request fields that name a feature the engine does not implement: field -> (the test of its
+# no-op value, why). A request whose field fails the test is a 400 naming the field.
+UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "structured_outputs": (_unset, _GUIDED),
+    "guided_json": (_unset, _GUIDED),
+    "guided_regex": (_unset, _GUIDED),
+    "guided_choice": (_unset, _GUIDED),
+    "guided_grammar": (_unset, _GUIDED),
+    "guided_decoding_backend": (_unset, _GUIDED),
+    "guided_whitespace_pattern": (_unset, _GUIDED),
+    "response_format": (_text_format, 'only {"type": "text"} is supported (no JSON mode or schema)'),
+    "logit_bias": (_empty, "logit_bias is not supported"),
+    "best_of": (_one, "only best_of=1 is supported"),
+    "use_beam_search": (_off, "beam search is not supported"),
+    "length_penalty": (_one, "length_penalty applies to beam search, which is not supported"),
+    "allowed_token_ids": (_unset, "allowed_token_ids is not supported"),
+    "bad_words": (_empty, "bad_words is not supported"),
+    "logits_processors": (_empty, "logits processors are not supported"),
+    "truncate_prompt_tokens": (_unset, "prompt truncation is not supported; shorten the prompt"),
+    "prompt_logprobs": (_unset, "prompt_logprobs is not supported by the server; use /v1/completions with "
+                                "echo=true and logprobs"),
+    "return_tokens_as_token_ids": (_off, "return_tokens_as_token_ids is not supported"),
+    # completions only
+    "suffix": (_empty, "suffix (insertion) is not supported"),
+    # chat only
+    "tools": (_empty, 'tools are not supported (tool_choice="none" is accepted)'),
+    "tool_choice": (_no_tool_choice, 'tool calling is not supported; only tool_choice="none" is accepted'),
+    "functions": (_empty, "function calling is not supported"),
+    "function_call": (_no_tool_choice, 'function calling is not supported; only "none" is accepted'),
+    "echo": (_off, "echo is not supported on chat completions"),
+}
+
+_UNSUPPORTED_DOC = "Not supported: any value but the no-op one is a 400 naming this field."
+
+
+def _unsupported_field(default: Any = None) -> Any:
+    return Field(default, description=_UNSUPPORTED_DOC)
+
+
+def unsupported_field(req: BaseModel) -> tuple[str, str] | None:
+    """``(field, message)`` for the first field of ``req`` that asks for an unimplemented feature."""
+    values = {name: getattr(req, name) for name in type(req).model_fields}
+    for name, value in values.items():
+        check = UNSUPPORTED.get(name)
+        if check is None or (name == "echo" and isinstance(req, CompletionRequest)):
+            continue
+        ok, why = check
+        if name == "tools" and values.get("tool_choice") == "none":
+            continue  # tools the model is told not to call
+        if not ok(value):
+            return name, f"{name}={value!r:.100}: {why}"
+    opts = values.get("stream_options")
+    if opts is not None and opts.continuous_usage_stats:
+        return "stream_options", "stream_options.continuous_usage_stats=True: usage is sent once, at the end of a stream"
+    return None
 
 
 class ErrorInfo(BaseModel):
@@ -46,10 +142,10 @@ class SamplingFields(OpenAIModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = _unsupported_field()
     user: str | None = None
     # vLLM extras
     top_k: int | None = None
@@ -60,14 +156,33 @@ class SamplingFields(OpenAIModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = False
     skip_special_tokens: bool | None = True
+    # named features this engine does not implement (UNSUPPORTED): a 400 unless left at the no-op value
+    response_format: dict[str, Any] | None = _unsupported_field()
+    structured_outputs: Any = _unsupported_field()
+    guided_json: Any = _unsupported_field()
+    guided_regex: Any = _unsupported_field()
+    guided_choice: Any = _unsupported_field()
+    guided_grammar: Any = _unsupported_field()
+    guided_decoding_backend: Any = _unsupported_field()
+    guided_whitespace_pattern: Any = _unsupported_field()
+    best_of: int | None = _unsupported_field()
+    use_beam_search: bool | None = _unsupported_field()
+    length_penalty: float | None = _unsupported_field()
+    allowed_token_ids: Any = _unsupported_field()
+    bad_words: Any = _unsupported_field()
+    logits_processors: Any = _unsupported_field()
+    truncate_prompt_tokens: Any = _unsupported_field()
+    prompt_logprobs: Any = _unsupported_field()
+    return_tokens_as_token_ids: bool | None = _unsupported_field()
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool | None = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
+    echo: bool | None = Field(False, description="Return the prompt before the completion; with logprobs, the "
+                                                 "prompt tokens are scored too (the first entry is null). "
+                                                 "max_tokens=0 with echo scores the prompt only.")
+    logprobs: NonNegInt | None = None
+    suffix: str | None = _unsupported_field()
 
 
 class ChatMessage(OpenAIModel):
@@ -80,14 +195,16 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: NonNegInt | None = None
     add_generation_prompt: bool | None = True
     continue_final_message: bool | None = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = _unsupported_field()
+    tool_choice: str | dict[str, Any] | None = _unsupported_field()
+    functions: Any = _unsupported_field()
+    function_call: Any = _unsupported_field()
+    echo: bool | None = _unsupported_field()
 
 
 class UsageInfo(BaseModel):
