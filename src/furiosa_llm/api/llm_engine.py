@@ -1,9 +1,10 @@
 """LLMEngine: the synchronous engine. Wiring of a backend, the engine core and the output processor.
 
-``add_request`` tokenizes and validates, ``step`` runs one core step and turns its outputs
-into ``RequestOutput``s, ``abort_request`` ends requests at once. The torch backend
+``add_request`` queues a request (``InputProcessor`` validates it and builds the core's
+``Request``), ``step`` runs one core step and turns its outputs into ``RequestOutput``s
+(``OutputProcessor``), ``abort_request`` ends requests at once. The torch backend
 (``hal.torch_backend``) loads the model and makes the execution queue; ``EngineArgs.engine_config``
-is the core's configuration; ``OutputProcessor`` detokenizes and shapes outputs.
+is the core's configuration.
 """
 
 from __future__ import annotations
@@ -11,20 +12,17 @@ from __future__ import annotations
 import logging
 import time
 
-from furiosa_llm.core import EngineCore, EngineStats, Request
+from furiosa_llm.core import EngineCore, EngineStats
 from furiosa_llm.hal import ExecutionQueue
 
 from .engine_args import EngineArgs
-from .inputs import PromptType, parse_prompt
+from .input_processor import InputProcessor, PromptTooLongError  # noqa: F401 - PromptTooLongError is public here
+from .inputs import PromptType
 from .output_processor import OutputProcessor
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
 logger = logging.getLogger("furiosa_llm")
-
-
-class PromptTooLongError(ValueError):
-    """A prompt plus its output cannot fit the context (``max_model_len``)."""
 
 
 class EngineDeadError(RuntimeError):
@@ -53,6 +51,8 @@ class LLMEngine:
         queue = queue or backend.create_queue(config.scheduler.num_blocks, config.npu_queue_limit, config.jit.max_workers)
         self.core = EngineCore.from_config(config, queue, time.monotonic, eos_token_ids=self.eos_token_ids,
                                            num_layers=backend.num_layers)
+        self.input_processor = InputProcessor(self.tokenizer, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
+                                              max_logprobs=args.max_logprobs, eos_token_ids=self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
         if config.jit.enabled:
             logger.info("JIT on: decode buckets compile after %d hits, %d at once, %d layers per unit (backend %s)",
@@ -76,32 +76,10 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: PromptType, sampling_params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:
         """Queue a request. ``ValueError`` for a bad id, prompt or parameters, or a live duplicate id."""
-        if not isinstance(request_id, str):
-            raise ValueError(f"request_id={request_id!r}: must be a str")
-        params = sampling_params if sampling_params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params={params!r:.80}: expected a SamplingParams")
-        params.verify(max_logprobs=self.args.max_logprobs, vocab_size=self.vocab_size)
-        text, ids = parse_prompt(prompt, self.tokenizer, self.vocab_size)
-        need = len(ids) + max(params.max_tokens or 1, params.min_tokens, 1)
-        if need > self.max_model_len:
-            raise PromptTooLongError(
-                f"prompt: {len(ids)} prompt tokens + max(max_tokens={params.max_tokens}, min_tokens={params.min_tokens}, 1) "
-                f"= {need} exceeds max_model_len={self.max_model_len}"
-            )
-        req = Request(
-            request_id=request_id,
-            prompt_token_ids=ids,
-            max_tokens=params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids),
-            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
-            sampling=params.settings(self.eos_token_ids),
-            min_tokens=params.min_tokens,
-            stop_token_ids=frozenset(params.stop_token_ids or ()),
-            ignore_eos=params.ignore_eos,
-        )
+        text, params, req = self.input_processor.process(request_id, prompt, sampling_params, arrival_time)
         with self.core.lock:
             self.core.add_request(req)  # raises on a duplicate live id
-            self.output_processor.add(request_id, text, ids, params, req.metrics)
+            self.output_processor.add(request_id, text, req.prompt_token_ids, params, req.metrics)
 
     def abort_request(self, request_id: str | list[str]) -> list[RequestOutput]:
         """Abort live requests, freeing their KV blocks now; returns their final outputs."""

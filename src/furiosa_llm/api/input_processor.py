@@ -1,0 +1,57 @@
+"""InputProcessor: validates a request and turns it into the core's ``Request``.
+
+Checks the request id, the ``SamplingParams`` against the engine's limits (``max_logprobs``,
+the vocabulary), the prompt form, and that prompt plus output fit ``max_model_len``; every
+failure is a ``ValueError`` naming the argument, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import time
+
+from furiosa_llm.core import Request
+
+from .inputs import PromptType, parse_prompt
+from .sampling_params import SamplingParams
+
+
+class PromptTooLongError(ValueError):
+    """A prompt plus its output cannot fit the context (``max_model_len``)."""
+
+
+class InputProcessor:
+    def __init__(self, tokenizer, *, vocab_size: int, max_model_len: int, max_logprobs: int,
+                 eos_token_ids: frozenset[int]) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.max_logprobs = max_logprobs
+        self.eos_token_ids = eos_token_ids
+
+    def process(self, request_id: str, prompt: PromptType, sampling_params: SamplingParams | None,
+                arrival_time: float | None = None) -> tuple[str | None, SamplingParams, Request]:
+        """Returns ``(prompt text or None, the params, the core request)``; ``ValueError`` on bad input."""
+        if not isinstance(request_id, str):
+            raise ValueError(f"request_id={request_id!r}: must be a str")
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params={params!r:.80}: expected a SamplingParams")
+        params.verify(max_logprobs=self.max_logprobs, vocab_size=self.vocab_size)
+        text, ids = parse_prompt(prompt, self.tokenizer, self.vocab_size)
+        need = len(ids) + max(params.max_tokens or 1, params.min_tokens, 1)
+        if need > self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt: {len(ids)} prompt tokens + max(max_tokens={params.max_tokens}, min_tokens={params.min_tokens}, 1) "
+                f"= {need} exceeds max_model_len={self.max_model_len}"
+            )
+        req = Request(
+            request_id=request_id,
+            prompt_token_ids=ids,
+            max_tokens=params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids),
+            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+            sampling=params.settings(self.eos_token_ids),
+            min_tokens=params.min_tokens,
+            stop_token_ids=frozenset(params.stop_token_ids or ()),
+            ignore_eos=params.ignore_eos,
+        )
+        return text, params, req
