@@ -104,7 +104,7 @@ class TokenLogprob:
 
 @dataclass(slots=True)
 class StepResult:
-    """What a backend returns for one ``Batch``: sampled token ids keyed by request id."""
+    """What a backend returns for one ``Batch``: sampled token ids keyed by request id, and its times."""
 
     step_id: int
     sampled: dict[str, int] = field(default_factory=dict)
@@ -114,3 +114,6 @@ class StepResult:
     prompt_logprobs: dict[str, list[list[TokenLogprob] | None]] = field(default_factory=dict)
     started_at: float = 0.0
     finished_at: float = 0.0
+    # host seconds the step costs beyond the device (scheduling, sampling, detokenizing); set by
+    # backends that model time (the simulator); 0 where the host's time is simply the wall clock's
+    host_s: float = 0.0

@@ -4,7 +4,10 @@
 stage a tensor-parallel group of PEs. ``SimQueue`` is the execution queue of one replica: a
 batch passes through the stages in order, each stage busy for its share of the step time the
 cost model gives, so with ``npu_queue_limit`` > 1 batches overlap in the pipeline. Time is the
-SimPy environment's ``env.now``; the engine core reads it as its clock.
+SimPy environment's ``env.now``; the engine core reads it as its clock. Steps and JIT
+compilations are both SimPy timeouts: a step's fires with its ``StepResult`` (whose ``host_s``
+is the host time the cost model gives); when a compilation's fires, ``compiled()`` reports its
+``CompileResult``.
 
 Tokens come from a ``BatchExecutor``: ``SyntheticTokens`` for planning (output lengths come
 from the workload), or the torch ``ModelRunner`` for functional runs with real text.
@@ -13,7 +16,6 @@ from the workload), or the torch ``ModelRunner`` for functional runs with real t
 from __future__ import annotations
 
 import collections
-import heapq
 from dataclasses import dataclass
 
 from .batch import Batch, Bucket, CompileResult, StepResult
@@ -108,8 +110,6 @@ class SimQueue(ExecutionQueue):
                  num_stages: int = 1, jit: bool = False) -> None:
         super().__init__(limit)
         self.jit = jit  # JIT on: uncompiled decode steps take the slow path
-        self._compiles: list[tuple[float, int, CompileResult]] = []  # heap of (done_at, seq, result)
-        self._compile_seq = 0
         if num_stages < 1:
             raise ValueError(f"num_stages={num_stages}: must be >= 1")
         self.env = env
@@ -117,9 +117,7 @@ class SimQueue(ExecutionQueue):
         self.cost = cost
         self.tokens = tokens
         self._stage_free_at = [0.0] * num_stages
-        self._pending: collections.deque = collections.deque()
-        self._host_s: collections.deque[float] = collections.deque()
-        self.last_host_s = 0.0  # host seconds of the batch ``wait`` returned last
+        self._pending: collections.deque = collections.deque()  # SimPy events of the batches in flight
         self.busy_s = 0.0  # device seconds of the first stage (utilisation numerator)
         self.num_batches = 0
 
@@ -132,16 +130,16 @@ class SimQueue(ExecutionQueue):
         return device, self.cost.host_time(shape)
 
     def compile(self, bucket: Bucket, num_units: int) -> None:
-        """Compilations run beside serving and end ``num_units x jit_compile_s_per_unit`` later."""
-        secs = num_units * self.cost.jit_compile_s_per_unit
-        self._compile_seq += 1
-        heapq.heappush(self._compiles, (self.env.now + secs, self._compile_seq, CompileResult(bucket, True, secs)))
+        """A compilation runs beside serving: a timeout of ``num_units x jit_compile_s_per_unit`` seconds.
 
-    def compiled(self) -> list[CompileResult]:
-        done = []
-        while self._compiles and self._compiles[0][0] <= self.env.now:
-            done.append(heapq.heappop(self._compiles)[2])
-        return done
+        When the environment processes it, its result joins those ``compiled()`` reports next.
+        """
+        secs = num_units * self.cost.jit_compile_s_per_unit
+        done = self.env.timeout(secs, value=CompileResult(bucket, True, secs))
+        done.callbacks.append(self._compile_ended)
+
+    def _compile_ended(self, event) -> None:
+        self._done_compiles.append(event.value)
 
     def submit(self, batch: Batch) -> None:
         if len(self._pending) >= self.limit:
@@ -159,10 +157,10 @@ class SimQueue(ExecutionQueue):
         result.step_id = batch.step_id
         result.started_at = started
         result.finished_at = ready
+        result.host_s = host
         self.busy_s += per_stage
         self.num_batches += 1
         self._pending.append(self.env.timeout(ready - now, value=result))
-        self._host_s.append(host)
 
     def oldest(self):
         """The SimPy event that fires with the oldest in-flight batch's result (``yield`` it in a process)."""
@@ -176,7 +174,6 @@ class SimQueue(ExecutionQueue):
         if not ev.processed:
             self.env.run(until=ev)
         self._pending.popleft()
-        self.last_host_s = self._host_s.popleft()
         return ev.value
 
     @property
@@ -185,4 +182,3 @@ class SimQueue(ExecutionQueue):
 
     def close(self) -> None:
         self._pending.clear()
-        self._host_s.clear()

@@ -6,9 +6,11 @@ the metric names of vLLM's serving benchmark. ``max_rate`` and ``sweep`` search 
 under SLOs.
 """
 
+from .config import SimConfig, SimPlan
 from .metrics import SLO
 from .planner import max_rate, sweep
-from .simulation import SimConfig, SimResult, simulate
+from .report import SimResult
+from .simulation import simulate
 from .workload import LengthDist, Workload
 
-__all__ = ["LengthDist", "SLO", "SimConfig", "SimResult", "Workload", "max_rate", "simulate", "sweep"]
+__all__ = ["LengthDist", "SLO", "SimConfig", "SimPlan", "SimResult", "Workload", "max_rate", "simulate", "sweep"]

@@ -3,7 +3,11 @@
 TTFT (arrival to first token), TPOT (per request: time after the first token over the tokens
 after it), ITL (gaps between a request's consecutive tokens) and E2EL (arrival to last token),
 each as mean, median, std, p90 and p99 in milliseconds; request and token throughput; goodput:
-requests per second that meet every SLO.
+requests per second that meet every SLO. The formulas are the core's (``core.metrics``).
+
+``MetricsRecorder`` takes every measurement of a run through its hooks (``on_arrival``,
+``on_reject``, ``on_outputs`` or ``on_tokens``, ``on_step``, ``on_replica_end``, ``on_end``);
+nothing else in a run measures.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from array import array
 from dataclasses import dataclass
 
 import numpy as np
+
+from furiosa_llm.core.metrics import EngineStats, RequestMetrics, e2e_latency, time_per_output_token, time_to_first_token
 
 PERCENTILES = (90, 99)
 
@@ -60,10 +66,15 @@ def latency_stats(name: str, values_ms: np.ndarray) -> dict[str, float]:
 
 
 class MetricsRecorder:
-    """Collects per-request timings as outputs arrive (simulated or wall clock)."""
+    """Collects a run's measurements: per-request timings, KV usage per step, each replica's counters.
+
+    A request's timing record is a ``RequestMetrics``: the core's own (the first ``CoreOutput``
+    of a request carries it, on the core's clock) when outputs come from an engine core, else
+    one the recorder keeps from ``on_tokens``' times. ITL gaps are taken per token as they come.
+    """
 
     def __init__(self) -> None:
-        self._live: dict[str, list] = {}  # rid -> [arrival, first, last, n_in, n_out, index]
+        self._live: dict[str, list] = {}  # rid -> [timing record, n_in, index, n_out, last token time]
         self.index = array("q")  # the request's position in the workload
         self.arrival = array("d")
         self.first = array("d")
@@ -73,69 +84,143 @@ class MetricsRecorder:
         self.itl = array("d")
         self.num_rejected = 0
         self.num_aborted = 0
+        self.duration = 0.0
+        self.kv: dict[int, tuple[array, array]] = {}  # replica -> (times, KV blocks in use) after each step
+        self.replicas: dict[int, dict] = {}  # replica -> its devices and counters at the end of the run
 
+    # ---- hooks ---------------------------------------------------------------------------------
     def on_arrival(self, request_id: str, now: float, num_input_tokens: int, index: int = -1) -> None:
-        self._live[request_id] = [now, -1.0, -1.0, num_input_tokens, 0, index]
+        """A request arrived and was queued."""
+        self._live[request_id] = [RequestMetrics(now), num_input_tokens, index, 0, 0.0]
+
+    def on_reject(self) -> None:
+        """A request was refused on arrival (too long for the engine's context)."""
+        self.num_rejected += 1
+
+    def on_outputs(self, outputs) -> int:
+        """A step's ``CoreOutput``s; returns how many requests completed.
+
+        Times come from each request's timing record (the core stamped its tokens when it
+        folded the step in).
+        """
+        live, itl = self._live, self.itl
+        done = 0
+        for o in outputs:
+            rec = live.get(o.request_id)
+            if rec is None:
+                continue
+            if o.metrics is not None:  # the request's first output carries its record
+                rec[0] = o.metrics
+            if o.new_token_ids:
+                t = rec[0].last_token_time
+                if rec[3]:
+                    itl.append(t - rec[4])
+                rec[4] = t
+                rec[3] += len(o.new_token_ids)
+            if o.finish_reason is not None:
+                done += self._end(o.request_id, o.finish_reason == "abort")
+        return done
 
     def on_tokens(self, request_id: str, num_tokens: int, now: float, finished: bool, aborted: bool = False) -> bool:
-        """Record ``num_tokens`` new tokens at ``now``; returns True when the request completed."""
+        """``num_tokens`` new tokens reached the user at ``now`` (an engine whose outputs carry no record).
+
+        Returns True when the request completed.
+        """
         rec = self._live.get(request_id)
         if rec is None:
             return False
         if num_tokens:
-            if rec[1] < 0:
-                rec[1] = now
+            m = rec[0]
+            if m.first_token_time is None:
+                m.first_token_time = now
             else:
-                self.itl.append(now - rec[2])
-            rec[2] = now
-            rec[4] += num_tokens
-        if not finished:
-            return False
-        del self._live[request_id]
-        if aborted or rec[4] == 0:
+                self.itl.append(now - m.last_token_time)
+            m.last_token_time = now
+            rec[3] += num_tokens
+        return self._end(request_id, aborted) if finished else False
+
+    def on_step(self, replica: int, now: float, stats: EngineStats) -> None:
+        """A replica folded a step in: sample its KV usage."""
+        kv = self.kv.get(replica)
+        if kv is None:
+            kv = self.kv[replica] = (array("d"), array("q"))
+        kv[0].append(now)
+        kv[1].append(stats.num_kv_blocks_used)
+
+    def on_replica_end(self, replica: int, devices: str, stats: EngineStats, device_busy_s: float) -> None:
+        """A replica's devices and its core's counters at the end of the run."""
+        info = {"devices": devices, "num_kv_blocks": stats.num_kv_blocks_total, "num_steps": stats.num_steps,
+                "num_preemptions": stats.num_preemptions, "num_cached_tokens": stats.num_cached_tokens,
+                "device_busy_s": device_busy_s}
+        if stats.jit is not None:
+            info["jit"] = stats.jit.as_dict()
+        self.replicas[replica] = info
+
+    def on_end(self, now: float) -> None:
+        """The run ended at ``now``."""
+        self.duration = max(self.duration, now)
+
+    def _end(self, request_id: str, aborted: bool) -> bool:
+        rec = self._live.pop(request_id)
+        if aborted or rec[3] == 0:
             self.num_aborted += 1
             return False
-        self.index.append(rec[5])
-        self.arrival.append(rec[0])
-        self.first.append(rec[1])
-        self.last.append(rec[2])
-        self.n_in.append(rec[3])
-        self.n_out.append(rec[4])
+        m = rec[0]
+        self.index.append(rec[2])
+        self.arrival.append(m.arrival_time)
+        self.first.append(m.first_token_time)
+        self.last.append(m.last_token_time)
+        self.n_in.append(rec[1])
+        self.n_out.append(rec[3])
         return True
 
-    def on_outputs(self, outputs, now: float) -> int:
-        """Record a step's ``CoreOutput``s; returns how many requests completed."""
-        on_tokens = self.on_tokens
-        return sum(on_tokens(o.request_id, len(o.new_token_ids), now, o.finish_reason is not None) for o in outputs)
-
+    # ---- results -------------------------------------------------------------------------------
     @property
     def num_completed(self) -> int:
         return len(self.arrival)
 
     @classmethod
     def merge(cls, parts: list["MetricsRecorder"]) -> "MetricsRecorder":
-        """Completed requests of several recorders, ordered by workload position (so order-independent)."""
+        """The recorders of disjoint sets of replicas as one; requests ordered by workload position.
+
+        The order does not depend on how the replicas were split, so neither do the reports.
+        """
         m = cls()
         for p in parts:
             for name in ("index", "arrival", "first", "last", "n_in", "n_out", "itl"):
                 getattr(m, name).extend(getattr(p, name))
             m.num_rejected += p.num_rejected
             m.num_aborted += p.num_aborted
+            m.duration = max(m.duration, p.duration)
+            m.kv.update(p.kv)
+            m.replicas.update(p.replicas)
         order = np.argsort(np.asarray(m.index, dtype=np.int64), kind="stable")
         for name in ("index", "arrival", "first", "last", "n_in", "n_out"):
             a = getattr(m, name)
             setattr(m, name, array(a.typecode, np.asarray(a)[order].tolist()))
         m.itl = array("d", np.sort(np.asarray(m.itl, dtype=float)).tolist())
+        m.kv = dict(sorted(m.kv.items()))
+        m.replicas = dict(sorted(m.replicas.items()))
         return m
 
     def per_request(self) -> dict[str, np.ndarray]:
         arrival, first, last = (np.asarray(a, dtype=float) for a in (self.arrival, self.first, self.last))
         n_out = np.asarray(self.n_out, dtype=np.int64)
-        ttft = (first - arrival) * 1e3
-        e2el = (last - arrival) * 1e3
-        tpot = np.where(n_out > 1, (last - first) * 1e3 / np.maximum(n_out - 1, 1), 0.0)
-        return {"arrival": arrival, "ttft_ms": ttft, "tpot_ms": tpot, "e2el_ms": e2el,
+        return {"arrival": arrival, "ttft_ms": time_to_first_token(arrival, first) * 1e3,
+                "tpot_ms": time_per_output_token(first, last, n_out) * 1e3, "e2el_ms": e2e_latency(arrival, last) * 1e3,
                 "n_in": np.asarray(self.n_in, dtype=np.int64), "n_out": n_out}
+
+    def kv_usage(self) -> tuple[np.ndarray, np.ndarray]:
+        """(time, share of all replicas' KV blocks in use): each replica's latest sample carried forward."""
+        ids = sorted(self.kv)
+        if not ids:
+            return np.zeros(0), np.zeros(0)
+        t_all = np.concatenate([np.asarray(self.kv[i][0], dtype=float) for i in ids])
+        # each sample's change from the same replica's previous one; summed in time order
+        delta = np.concatenate([np.diff(np.asarray(self.kv[i][1], dtype=float), prepend=0.0) for i in ids])
+        order = np.argsort(t_all, kind="stable")
+        total = sum(r["num_kv_blocks"] for r in self.replicas.values())  # a replica that never stepped used none
+        return t_all[order], np.cumsum(delta[order]) / total
 
     def summary(self, duration_s: float, slo: SLO | None = None) -> dict:
         r = self.per_request()

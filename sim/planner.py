@@ -10,8 +10,9 @@ from __future__ import annotations
 import itertools
 from dataclasses import replace
 
+from .config import SimConfig
 from .metrics import SLO
-from .simulation import SimConfig, simulate
+from .simulation import simulate
 from .workload import Workload
 
 
@@ -79,10 +80,10 @@ def sweep(config: SimConfig, workload: Workload, slo: SLO, grid: dict[str, list]
     keys = list(grid)
     for values in itertools.product(*(grid[k] for k in keys)):
         point = dict(zip(keys, values))
-        cfg = replace(config, **point)
+        cfg = replace(config, **point)  # SimConfig takes engine arguments and its own settings alike
         try:
             res = max_rate(cfg, workload, slo, **kw)
-            rows.append({"point": point, "num_replicas": len(cfg.placements()), **res})
+            rows.append({"point": point, "num_replicas": cfg.plan().num_replicas, **res})
         except ValueError as e:  # e.g. the model does not fit this many PEs
             rows.append({"point": point, "error": str(e), "max_request_rate": None})
     return rows

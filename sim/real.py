@@ -43,6 +43,12 @@ class RecordingQueue(ExecutionQueue):
     def in_flight(self) -> int:
         return self.inner.in_flight
 
+    def compile(self, bucket, num_units: int) -> None:
+        self.inner.compile(bucket, num_units)
+
+    def compiled(self):
+        return self.inner.compiled()
+
     def close(self) -> None:
         self.inner.close()
 
@@ -57,8 +63,9 @@ class RecordingQueue(ExecutionQueue):
 
 
 def install_recorder(engine) -> RecordingQueue:
-    rec = engine.queue if isinstance(engine.queue, RecordingQueue) else RecordingQueue(engine.queue)
-    engine.queue = rec
+    """Put a ``RecordingQueue`` around the execution queue of ``engine``'s core (once)."""
+    queue = engine.core.queue
+    rec = queue if isinstance(queue, RecordingQueue) else RecordingQueue(queue)
     engine.core.queue = rec
     return rec
 
@@ -108,7 +115,7 @@ def run_workload(engine, workload: Workload, *, progress: bool = False) -> RealR
                 engine.add_request(rid, {"prompt_token_ids": prompts[nxt]}, params, arrival_time=t0 + times[nxt])
                 metrics.on_arrival(rid, t0 + times[nxt], n_in, index=nxt)
             except ValueError:  # too long for this engine's context
-                metrics.num_rejected += 1
+                metrics.on_reject()
                 done += 1
             nxt += 1
         if not engine.has_unfinished_requests():

@@ -1,13 +1,80 @@
-"""Reports: JSON files and matplotlib PNG plots of simulated runs and plans."""
+"""Reports: a simulated run's report assembled from its recorder, JSON files, and matplotlib PNG plots."""
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .simulation import SimResult, jsonable
+from .config import SimConfig, SimPlan
+from .metrics import SLO, MetricsRecorder
+from .workload import Workload
+
+KV_SAMPLES = 2000  # points of the KV-usage timeline kept in a report
+
+
+@dataclass
+class SimResult:
+    report: dict
+    per_request: dict[str, np.ndarray] = field(repr=False)
+    kv_usage: tuple[np.ndarray, np.ndarray] = field(repr=False)  # (time, used fraction over all replicas)
+    traces: list = field(default_factory=list, repr=False)  # per replica, when record_trace
+    wall_s: float = 0.0
+
+
+def build_result(config: SimConfig, plan: SimPlan, workload: Workload, slo: SLO | None, dispatch: str,
+                 recorder: MetricsRecorder, traces: dict[int, list], wall_s: float = 0.0) -> SimResult:
+    """The report of a run (vLLM's metric names, the replicas' counters, KV usage) from its recorder."""
+    info = recorder.replicas
+    duration = recorder.duration
+    summary = recorder.summary(duration, slo)
+    for key in ("num_preemptions", "num_steps", "num_cached_tokens"):
+        summary[key] = sum(r[key] for r in info.values())
+    if plan.engine.jit.enabled:
+        jits = [r["jit"] for r in info.values()]
+        compiled, slow = sum(j["steps_compiled"] for j in jits), sum(j["steps_slow"] for j in jits)
+        ready = [j["first_ready_at"] for j in jits if j["first_ready_at"] is not None]
+        summary["jit"] = {
+            "hit_rate": compiled / (compiled + slow) if compiled + slow else 0.0,
+            "compilations_started": sum(j["compilations_started"] for j in jits),
+            "compilations_finished": sum(j["compilations_finished"] for j in jits),
+            "compilations_failed": sum(j["compilations_failed"] for j in jits),
+            "compile_seconds_total": sum(j["compile_seconds_total"] for j in jits),
+            "first_bucket_ready_s": min(ready) if ready else None,
+        }
+    kv_time, kv_frac = recorder.kv_usage()
+    summary["mean_kv_usage"] = float(kv_frac.mean()) if len(kv_frac) else 0.0
+    summary["max_kv_usage"] = float(kv_frac.max()) if len(kv_frac) else 0.0
+    keep = np.unique(np.linspace(0, len(kv_time) - 1, min(KV_SAMPLES, len(kv_time))).astype(int)) if len(kv_time) else []
+    report = {
+        "config": config.describe(),
+        "workload": workload.describe(),
+        "slo": None if slo is None else asdict(slo),
+        "dispatch": dispatch,
+        "replicas": [
+            {**{k: v for k, v in r.items() if k != "num_cached_tokens"},
+             "utilization": r["device_busy_s"] / duration if duration else 0.0}
+            for r in info.values()
+        ],
+        "max_model_len": plan.max_model_len,
+        "metrics": summary,
+        "kv_usage": {"time_s": [float(kv_time[i]) for i in keep], "used_fraction": [float(kv_frac[i]) for i in keep]},
+    }
+    return SimResult(report, recorder.per_request(), (kv_time, kv_frac), [traces[i] for i in sorted(traces)], wall_s)
+
+
+def jsonable(obj):
+    """Report values as strict JSON (NaN and infinities become null)."""
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def write_json(obj: dict, path: str | Path) -> None:

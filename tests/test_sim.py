@@ -85,6 +85,62 @@ def test_fit_recovers_known_parameters():
     assert fit.notes["median_rel_error"] < 1e-6
 
 
+# ---- configuration ----------------------------------------------------------------------------
+def test_sim_config_holds_engine_args_and_derives_the_engines_core_config():
+    from dataclasses import replace
+
+    from furiosa_llm import EngineArgs
+
+    args = EngineArgs(model="llama-3.1-8b", devices="npu:0,npu:1", npu_queue_limit=2, max_processing_samples=64,
+                      spare_blocks_ratio=0.1, max_num_batched_tokens=1024, max_model_len=1_000_000, num_kv_blocks=10_000,
+                      enable_jit_compilation=True, jit_threshold=3)
+    plan = SimConfig.from_engine_args(args, tensor_parallel_size=8).plan()
+    # the one mapping from arguments to the core, as the real engine uses it
+    assert plan.engine == args.engine_config(num_blocks=10_000, model_max_len=plan.model.max_position_embeddings)
+    assert plan.max_model_len == 131072  # capped at the model's max_position_embeddings, as on every backend
+    assert plan.num_replicas == 2 and plan.num_kv_blocks == 10_000
+    # keywords go to the engine arguments or the simulator's settings by name
+    cfg = SimConfig(model="llama-3.1-8b", devices="npu:0", num_kv_blocks=2500, npu_queue_limit=2, tensor_parallel_size=4)
+    assert (cfg.engine.devices, cfg.engine.num_kv_blocks, cfg.engine.npu_queue_limit) == ("npu:0", 2500, 2)
+    assert cfg.tensor_parallel_size == 4 and cfg.model.name == cfg.engine.model == "llama-3.1-8b"
+    moved = replace(cfg, devices="npu:0,npu:1", tensor_parallel_size=8, spare_blocks_ratio=0.2)
+    assert (moved.engine.devices, moved.tensor_parallel_size, moved.engine.spare_blocks_ratio) == ("npu:0,npu:1", 8, 0.2)
+    assert moved.engine.npu_queue_limit == 2 and cfg.engine.devices == "npu:0"
+    d = moved.describe()
+    assert (d["devices"], d["tensor_parallel_size"], d["spare_blocks_ratio"], d["npu_queue_limit"]) == ("npu:0,npu:1", 8, 0.2, 2)
+    assert d["pipeline_parallel_size"] == 1 and d["profile"] == "rngd" and d["jit_slow_factor"] == 2.0
+    assert SimConfig().describe()["devices"] == "npu:0"
+    with pytest.raises(TypeError, match="no_such_knob"):
+        SimConfig(no_such_knob=1)
+    with pytest.raises(ValueError, match="spare_blocks_ratio"):
+        SimConfig(spare_blocks_ratio=1.5)  # EngineArgs validates its own knobs
+    with pytest.raises(ValueError, match="kv_memory_utilization"):
+        SimConfig(kv_memory_utilization=0.0)
+
+
+def test_sim_queue_carries_host_time_and_reports_compilations_as_events():
+    import simpy
+
+    from furiosa_llm.hal import Batch, Bucket, SamplingSettings, SequenceChunk
+    from furiosa_llm.hal.simulator import SimQueue, SyntheticTokens
+
+    env = simpy.Environment()
+    m = load_model_shape("llama-3.1-8b")
+    cost = rngd_cost_model(8, model=m, jit_compile_s_per_unit=3.0)
+    q = SimQueue(env, m, cost, SyntheticTokens(), limit=2, jit=True)
+    q.compile(Bucket(4, 128), num_units=2)  # ends 6 s later
+    batch = Batch(0, [SequenceChunk(f"r{i}", [1], 99, [0], True, SamplingSettings()) for i in range(4)])
+    q.submit(batch)
+    assert q.compiled() == []
+    res = q.wait()  # runs the environment to the step's end
+    assert res.host_s == cost.host_time(BatchShape.of(batch)) > 0
+    assert res.finished_at == env.now < 6.0 and q.compiled() == []
+    env.run()
+    assert env.now == 6.0
+    done = q.compiled()
+    assert [(c.bucket, c.ok, c.seconds) for c in done] == [(Bucket(4, 128), True, 6.0)] and q.compiled() == []
+
+
 # ---- workloads ------------------------------------------------------------------------------
 def test_length_specs_parse_and_reject():
     assert LengthDist.parse("fixed:128") == LengthDist("fixed", 128)

@@ -7,7 +7,7 @@ import time
 import pytest
 import simpy
 
-from furiosa_llm.core import EngineCore, Request, Scheduler, SchedulerConfig
+from furiosa_llm.core import EngineConfig, EngineCore, Request, SchedulerConfig
 from furiosa_llm.hal import SamplingSettings, ThreadedQueue
 from furiosa_llm.hal.cost_model import ModelShape, rngd_cost_model
 from furiosa_llm.hal.simulator import SimQueue
@@ -52,7 +52,7 @@ def _drive(core: EngineCore, tok) -> tuple[list, dict[str, list[int]]]:
             outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
         step += 1
         assert step < 500
-    return core.scheduler.stats.trace, outputs
+    return core.trace, outputs
 
 
 @pytest.mark.parametrize("limit", [1, 2])
@@ -60,18 +60,20 @@ def test_same_decisions_on_simulator_and_torch_backend(engine, limit):
     # few blocks and a small token budget: chunked prefill, preemption and waiting all happen
     cfg = dict(num_blocks=10, block_size=16, max_num_batched_tokens=24, max_processing_samples=5, spare_blocks_ratio=0.1)
 
-    torch_core = EngineCore(Scheduler(SchedulerConfig(**cfg), engine.eos_token_ids, record_trace=True),
-                            ThreadedQueue(engine.runner, limit, clock=time.monotonic), time.monotonic)
+    config = EngineConfig(SchedulerConfig(**cfg), npu_queue_limit=limit)
+    torch_core = EngineCore.from_config(config, ThreadedQueue(engine.runner, limit, clock=time.monotonic), time.monotonic,
+                                        eos_token_ids=engine.eos_token_ids, record_trace=True)
     torch_trace, torch_out = _drive(torch_core, engine.tokenizer)
     torch_core.queue.close()
 
     env = simpy.Environment()
     shape = ModelShape.from_hf_config(engine.model_config)
     queue = SimQueue(env, shape, rngd_cost_model(1, model=shape), engine.runner, limit)  # real tokens from the model
-    sim_core = EngineCore(Scheduler(SchedulerConfig(**cfg), engine.eos_token_ids, record_trace=True), queue, lambda: env.now)
+    sim_core = EngineCore.from_config(config, queue, lambda: env.now, eos_token_ids=engine.eos_token_ids,
+                                      record_trace=True)
     sim_trace, sim_out = _drive(sim_core, engine.tokenizer)
 
-    assert torch_core.scheduler.stats.num_preemptions > 0
+    assert torch_core.stats().num_preemptions > 0
     assert any(n > 1 and n < 24 for _, step in torch_trace for _, n in step)  # a prefill chunk
     assert sim_trace == torch_trace
     assert sim_out == torch_out

@@ -75,12 +75,12 @@ def _sim_inputs(ns: argparse.Namespace):
 
         from furiosa_llm.model.runner import ModelRunner, kv_bytes_per_block
 
-        blocks = config.kv_blocks(config.stage_cost())
-        need = blocks * kv_bytes_per_block(hf_model.config, config.block_size, torch.float32)
+        blocks = config.plan().num_kv_blocks
+        need = blocks * kv_bytes_per_block(hf_model.config, args.block_size, torch.float32)
         if need > 4 * 2**30:
             raise ValueError(f"num_kv_blocks={blocks}: --token-source model keeps real K/V on the host, "
                              f"{need / 2**30:.1f} GiB for these blocks; pass --num-kv-blocks (at most 4 GiB)")
-        tokens = ModelRunner(hf_model, "cpu", blocks, config.block_size, seed=args.seed)
+        tokens = ModelRunner(hf_model, "cpu", blocks, args.block_size, seed=args.seed)
     seed = ns.workload_seed if ns.workload_seed is not None else (ns.seed or 0)
     workload = Workload(num_requests=ns.num_requests, request_rate=ns.request_rate, arrival=ns.arrival,
                         burstiness=ns.burstiness, input_len=ns.input_len, output_len=ns.output_len, seed=seed,
@@ -91,8 +91,7 @@ def _sim_inputs(ns: argparse.Namespace):
 
 def cmd_simulate(ns: argparse.Namespace) -> int:
     from furiosa_llm.sim import simulate
-    from furiosa_llm.sim.report import plot_run, write_json
-    from furiosa_llm.sim.simulation import jsonable
+    from furiosa_llm.sim.report import jsonable, plot_run, write_json
 
     config, workload, slo, tokens = _sim_inputs(ns)
     res = simulate(config, workload, slo=None if slo.empty else slo, progress=not ns.no_progress and ns.workers == 1,
@@ -130,8 +129,7 @@ def _parse_sweep(items: list[str]) -> dict[str, list]:
 
 def cmd_plan(ns: argparse.Namespace) -> int:
     from furiosa_llm.sim.planner import sweep
-    from furiosa_llm.sim.report import plot_plan, write_json
-    from furiosa_llm.sim.simulation import jsonable
+    from furiosa_llm.sim.report import jsonable, plot_plan, write_json
 
     config, workload, slo, tokens = _sim_inputs(ns)
     if tokens is not None:

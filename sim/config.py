@@ -1,0 +1,177 @@
+"""What to simulate: ``SimConfig`` (the engine's arguments plus the simulator's own settings) and ``SimPlan``.
+
+``SimConfig`` holds an ``EngineArgs`` (every engine knob, the same object the real engine
+takes) and only what the simulator adds: the model's shape, the tensor-parallel size, the cost
+profile and its assumptions. ``SimConfig.plan()`` resolves it once into a ``SimPlan``: where
+each replica runs, what a step costs on one stage, and the core's ``EngineConfig``, which comes
+from ``EngineArgs.engine_config`` like the real engine's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from furiosa_llm.api.engine_args import EngineArgs
+from furiosa_llm.core.config import EngineConfig
+from furiosa_llm.hal import parse_devices
+from furiosa_llm.hal.cost_model import CostModel, ModelShape, load_model_shape, load_profile, rngd_cost_model
+from furiosa_llm.hal.simulator import ReplicaPlacement, place_replicas
+
+DEFAULT_MODEL = "llama-3.1-8b"
+DEFAULT_DEVICES = "npu:0"  # the simulator's default: one card (the real engine's is "whatever is installed")
+ENGINE_ARG_NAMES = frozenset(f.name for f in dataclasses.fields(EngineArgs))
+# the engine arguments the simulator honours, in the order reports list them
+ENGINE_KNOBS = ("devices", "pipeline_parallel_size", "data_parallel_size", "npu_queue_limit", "max_processing_samples",
+                "spare_blocks_ratio", "max_num_batched_tokens", "block_size", "max_model_len", "enable_prefix_caching",
+                "num_kv_blocks", "enable_jit_compilation", "jit_threshold", "jit_max_workers", "jit_unit_size")
+
+
+@dataclass(init=False)
+class SimConfig:
+    """The engine's arguments (``engine``) plus what only the simulator needs.
+
+    Build it with keywords: engine arguments by their ``EngineArgs`` names, the simulator's by
+    the field names below, e.g. ``SimConfig(model="llama-3.1-8b", devices="npu:0,npu:1",
+    npu_queue_limit=2, tensor_parallel_size=8)``; or from an ``EngineArgs`` with
+    ``SimConfig(engine=args, ...)`` (``from_engine_args``). ``dataclasses.replace(config,
+    devices=...)`` takes both kinds too. ``model`` is a shipped config name, a ``config.json``
+    (or a folder holding one) or a ``ModelShape``; by default the engine's ``model``. ``profile``
+    is ``"rngd"`` (RNGD's public specifications) or a profile written by ``furiosa-llm calibrate``
+    (a path or a ``CostModel``); a profile that names its model supplies the shape.
+    """
+
+    engine: EngineArgs
+    model: ModelShape
+    tensor_parallel_size: int = 8  # PEs per pipeline stage
+    profile: str | CostModel = "rngd"
+    compute_efficiency: float = 0.6  # rngd profile: achieved share of peak FLOPs (assumed)
+    bandwidth_efficiency: float = 0.8  # rngd profile: achieved share of HBM bandwidth (assumed)
+    kv_memory_utilization: float = 0.9  # share of a stage's memory for weights + KV cache
+    jit_compile_s_per_unit: float = 20.0  # rngd profile, JIT on: seconds per compile unit (assumed)
+    jit_slow_factor: float = 2.0  # rngd profile, JIT on: slowdown of an uncompiled decode step (assumed)
+
+    def __init__(self, model: ModelShape | str | None = None, *, engine: EngineArgs | None = None,
+                 **knobs: Any) -> None:
+        sim_fields = dataclasses.fields(SimConfig)[2:]
+        for f in sim_fields:
+            setattr(self, f.name, knobs.pop(f.name, f.default))
+        unknown = sorted(set(knobs) - ENGINE_ARG_NAMES)
+        if unknown:
+            raise TypeError(f"SimConfig: unknown argument(s) {', '.join(unknown)}; simulator settings are "
+                            f"{', '.join(f.name for f in sim_fields)}, engine arguments those of EngineArgs")
+        profile_shape = None
+        if isinstance(self.profile, str) and self.profile != "rngd":
+            self.profile, profile_shape = load_profile(self.profile)
+        if model is None:
+            model = engine.model if engine is not None else (profile_shape or DEFAULT_MODEL)
+        if profile_shape is not None and model in ("profile", profile_shape.name):
+            model = profile_shape  # the model the profile was measured on
+        self.model = model if isinstance(model, ModelShape) else load_model_shape(model)
+        if engine is None:
+            engine = EngineArgs(model=self.model.name, **knobs)
+        elif knobs:
+            engine = dataclasses.replace(engine, **knobs)
+        self.engine = engine
+        if not 0 < self.kv_memory_utilization <= 1:
+            raise ValueError(f"kv_memory_utilization={self.kv_memory_utilization!r}: must be in (0, 1]")
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs, **sim: Any) -> "SimConfig":
+        """The engine's own arguments (an ``EngineArgs``) plus simulator settings."""
+        return cls(engine=args, **sim)
+
+    # ---- resolved engine knobs -----------------------------------------------------------------
+    @property
+    def devices(self) -> str:
+        return self.engine.devices or DEFAULT_DEVICES
+
+    @property
+    def pipeline_parallel_size(self) -> int:
+        return self.engine.pipeline_parallel_size or 1
+
+    def describe(self) -> dict:
+        """Every knob of the run (engine arguments resolved to the values used), for reports."""
+        e = self.engine
+        d = {"model": self.model.name, **{k: getattr(e, k) for k in ENGINE_KNOBS}}
+        d.update(devices=self.devices, pipeline_parallel_size=self.pipeline_parallel_size,
+                 npu_queue_limit=e.resolved_npu_queue_limit, max_processing_samples=e.resolved_max_processing_samples,
+                 spare_blocks_ratio=e.resolved_spare_blocks_ratio)
+        d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)[2:]})
+        d["profile"] = self.profile if isinstance(self.profile, str) else self.profile.name
+        return d
+
+    # ---- the plan --------------------------------------------------------------------------------
+    def plan(self) -> "SimPlan":
+        """Resolve the configuration once; a ``ValueError`` names what cannot run (PEs short, model too big)."""
+        placements = self._placements()
+        cost = self._stage_cost()
+        num_blocks = self.engine.num_kv_blocks or self._kv_blocks_in_memory(cost)
+        engine = self.engine.engine_config(num_blocks=num_blocks, model_max_len=self.model.max_position_embeddings)
+        return SimPlan(self.model, tuple(placements), cost, engine)
+
+    def _placements(self) -> list[ReplicaPlacement]:
+        devices = parse_devices(self.devices)
+        if all(d.kind != "npu" for d in devices):  # a calibrated torch profile: one replica per device
+            if isinstance(self.profile, str):
+                raise ValueError(f"devices={self.devices!r}: the rngd profile models npu devices; "
+                                 "cpu/cuda need a profile from 'furiosa-llm calibrate'")
+            return [ReplicaPlacement(((d,),)) for d in devices]
+        return place_replicas(devices, self.tensor_parallel_size, self.pipeline_parallel_size,
+                              self.engine.data_parallel_size)
+
+    def _stage_cost(self) -> CostModel:
+        if isinstance(self.profile, CostModel):
+            return self.profile
+        return rngd_cost_model(self.tensor_parallel_size, compute_efficiency=self.compute_efficiency,
+                               bandwidth_efficiency=self.bandwidth_efficiency, model=self.model,
+                               jit_compile_s_per_unit=self.jit_compile_s_per_unit, jit_slow_factor=self.jit_slow_factor)
+
+    def _kv_blocks_in_memory(self, cost: CostModel) -> int:
+        """KV blocks of one replica: what is left of each stage's memory after its share of the weights."""
+        if cost.memory_bytes is None:
+            blocks = cost.notes.get("num_kv_blocks")
+            if blocks is None:
+                raise ValueError(f"num_kv_blocks=None: profile {cost.name!r} does not model memory; pass --num-kv-blocks")
+            return int(blocks)
+        pp = self.pipeline_parallel_size
+        weights = self.model.weight_bytes(cost.dtype_bytes) / pp
+        free = cost.memory_bytes * self.kv_memory_utilization - weights
+        per_block = self.model.kv_bytes_per_token(cost.dtype_bytes) / pp * self.engine.block_size
+        blocks = int(free // per_block)
+        if blocks < 1:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size}, pipeline_parallel_size={pp}: {self.model.name} needs "
+                f"{weights / 1e9:.1f} GB of weights per stage but a stage has {cost.memory_bytes / 1e9:.1f} GB; "
+                "use more PEs per stage or more pipeline stages"
+            )
+        return blocks
+
+
+@dataclass(frozen=True, slots=True)
+class SimPlan:
+    """A ``SimConfig`` resolved: the model, each replica's PEs, one stage's step cost, the core's configuration.
+
+    Every replica runs ``engine`` (the same ``EngineConfig`` the real engine would derive from
+    the arguments, with this many KV blocks); a step's device time is the cost model's time for
+    the whole model divided over the replica's pipeline stages.
+    """
+
+    model: ModelShape
+    placements: tuple[ReplicaPlacement, ...]
+    cost: CostModel
+    engine: EngineConfig
+
+    @property
+    def num_replicas(self) -> int:
+        return len(self.placements)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        """KV blocks of one replica."""
+        return self.engine.scheduler.num_blocks
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.scheduler.max_model_len

@@ -1,0 +1,152 @@
+"""The simulated deployment: engine-core replicas on virtual RNGD cards, and the requests that reach them.
+
+Scenario:
+  A deployment serves a workload with data-parallel replicas. Each replica is one
+  ``EngineCore`` (the production scheduler, KV block allocator and JIT policy) over a
+  ``SimQueue``: a step occupies the replica's pipeline stages for the cost model's device
+  time, then costs host time (scheduling, sampling, detokenizing) before its outputs reach
+  users. Requests arrive as the workload says. One longer than the context is refused; the
+  others go to the replica with the fewest live requests (``least_loaded``) or to replica
+  ``i % replicas`` (``round_robin``).
+
+Entities start their own SimPy processes: a ``Replica`` steps its core while it has work and
+sleeps until a request comes; the ``Frontend`` makes each request when it arrives and
+dispatches it. Every measurement goes to a ``MetricsRecorder``. ``run`` simulates some of the
+replicas: all of them, or one worker's share of round-robin replicas (which never interact).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import simpy
+
+from furiosa_llm.core import EngineCore, Request
+from furiosa_llm.hal import BatchExecutor
+from furiosa_llm.hal.simulator import SimQueue, SyntheticTokens
+
+from .config import SimPlan
+from .metrics import MetricsRecorder
+from .workload import Arrivals, Workload
+
+DISPATCH = ("least_loaded", "round_robin")
+PROMPT_POOL = 1 << 20  # synthetic prompts are random windows of one seeded pool of token ids
+
+
+class Replica:
+    """One data-parallel replica: an ``EngineCore`` stepping on a ``SimQueue``."""
+
+    def __init__(self, env: simpy.Environment, index: int, plan: SimPlan, tokens: BatchExecutor,
+                 recorder: MetricsRecorder, *, record_trace: bool = False,
+                 on_done: Callable[[int], None] | None = None) -> None:
+        self.env = env
+        self.index = index
+        self.placement = plan.placements[index]
+        self.recorder = recorder
+        self.on_done = on_done  # told how many requests completed in a step (a progress bar)
+        self.queue = SimQueue(env, plan.model, plan.cost, tokens, limit=plan.engine.npu_queue_limit,
+                              num_stages=len(self.placement.stages), jit=plan.engine.jit.enabled)
+        self.core = EngineCore.from_config(plan.engine, self.queue, lambda: env.now, num_layers=plan.model.num_layers,
+                                           record_trace=record_trace)
+        self._wake: simpy.Event | None = None  # set while the replica sleeps with no work
+        self.process = env.process(self.serve())
+
+    @property
+    def load(self) -> int:
+        """Live requests (running or waiting)."""
+        return self.core.num_unfinished
+
+    def add(self, request: Request) -> None:
+        self.core.add_request(request)
+        wake, self._wake = self._wake, None
+        if wake is not None:
+            wake.succeed()
+
+    def serve(self):
+        """Fill the queue, wait for the oldest batch, spend its host time, fold it in; sleep when idle."""
+        env, core, queue, recorder = self.env, self.core, self.queue, self.recorder
+        while True:
+            core.submit()
+            if not queue.in_flight:
+                self._wake = env.event()
+                yield self._wake
+                continue
+            yield queue.oldest()
+            result = queue.wait()
+            if result.host_s > 0:  # outputs reach users after the host time: the core stamps them then
+                yield env.timeout(result.host_s)
+            done = recorder.on_outputs(core.process(result))
+            recorder.on_step(self.index, env.now, core.stats())
+            if done and self.on_done is not None:
+                self.on_done(done)
+
+
+class Frontend:
+    """Where requests come in: each made at its arrival time with a synthetic prompt and sent to a replica."""
+
+    def __init__(self, env: simpy.Environment, arrivals: Arrivals, seed: int, plan: SimPlan,
+                 replicas: dict[int, Replica], recorder: MetricsRecorder, dispatch: str = "least_loaded",
+                 on_done: Callable[[int], None] | None = None) -> None:
+        self.env = env
+        self.arrivals = arrivals
+        self.plan = plan
+        self.replicas = replicas  # the replicas simulated here, by index
+        self.recorder = recorder
+        self.dispatch = dispatch
+        self.on_done = on_done
+        rng = np.random.default_rng(seed)
+        max_in = int(arrivals.input_lens.max())
+        self.pool = rng.integers(2, plan.model.vocab_size, size=max(PROMPT_POOL, 2 * max_in)).tolist()
+        self.offsets = rng.integers(0, len(self.pool) - max_in, size=len(arrivals)).tolist()
+        self.process = env.process(self.arrive())
+
+    def arrive(self):
+        env, a, recorder, replicas, pool = self.env, self.arrivals, self.recorder, self.replicas, self.pool
+        round_robin = self.dispatch == "round_robin"
+        num_replicas, max_model_len = self.plan.num_replicas, self.plan.max_model_len
+        local = list(replicas.values())
+        times, ins, outs, offsets = a.arrived_at.tolist(), a.input_lens.tolist(), a.output_lens.tolist(), self.offsets
+        for i in range(len(times)):
+            if round_robin and i % num_replicas not in replicas:
+                continue  # another worker's replica
+            delay = times[i] - env.now
+            if delay > 0:
+                yield env.timeout(delay)
+            n_in, n_out = ins[i], outs[i]
+            if n_in + n_out > max_model_len:
+                recorder.on_reject()
+                if self.on_done is not None:
+                    self.on_done(1)
+                continue
+            rid, off = f"r{i}", offsets[i]
+            req = Request(rid, pool[off : off + n_in], max_tokens=n_out, arrival_time=env.now, ignore_eos=True)
+            recorder.on_arrival(rid, env.now, n_in, index=i)
+            target = replicas[i % num_replicas] if round_robin else min(local, key=lambda r: r.load)
+            target.add(req)
+
+
+def run(plan: SimPlan, workload: Workload, replica_ids: list[int], *, dispatch: str = "least_loaded",
+        tokens: BatchExecutor | None = None, record_trace: bool = False,
+        progress: bool = False) -> tuple[MetricsRecorder, dict[int, list]]:
+    """Simulate replicas ``replica_ids`` of ``plan`` serving ``workload``: the recorder and each replica's trace."""
+    env = simpy.Environment()
+    recorder = MetricsRecorder()
+    arrivals = workload.generate()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(arrivals), unit="req", desc="simulating", mininterval=0.5)
+    on_done = None if bar is None else bar.update
+    tokens = tokens or SyntheticTokens()
+    replicas = {i: Replica(env, i, plan, tokens, recorder, record_trace=record_trace, on_done=on_done)
+                for i in replica_ids}
+    Frontend(env, arrivals, workload.seed + 1, plan, replicas, recorder, dispatch, on_done)
+    env.run()
+    if bar is not None:
+        bar.close()
+    recorder.on_end(env.now)
+    for i, r in replicas.items():
+        recorder.on_replica_end(i, str(r.placement), r.core.stats(), r.queue.busy_s)
+    return recorder, ({i: r.core.trace for i, r in replicas.items()} if record_trace else {})
