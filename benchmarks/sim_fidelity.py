@@ -50,8 +50,8 @@ def main() -> None:
                   output_len=a.output_len, seed=a.seed)
     real = run_workload(engine, wl).summary()
     engine.shutdown()
-    sim = simulate(SimConfig(model=shape, profile=cost, devices="cpu", num_kv_blocks=1024,
-                             max_num_batched_tokens=engine.args.max_num_batched_tokens), wl).report["metrics"]
+    # the engine's own arguments (devices, KV blocks, token budget, ...) with the calibrated profile
+    sim = simulate(SimConfig.from_engine_args(engine.args, model=shape, profile=cost), wl).report["metrics"]
     rows = {k: {"measured": real[k], "predicted": sim[k], "rel_error": (sim[k] - real[k]) / real[k]} for k in KEYS}
     print(json.dumps({
         "benchmark": "sim_fidelity",
