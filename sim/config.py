@@ -30,19 +30,19 @@ ENGINE_KNOBS = ("devices", "pipeline_parallel_size", "data_parallel_size", "npu_
 
 @dataclass(init=False)
 class SimConfig:
-    """The engine's arguments (``engine``) plus what only the simulator needs.
+    """The engine's arguments (``engine_args``) plus what only the simulator needs.
 
     Build it with keywords: engine arguments by their ``EngineArgs`` names, the simulator's by
     the field names below, e.g. ``SimConfig(model="llama-3.1-8b", devices="npu:0,npu:1",
     npu_queue_limit=2, tensor_parallel_size=8)``; or from an ``EngineArgs`` with
-    ``SimConfig(engine=args, ...)`` (``from_engine_args``). ``dataclasses.replace(config,
+    ``SimConfig(engine_args=args, ...)`` (``from_engine_args``). ``dataclasses.replace(config,
     devices=...)`` takes both kinds too. ``model`` is a shipped config name, a ``config.json``
     (or a folder holding one) or a ``ModelShape``; by default the engine's ``model``. ``profile``
     is ``"rngd"`` (RNGD's public specifications) or a profile written by ``furiosa-llm calibrate``
     (a path or a ``CostModel``); a profile that names its model supplies the shape.
     """
 
-    engine: EngineArgs
+    engine_args: EngineArgs
     model: ModelShape
     tensor_parallel_size: int = 8  # PEs per pipeline stage
     profile: str | CostModel = "rngd"
@@ -52,7 +52,7 @@ class SimConfig:
     jit_compile_s_per_unit: float = 20.0  # rngd profile, JIT on: seconds per compile unit (assumed)
     jit_slow_factor: float = 2.0  # rngd profile, JIT on: slowdown of an uncompiled decode step (assumed)
 
-    def __init__(self, model: ModelShape | str | None = None, *, engine: EngineArgs | None = None,
+    def __init__(self, model: ModelShape | str | None = None, *, engine_args: EngineArgs | None = None,
                  **knobs: Any) -> None:
         sim_fields = dataclasses.fields(SimConfig)[2:]
         for f in sim_fields:
@@ -65,35 +65,35 @@ class SimConfig:
         if isinstance(self.profile, str) and self.profile != "rngd":
             self.profile, profile_shape = load_profile(self.profile)
         if model is None:
-            model = engine.model if engine is not None else (profile_shape or DEFAULT_MODEL)
+            model = engine_args.model if engine_args is not None else (profile_shape or DEFAULT_MODEL)
         if profile_shape is not None and model in ("profile", profile_shape.name):
             model = profile_shape  # the model the profile was measured on
         self.model = model if isinstance(model, ModelShape) else load_model_shape(model)
-        if engine is None:
-            engine = EngineArgs(model=self.model.name, **knobs)
+        if engine_args is None:
+            engine_args = EngineArgs(model=self.model.name, **knobs)
         elif knobs:
-            engine = dataclasses.replace(engine, **knobs)
-        self.engine = engine
+            engine_args = dataclasses.replace(engine_args, **knobs)
+        self.engine_args = engine_args
         if not 0 < self.kv_memory_utilization <= 1:
             raise ValueError(f"kv_memory_utilization={self.kv_memory_utilization!r}: must be in (0, 1]")
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, **sim: Any) -> "SimConfig":
         """The engine's own arguments (an ``EngineArgs``) plus simulator settings."""
-        return cls(engine=args, **sim)
+        return cls(engine_args=args, **sim)
 
     # ---- resolved engine knobs -----------------------------------------------------------------
     @property
     def devices(self) -> str:
-        return self.engine.devices or DEFAULT_DEVICES
+        return self.engine_args.devices or DEFAULT_DEVICES
 
     @property
     def pipeline_parallel_size(self) -> int:
-        return self.engine.pipeline_parallel_size or 1
+        return self.engine_args.pipeline_parallel_size or 1
 
     def describe(self) -> dict:
         """Every knob of the run (engine arguments resolved to the values used), for reports."""
-        e = self.engine
+        e = self.engine_args
         d = {"model": self.model.name, **{k: getattr(e, k) for k in ENGINE_KNOBS}}
         d.update(devices=self.devices, pipeline_parallel_size=self.pipeline_parallel_size,
                  npu_queue_limit=e.resolved_npu_queue_limit, max_processing_samples=e.resolved_max_processing_samples,
@@ -107,9 +107,10 @@ class SimConfig:
         """Resolve the configuration once; a ``ValueError`` names what cannot run (PEs short, model too big)."""
         placements = self._placements()
         cost = self._stage_cost()
-        num_blocks = self.engine.num_kv_blocks or self._kv_blocks_in_memory(cost)
-        engine = self.engine.engine_config(num_blocks=num_blocks, model_max_len=self.model.max_position_embeddings)
-        return SimPlan(self.model, tuple(placements), cost, engine)
+        num_blocks = self.engine_args.num_kv_blocks or self._kv_blocks_in_memory(cost)
+        engine_config = self.engine_args.engine_config(num_blocks=num_blocks,
+                                                       model_max_len=self.model.max_position_embeddings)
+        return SimPlan(self.model, tuple(placements), cost, engine_config)
 
     def _placements(self) -> list[ReplicaPlacement]:
         devices = parse_devices(self.devices)
@@ -119,7 +120,7 @@ class SimConfig:
                                  "cpu/cuda need a profile from 'furiosa-llm calibrate'")
             return [ReplicaPlacement(((d,),)) for d in devices]
         return place_replicas(devices, self.tensor_parallel_size, self.pipeline_parallel_size,
-                              self.engine.data_parallel_size)
+                              self.engine_args.data_parallel_size)
 
     def _stage_cost(self) -> CostModel:
         if isinstance(self.profile, CostModel):
@@ -138,7 +139,7 @@ class SimConfig:
         pp = self.pipeline_parallel_size
         weights = self.model.weight_bytes(cost.dtype_bytes) / pp
         free = cost.memory_bytes * self.kv_memory_utilization - weights
-        per_block = self.model.kv_bytes_per_token(cost.dtype_bytes) / pp * self.engine.block_size
+        per_block = self.model.kv_bytes_per_token(cost.dtype_bytes) / pp * self.engine_args.block_size
         blocks = int(free // per_block)
         if blocks < 1:
             raise ValueError(
@@ -153,7 +154,7 @@ class SimConfig:
 class SimPlan:
     """A ``SimConfig`` resolved: the model, each replica's PEs, one stage's step cost, the core's configuration.
 
-    Every replica runs ``engine`` (the same ``EngineConfig`` the real engine would derive from
+    Every replica runs ``engine_config`` (the same ``EngineConfig`` the real engine would derive from
     the arguments, with this many KV blocks); a step's device time is the cost model's time for
     the whole model divided over the replica's pipeline stages.
     """
@@ -161,7 +162,7 @@ class SimPlan:
     model: ModelShape
     placements: tuple[ReplicaPlacement, ...]
     cost: CostModel
-    engine: EngineConfig
+    engine_config: EngineConfig
 
     @property
     def num_replicas(self) -> int:
@@ -170,8 +171,8 @@ class SimPlan:
     @property
     def num_kv_blocks(self) -> int:
         """KV blocks of one replica."""
-        return self.engine.scheduler.num_blocks
+        return self.engine_config.scheduler_config.num_blocks
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.scheduler.max_model_len
+        return self.engine_config.scheduler_config.max_model_len

@@ -45,9 +45,9 @@ class Replica:
         self.placement = plan.placements[index]
         self.recorder = recorder
         self.on_done = on_done  # told how many requests completed in a step (a progress bar)
-        self.queue = SimQueue(env, plan.model, plan.cost, tokens, limit=plan.engine.npu_queue_limit,
-                              num_stages=len(self.placement.stages), jit=plan.engine.jit.enabled)
-        self.core = EngineCore.from_config(plan.engine, self.queue, lambda: env.now, num_layers=plan.model.num_layers,
+        self.queue = SimQueue(env, plan.model, plan.cost, tokens, limit=plan.engine_config.npu_queue_limit,
+                              num_stages=len(self.placement.stages), jit=plan.engine_config.jit_config.enabled)
+        self.core = EngineCore.from_config(plan.engine_config, self.queue, lambda: env.now, num_layers=plan.model.num_layers,
                                            record_trace=record_trace)
         self._wake: simpy.Event | None = None  # set while the replica sleeps with no work
         self.process = env.process(self.serve())

@@ -33,7 +33,7 @@ def build_result(config: SimConfig, plan: SimPlan, workload: Workload, slo: SLO 
     summary = recorder.summary(duration, slo)
     for key in ("num_preemptions", "num_steps", "num_cached_tokens"):
         summary[key] = sum(r[key] for r in info.values())
-    if plan.engine.jit.enabled:
+    if plan.engine_config.jit_config.enabled:
         jits = [r["jit"] for r in info.values()]
         compiled, slow = sum(j["steps_compiled"] for j in jits), sum(j["steps_slow"] for j in jits)
         ready = [j["first_ready_at"] for j in jits if j["first_ready_at"] is not None]

@@ -97,16 +97,16 @@ def test_sim_config_holds_engine_args_and_derives_the_engines_core_config():
                       enable_jit_compilation=True, jit_threshold=3)
     plan = SimConfig.from_engine_args(args, tensor_parallel_size=8).plan()
     # the one mapping from arguments to the core, as the real engine uses it
-    assert plan.engine == args.engine_config(num_blocks=10_000, model_max_len=plan.model.max_position_embeddings)
+    assert plan.engine_config == args.engine_config(num_blocks=10_000, model_max_len=plan.model.max_position_embeddings)
     assert plan.max_model_len == 131072  # capped at the model's max_position_embeddings, as on every backend
     assert plan.num_replicas == 2 and plan.num_kv_blocks == 10_000
     # keywords go to the engine arguments or the simulator's settings by name
     cfg = SimConfig(model="llama-3.1-8b", devices="npu:0", num_kv_blocks=2500, npu_queue_limit=2, tensor_parallel_size=4)
-    assert (cfg.engine.devices, cfg.engine.num_kv_blocks, cfg.engine.npu_queue_limit) == ("npu:0", 2500, 2)
-    assert cfg.tensor_parallel_size == 4 and cfg.model.name == cfg.engine.model == "llama-3.1-8b"
+    assert (cfg.engine_args.devices, cfg.engine_args.num_kv_blocks, cfg.engine_args.npu_queue_limit) == ("npu:0", 2500, 2)
+    assert cfg.tensor_parallel_size == 4 and cfg.model.name == cfg.engine_args.model == "llama-3.1-8b"
     moved = replace(cfg, devices="npu:0,npu:1", tensor_parallel_size=8, spare_blocks_ratio=0.2)
-    assert (moved.engine.devices, moved.tensor_parallel_size, moved.engine.spare_blocks_ratio) == ("npu:0,npu:1", 8, 0.2)
-    assert moved.engine.npu_queue_limit == 2 and cfg.engine.devices == "npu:0"
+    assert (moved.engine_args.devices, moved.tensor_parallel_size, moved.engine_args.spare_blocks_ratio) == ("npu:0,npu:1", 8, 0.2)
+    assert moved.engine_args.npu_queue_limit == 2 and cfg.engine_args.devices == "npu:0"
     d = moved.describe()
     assert (d["devices"], d["tensor_parallel_size"], d["spare_blocks_ratio"], d["npu_queue_limit"]) == ("npu:0,npu:1", 8, 0.2, 2)
     assert d["pipeline_parallel_size"] == 1 and d["profile"] == "rngd" and d["jit_slow_factor"] == 2.0

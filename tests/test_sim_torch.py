@@ -110,3 +110,24 @@ def test_cli_functional_run_takes_tokens_from_the_model(capsys):
     assert main(args + ["--num-kv-blocks", "128"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["completed"] == 6 and report["total_output_tokens"] == 30
+
+
+def test_real_engine_and_simulator_derive_the_same_core_config():
+    """One mapping from arguments to the core: the torch engine and the simulator get the same EngineConfig."""
+    import dataclasses
+
+    from furiosa_llm import EngineArgs, LLMEngine
+    from furiosa_llm.sim import SimConfig
+
+    args = EngineArgs(model=MODEL, cache_dir=CACHE_DIR, devices="cpu", num_kv_blocks=300, max_model_len=100_000,
+                      max_processing_samples=7, spare_blocks_ratio=0.1, max_num_batched_tokens=512, npu_queue_limit=2,
+                      enable_prefix_caching=False, enable_jit_compilation=True, jit_threshold=3, block_size=8)
+    real = LLMEngine(args)
+    try:
+        shape = ModelShape.from_hf_config(real.model_config, name=MODEL)
+        sim = SimConfig.from_engine_args(dataclasses.replace(args, devices="npu:0"), model=shape).plan()
+        assert sim.engine_config == real.engine_config
+        # max_model_len is capped by the model's context and the KV cache on both backends alike
+        assert real.max_model_len == sim.max_model_len == min(real.model_config.max_position_embeddings, 300 * 8)
+    finally:
+        real.shutdown()

@@ -138,7 +138,7 @@ class EngineArgs:
         )
         jit = JitConfig(enabled=self.enable_jit_compilation, threshold=self.jit_threshold,
                         max_workers=self.jit_max_workers, unit_size=self.jit_unit_size)
-        return EngineConfig(scheduler=sched, jit=jit, npu_queue_limit=self.resolved_npu_queue_limit)
+        return EngineConfig(scheduler_config=sched, jit_config=jit, npu_queue_limit=self.resolved_npu_queue_limit)
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -47,18 +47,19 @@ class LLMEngine:
         self.vocab_size = backend.model_config.vocab_size
         self.eos_token_ids = backend.eos_token_ids
         config = args.engine_config(num_blocks=backend.num_blocks_that_fit, model_max_len=backend.max_position_embeddings)
-        self.max_model_len = config.scheduler.max_model_len
-        queue = queue or backend.create_queue(config.scheduler.num_blocks, config.npu_queue_limit, config.jit.max_workers)
+        self.engine_config = config
+        self.max_model_len = config.scheduler_config.max_model_len
+        queue = queue or backend.create_queue(config.scheduler_config.num_blocks, config.npu_queue_limit, config.jit_config.max_workers)
         self.core = EngineCore.from_config(config, queue, time.monotonic, eos_token_ids=self.eos_token_ids,
                                            num_layers=backend.num_layers)
         self.input_processor = InputProcessor(self.tokenizer, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
                                               max_logprobs=args.max_logprobs, eos_token_ids=self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
-        if config.jit.enabled:
+        if config.jit_config.enabled:
             logger.info("JIT on: decode buckets compile after %d hits, %d at once, %d layers per unit (backend %s)",
-                        config.jit.threshold, config.jit.max_workers, config.jit.unit_size, backend.jit_backend)
+                        config.jit_config.threshold, config.jit_config.max_workers, config.jit_config.unit_size, backend.jit_backend)
         logger.info("engine ready: %d KV blocks x %d tokens, max_model_len=%d, npu_queue_limit=%d",
-                    config.scheduler.num_blocks, args.block_size, self.max_model_len, config.npu_queue_limit)
+                    config.scheduler_config.num_blocks, args.block_size, self.max_model_len, config.npu_queue_limit)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":

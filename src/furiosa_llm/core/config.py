@@ -65,8 +65,8 @@ class JitConfig:
 class EngineConfig:
     """What one ``EngineCore`` needs: its scheduler's and JIT policy's knobs and the queue depth."""
 
-    scheduler: SchedulerConfig
-    jit: JitConfig = field(default_factory=JitConfig)
+    scheduler_config: SchedulerConfig
+    jit_config: JitConfig = field(default_factory=JitConfig)
     npu_queue_limit: int = 1
 
     def __post_init__(self) -> None:

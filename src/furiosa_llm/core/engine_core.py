@@ -39,12 +39,12 @@ class EngineCore:
     def from_config(cls, config: EngineConfig, queue: ExecutionQueue, clock: Callable[[], float], *,
                     eos_token_ids: frozenset[int] = frozenset(), num_layers: int = 1,
                     record_trace: bool = False) -> "EngineCore":
-        """A core for one replica: its scheduler from ``config.scheduler``, a JIT policy when ``config.jit.enabled``.
+        """A core for one replica: its scheduler from ``config.scheduler_config``, a JIT policy when ``config.jit_config.enabled``.
 
         ``num_layers`` is the model's layer count (the JIT policy compiles in units of layers).
         """
-        sched = Scheduler(config.scheduler, eos_token_ids=eos_token_ids, record_trace=record_trace)
-        jit = JitPolicy(config.jit, num_layers=num_layers) if config.jit.enabled else None
+        sched = Scheduler(config.scheduler_config, eos_token_ids=eos_token_ids, record_trace=record_trace)
+        jit = JitPolicy(config.jit_config, num_layers=num_layers) if config.jit_config.enabled else None
         return cls(sched, queue, clock, jit=jit)
 
     # ---- requests ------------------------------------------------------------------------------
@@ -106,7 +106,7 @@ class EngineCore:
         sees each batch right after it is submitted.
         """
         with self.lock:
-            self._poll_compilations()
+            self._fold_compilations()
             n = 0
             while self.queue.has_room:
                 batch = self.scheduler.schedule(self.clock())
@@ -124,7 +124,12 @@ class EngineCore:
         with self.lock:
             return self.scheduler.update(result, self.clock())
 
-    def _poll_compilations(self) -> None:
+    def poll_compilations(self) -> None:
+        """Fold the backend's finished JIT compilations into the policy (``submit`` does this first)."""
+        with self.lock:
+            self._fold_compilations()
+
+    def _fold_compilations(self) -> None:
         if self.jit is not None:
             for res in self.queue.compiled():
                 self.jit.end_compilation(res.bucket, res.ok, res.seconds, self.clock(), res.error)
