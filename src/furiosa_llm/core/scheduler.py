@@ -127,9 +127,11 @@ class Scheduler:
                 break
             if req.in_batch or req.status is not RequestStatus.RUNNING:
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            need = req.num_computed_tokens + n
-            while len(req.block_table.ids) * room < need and not alloc.grow(req.block_table, need):
+            computed = req.num_computed_tokens
+            n = min(len(req.token_ids) - computed, budget)
+            need = computed + n
+            table = req.block_table
+            while len(table.ids) * room < need and not alloc.grow(table, need):
                 victim = self._victim()
                 assert victim is not None  # req itself is not in a batch
                 self._preempt(victim)
@@ -187,21 +189,21 @@ class Scheduler:
     def _chunk(self, req: Request, n: int) -> SequenceChunk:
         """The next ``n`` tokens of ``req`` for this step; the request is in a batch until its result is in."""
         start = req.num_computed_tokens
-        s = req.sampling
-        history = req.needs_history
+        end = start + n
         req.in_batch = True
-        return SequenceChunk(
-            request_id=req.request_id,
-            token_ids=req.token_ids[start : start + n],
-            start_pos=start,
-            block_table=req.block_table.ids,  # not grown while in a batch; replaced by a new list when freed
-            sample=start + n == len(req.token_ids),
-            sampling=s,
-            num_output_tokens=len(req.output_token_ids),
-            prompt_token_ids=req.prompt_token_ids if history or s.prompt_logprobs is not None else (),
-            output_token_ids=req.output_token_ids.copy() if history else (),
-            owner=req,
-        )
+        if req.needs_history or req.sampling.prompt_logprobs is not None:  # the backend reads earlier tokens
+            history = req.needs_history
+            return SequenceChunk(
+                request_id=req.request_id, token_ids=req.token_ids[start:end], start_pos=start,
+                block_table=req.block_table.ids, sample=end == len(req.token_ids), sampling=req.sampling,
+                num_output_tokens=len(req.output_token_ids), prompt_token_ids=req.prompt_token_ids,
+                output_token_ids=req.output_token_ids.copy() if history else (), owner=req,
+            )
+        # the hot path (one chunk per running request per step): positional, in SequenceChunk's field order
+        # (request_id, token_ids, start_pos, block_table, sample, sampling, num_output_tokens); the block
+        # table list is not grown while in a batch and is replaced by a new list when freed
+        return SequenceChunk(req.request_id, req.token_ids[start:end], start, req.block_table.ids,
+                             end == len(req.token_ids), req.sampling, len(req.output_token_ids), owner=req)
 
     # ---- results -----------------------------------------------------------------------------
     def update(self, result: StepResult, now: float) -> list[CoreOutput]:
@@ -228,23 +230,27 @@ class Scheduler:
             prompt_lp = prompt_lps.get(rid) if prompt_lps else None
             if not chunk.sample:
                 if prompt_lp is not None:
-                    outputs.append(self._output(req, CoreOutput(request_id=rid, new_token_ids=[], prompt_logprobs=prompt_lp)))
+                    outputs.append(self._first_output(req, CoreOutput(request_id=rid, new_token_ids=[],
+                                                                      prompt_logprobs=prompt_lp)))
                 continue
             tok = sampled[rid]
-            req.append_output(tok)
+            req.output_token_ids.append(tok)
+            req.token_ids.append(tok)
             num_generated += 1
             m = req.metrics
             if m.first_token_time is None:
                 m.first_token_time = now
             m.last_token_time = now
-            out = CoreOutput(request_id=rid, new_token_ids=[tok], logprobs=logprobs.get(rid) if logprobs else None,
-                             prompt_logprobs=prompt_lp)
+            out = CoreOutput(rid, [tok])
+            if logprobs or prompt_lp is not None:
+                out.logprobs = logprobs.get(rid) if logprobs else None
+                out.prompt_logprobs = prompt_lp
             status, stop_reason = self._check_stop(req, tok)
             if status is not None:
                 self.finish_request(rid, status, stop_reason, now)
                 out.finish_reason = status.finish_reason
                 out.stop_reason = stop_reason
-            outputs.append(self._output(req, out))
+            outputs.append(out if req.reported else self._first_output(req, out))
         self.stats.num_generated_tokens += num_generated
         return outputs
 
@@ -258,12 +264,13 @@ class Scheduler:
         for chunk in batch.sequences:
             req = chunk.owner
             if req.in_batch and self.finish_request(req.request_id, RequestStatus.FINISHED_ERROR, now=now) is not None:
-                outputs.append(self._output(req, CoreOutput(request_id=req.request_id, new_token_ids=[], finish_reason="error",
-                                                            error=error)))
+                outputs.append(self._first_output(req, CoreOutput(request_id=req.request_id, new_token_ids=[],
+                                                                  finish_reason="error", error=error)))
         return outputs
 
     @staticmethod
-    def _output(req: Request, out: CoreOutput) -> CoreOutput:
+    def _first_output(req: Request, out: CoreOutput) -> CoreOutput:
+        """``out``, carrying the request's timing record and cached-token count if it is the request's first."""
         if not req.reported:
             req.reported = True
             out.num_cached_tokens = req.num_cached_tokens
