@@ -77,7 +77,7 @@ class SchedulerStats:
     num_generated_tokens: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EngineStats:
     """A snapshot of one engine core (``EngineCore.stats()``): state now and counters so far.
 
