@@ -213,6 +213,7 @@ class Scheduler:
         alloc = self.allocator
         hashing, bs = alloc.enable_prefix_caching, alloc.block_size
         sampled, logprobs, prompt_lps = result.sampled, result.logprobs, result.prompt_logprobs
+        eos, max_model_len = self.eos_token_ids, self.config.max_model_len
         num_generated = 0
         for chunk in batch.sequences:
             req = chunk.owner
@@ -245,7 +246,11 @@ class Scheduler:
             if logprobs or prompt_lp is not None:
                 out.logprobs = logprobs.get(rid) if logprobs else None
                 out.prompt_logprobs = prompt_lp
-            status, stop_reason = self._check_stop(req, tok)
+            if (len(req.output_token_ids) < req.max_tokens and len(req.token_ids) < max_model_len
+                    and tok not in eos and tok not in req.stop_token_ids):
+                status = None  # the common case, decided without a call: the request goes on
+            else:
+                status, stop_reason = self._check_stop(req, tok)
             if status is not None:
                 self.finish_request(rid, status, stop_reason, now)
                 out.finish_reason = status.finish_reason
