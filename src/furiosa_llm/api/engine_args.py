@@ -149,13 +149,15 @@ class EngineArgs:
         a("--tokenizer-mode", type=str, default="auto", choices=["auto", "slow"], help='"auto" uses the fast tokenizer if available, "slow" always the slow one.')
         a("--seed", type=int, default=None, help="Seed of the random number generator for sampling.")
         a("--devices", type=str, default=None, help='Devices: "npu:X", "npu:X:Y", "npu:X:A-B", "cpu" or "cuda:N", comma-separated. Default: all available RNGD PEs, else cpu.')
-        a("--pipeline-parallel-size", type=int, default=None, help="Size of the pipeline parallelism group.")
-        a("--data-parallel-size", type=int, default=None, help="Size of the data parallelism group. Default: inferred from the available PEs.")
+        a("-pp", "--pipeline-parallel-size", type=int, default=None, help="Size of the pipeline parallelism group.")
+        a("-dp", "--data-parallel-size", type=int, default=None, help="Size of the data parallelism group. Default: inferred from the available PEs.")
         a("--cache-dir", type=_optional_path, default=_default_cache_dir(), help='Cache directory (converted weights). "none" disables caching. Default: $XDG_CACHE_HOME or ~/.cache, then /furiosa/llm.')
         a("--npu-queue-limit", type=int, default=None, help="Batches submitted to a device and not yet completed (default 1).")
         a("--max-processing-samples", type=int, default=None, help="The most requests in the running set at once (default 65536).")
         a("--spare-blocks-ratio", type=float, default=None, help="Share of KV blocks kept free when admitting new requests (default 0.0).")
-        a("--enable-jit-compilation", type=_str2bool, default=False, metavar="ENABLE_JIT_COMPILATION", help="[EXPERIMENTAL] Enable JIT compilation.")
+        # booleans: a bare switch, the seed's "--flag true|false", and a "--no-flag" form
+        a("--enable-jit-compilation", type=_str2bool, nargs="?", const=True, default=False, metavar="BOOL", help="[EXPERIMENTAL] Enable JIT compilation (a bare switch, or true/false).")
+        a("--no-enable-jit-compilation", dest="enable_jit_compilation", action="store_false", help="Disable JIT compilation (the default).")
         a("--jit-threshold", type=int, default=5, help="[EXPERIMENTAL] Times a bucket is seen before it is compiled (>= 1).")
         a("--jit-max-workers", type=int, default=15, help="[EXPERIMENTAL] Maximum concurrent background JIT compilations (>= 1).")
         a("--jit-unit-size", type=int, default=8, help="[EXPERIMENTAL] Number of stages to compile together (>= 2).")
@@ -164,7 +166,8 @@ class EngineArgs:
         a("--max-num-batched-tokens", type=int, default=2048, help="Token budget of one step (chunked prefill).")
         a("--kv-cache-memory-bytes", type=int, default=None, help="Memory budget of the KV cache in bytes.")
         a("--num-kv-blocks", type=int, default=None, help="Number of KV blocks (overrides the memory budget).")
-        a("--enable-prefix-caching", type=_str2bool, default=True, help="Reuse KV blocks of shared prompt prefixes.")
+        a("--enable-prefix-caching", type=_str2bool, nargs="?", const=True, default=True, metavar="BOOL", help="Reuse KV blocks of shared prompt prefixes (default on; a bare switch, or true/false).")
+        a("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false", help="Disable prefix caching.")
         a("--dtype", type=str, default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="Weight dtype: auto = float32 on cpu, the model's own on cuda.")
         a("--max-logprobs", type=int, default=20, help="Maximum number of log probabilities a request may ask for "
           "(logprobs, prompt_logprobs); default 20, as OpenAI's API. -1 means no cap: the whole vocabulary, "
