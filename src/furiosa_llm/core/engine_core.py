@@ -156,6 +156,7 @@ class EngineCore:
                 num_prompt_tokens_computed=c.num_prompt_tokens_computed, num_cached_tokens=c.num_cached_tokens,
                 num_generated_tokens=c.num_generated_tokens,
                 jit=None if self.jit is None else dataclasses.replace(self.jit.stats),
+                num_prefix_cache_queries=c.num_prefix_cache_queries,
             )
 
     @property

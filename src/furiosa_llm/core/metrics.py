@@ -75,6 +75,7 @@ class SchedulerStats:
     num_prompt_tokens_computed: int = 0
     num_cached_tokens: int = 0
     num_generated_tokens: int = 0
+    num_prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (first admission)
 
 
 @dataclass(slots=True)
@@ -82,7 +83,8 @@ class EngineStats:
     """A snapshot of one engine core (``EngineCore.stats()``): state now and counters so far.
 
     ``num_kv_blocks_used``/``num_kv_blocks_total`` count KV blocks of ``block_size`` tokens;
-    the counters are those of ``SchedulerStats``; ``jit`` is None when JIT is off.
+    the counters are those of ``SchedulerStats``; ``jit`` is None when JIT is off. Prefix-cache
+    hits and queries count tokens: ``num_cached_tokens`` of ``num_prefix_cache_queries`` looked up.
     """
 
     num_running: int
@@ -95,6 +97,7 @@ class EngineStats:
     num_cached_tokens: int
     num_generated_tokens: int
     jit: JitStats | None = None
+    num_prefix_cache_queries: int = 0
 
     @property
     def num_unfinished(self) -> int:

@@ -164,6 +164,8 @@ class Scheduler:
                 req.metrics.first_scheduled_time = now
                 req.num_cached_tokens = req.num_computed_tokens
                 self.stats.num_cached_tokens += req.num_computed_tokens
+                if alloc.enable_prefix_caching and req.sampling.prompt_logprobs is None:
+                    self.stats.num_prefix_cache_queries += req.num_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
