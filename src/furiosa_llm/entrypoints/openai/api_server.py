@@ -29,6 +29,7 @@ from typing import Annotated, AsyncIterator
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -57,6 +58,7 @@ from .protocol import (
     SamplingFields,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfoResponse,
     TopLogprob,
     UsageInfo,
     VersionResponse,
@@ -87,20 +89,99 @@ def error_json(status: int, message: str, type_: str = "invalid_request_error", 
     return JSONResponse(error_body(status, message, type_, param, code), status_code=status)
 
 
+CONTENT_FORMATS = ("auto", "string", "openai")
+
+
+def _attr(obj, *paths: str, default=None):
+    """The first of the dotted attribute ``paths`` of ``obj`` that exists and is not None."""
+    for path in paths:
+        cur = obj
+        for name in path.split("."):
+            cur = getattr(cur, name, None)
+            if cur is None:
+                break
+        if cur is not None:
+            return cur
+    return default
+
+
+def leader_device(engine) -> str:
+    """The device of the engine's (first) replica, for the ``leader_device`` metric label."""
+    dev = _attr(engine, "native_engine.backend.device", "native_engine.device")
+    if dev is not None:
+        return str(dev)
+    devices = _attr(engine, "native_engine.args.devices")
+    return str(devices).split(",")[0].strip() if devices else "cpu"
+
+
+def _default_sampling(engine) -> dict:
+    """The model's sampling defaults (its generation_config), as the values the server uses for the
+    sampling fields a request leaves out: ``get_diff_sampling_param()`` (only what the model sets),
+    else ``get_default_sampling_params()``; empty when the engine has neither."""
+    names = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+             "max_tokens")
+    try:
+        diff = getattr(engine, "get_diff_sampling_param", None)
+        if diff is not None:
+            return {n: v for n, v in dict(diff()).items() if n in names and v is not None}
+        get = getattr(engine, "get_default_sampling_params", None)
+        if get is None:
+            return {}
+        sp = get()
+        return {n: getattr(sp, n) for n in names[:-1] if getattr(sp, n, None) is not None}
+    except Exception as e:  # noqa: BLE001 - a model without usable defaults serves with the API's
+        logger.warning("no model sampling defaults: %s", e)
+        return {}
+
+
 class ServerState:
     """What every route needs: the engine, names, settings, the metrics."""
 
     def __init__(self, engine: AsyncLLMEngine, model_name: str, chat_template: str | None, *,
-                 api_key: str | None = None, log_interval_s: float = 10.0) -> None:
+                 api_key: str | None = None, log_interval_s: float = 10.0, response_role: str = "assistant",
+                 chat_template_content_format: str = "auto", enable_payload_logging: bool = False) -> None:
+        if chat_template_content_format not in CONTENT_FORMATS:
+            raise ValueError(f"chat_template_content_format={chat_template_content_format!r}: must be one of "
+                             f"{', '.join(CONTENT_FORMATS)}")
         self.engine = engine
         self.model_name = model_name
         self.chat_template = chat_template
         self.api_key = api_key
         self.log_interval_s = log_interval_s
+        self.response_role = response_role
+        self.chat_template_content_format = chat_template_content_format
+        self.enable_payload_logging = enable_payload_logging
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
-        self.vocab_size = engine.native_engine.vocab_size
-        self.metrics = ServerMetrics(engine, model_name)
+        self.vocab_size = _attr(engine, "native_engine.vocab_size", default=None) or len(self.tokenizer)
+        self.sampling_defaults = _default_sampling(engine)
+        self.created = int(time.time())
+        sched = _attr(engine, "native_engine.engine_config.scheduler_config")
+        self.runtime_config = _runtime_config(engine, sched)
+        self.metrics = ServerMetrics(engine, model_name, leader_device=leader_device(engine),
+                                     max_model_len=self.max_model_len, block_size=getattr(sched, "block_size", None),
+                                     enable_prefix_caching=getattr(sched, "enable_prefix_caching", None))
+
+
+def _runtime_config(engine, sched) -> dict:
+    """The model card's ``runtime_config``: the engine's runtime settings. There are no compiled
+    prefill/decode buckets here (every shape runs), so the bucket lists are empty."""
+    cfg = _attr(engine, "native_engine.engine_config")
+    args = _attr(engine, "native_engine.args")
+    out = {"prefill_buckets": [], "decode_buckets": [], "device": leader_device(engine)}
+    if sched is not None:
+        out.update(block_size=sched.block_size, num_kv_blocks=sched.num_blocks,
+                   max_num_batched_tokens=sched.max_num_batched_tokens,
+                   max_processing_samples=sched.max_processing_samples, spare_blocks_ratio=sched.spare_blocks_ratio,
+                   enable_prefix_caching=sched.enable_prefix_caching)
+    if cfg is not None:
+        out["npu_queue_limit"] = getattr(cfg, "npu_queue_limit", None)
+        jit = getattr(cfg, "jit_config", None)
+        if jit is not None:
+            out["enable_jit_compilation"] = jit.enabled
+    if args is not None:
+        out["dtype"] = getattr(args, "dtype", None)
+    return out
 
 
 # ---- helpers ------------------------------------------------------------------------------
@@ -126,17 +207,21 @@ def _param_of(message: str, renames: dict[str, str] | None = None) -> str | None
     return (renames or {}).get(name, name)
 
 
-def _sampling_params(req: SamplingFields, max_tokens: int | None, kind: RequestOutputKind, logprobs: int | None,
-                     prompt_logprobs: int | None = None) -> SamplingParams:
+_API_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0,
+                 "presence_penalty": 0.0, "frequency_penalty": 0.0}
+
+
+def _sampling_params(state: ServerState, req: SamplingFields, max_tokens: int | None, kind: RequestOutputKind,
+                     logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+    """The request's sampling fields; one it leaves out takes the model's default (its
+    generation_config, as Furiosa-LLM and vLLM do), else the API's."""
+    picked = {}
+    for name, api_default in _API_DEFAULTS.items():
+        value = getattr(req, name)
+        picked[name] = value if value is not None else state.sampling_defaults.get(name, api_default)
     kw = dict(
         n=req.n if req.n is not None else 1,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=-1 if req.top_k is None else req.top_k,
-        min_p=0.0 if req.min_p is None else req.min_p,
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        presence_penalty=0.0 if req.presence_penalty is None else req.presence_penalty,
-        frequency_penalty=0.0 if req.frequency_penalty is None else req.frequency_penalty,
+        **picked,
         seed=req.seed,
         stop=req.stop,
         stop_token_ids=req.stop_token_ids,
@@ -153,6 +238,12 @@ def _sampling_params(req: SamplingFields, max_tokens: int | None, kind: RequestO
         return SamplingParams(**kw)
     except ValueError as e:
         raise APIError(400, str(e), param=_param_of(str(e))) from None
+
+
+def _log_payload(state: ServerState, raw: Request, req) -> None:
+    """``--enable-payload-logging``: the request body as parsed, at INFO."""
+    if state.enable_payload_logging:
+        logger.info("payload %s: %s", raw.url.path, req.model_dump_json(exclude_unset=True))
 
 
 def _usage(prompt: int, completion: int) -> UsageInfo:
@@ -316,9 +407,48 @@ async def version():
     return VersionResponse(version=__version__)
 
 
+def _model_card(state: ServerState) -> ModelCard:
+    root = state.engine.model_path or state.model_name
+    return ModelCard(id=state.model_name, created=state.created, root=str(root), max_model_len=state.max_model_len,
+                     artifact_id=str(root), max_prompt_len=max(1, state.max_model_len - 1),
+                     max_context_len=state.max_model_len, runtime_config=state.runtime_config)
+
+
 @router.get("/v1/models", response_model=ModelList, responses=ERRORS)
 async def models(state: State):
-    return ModelList(data=[ModelCard(id=state.model_name, root=state.engine.model_path, max_model_len=state.max_model_len)])
+    return ModelList(data=[_model_card(state)])
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERRORS)
+async def model(model_id: str, state: State):
+    if model_id != state.model_name:
+        raise APIError(404, f"The model `{model_id}` does not exist; this server serves `{state.model_name}`.",
+                       "NotFoundError", "model", "model_not_found")
+    return _model_card(state)
+
+
+@router.get("/tokenizer_info", response_model=TokenizerInfoResponse, responses=ERRORS)
+async def tokenizer_info(state: State):
+    """The tokenizer's class and configuration (its JSON-serializable init arguments) and chat template."""
+    tok = state.tokenizer
+    info: dict = {}
+    for k, v in (getattr(tok, "init_kwargs", None) or {}).items():
+        if k.startswith("_") or k in ("name_or_path", "tokenizer_file", "vocab_file", "merges_file"):
+            continue
+        v = getattr(v, "content", v)  # AddedToken -> its text
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError):
+            continue
+        info[k] = v
+    template = state.chat_template or getattr(tok, "chat_template", None)
+    info.update(tokenizer_class=type(tok).__name__, model_max_length=state.max_model_len,
+                vocab_size=state.vocab_size, chat_template=template)
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        value = getattr(tok, name, None)
+        if isinstance(value, str):
+            info[name] = value
+    return TokenizerInfoResponse(**info)
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
@@ -344,6 +474,7 @@ async def detokenize(req: DetokenizeRequest, state: State):
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
 async def completions(req: CompletionRequest, raw: Request, state: State):
+    _log_payload(state, raw, req)
     _check_model(state, req.model)
     _check_supported(req)
     prompts = _completion_prompts(req.prompt)
@@ -354,7 +485,7 @@ async def completions(req: CompletionRequest, raw: Request, state: State):
     # is generated, because a request always samples one, and dropped from the response
     score_only = bool(req.echo) and max_tokens == 0
     prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
-    params = _sampling_params(req, 1 if score_only else max_tokens, kind, req.logprobs, prompt_logprobs)
+    params = _sampling_params(state, req, 1 if score_only else max_tokens, kind, req.logprobs, prompt_logprobs)
     rid = f"cmpl-{uuid.uuid4().hex}"
     gens = [state.engine.generate(p, params, f"{rid}-{i}") for i, p in enumerate(prompts)]
 
@@ -370,6 +501,7 @@ async def completions(req: CompletionRequest, raw: Request, state: State):
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
 async def chat_completions(req: ChatCompletionRequest, raw: Request, state: State):
+    _log_payload(state, raw, req)
     _check_model(state, req.model)
     _check_supported(req)
     ids = _chat_prompt_ids(state, req.messages, bool(req.add_generation_prompt), bool(req.continue_final_message),
@@ -377,12 +509,14 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: Stat
     stream = bool(req.stream)
     kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    if max_tokens is None:
+    if max_tokens is None:  # the rest of the context, or less where the model's generation_config says so
         max_tokens = max(1, state.max_model_len - len(ids))
+        if state.sampling_defaults.get("max_tokens"):
+            max_tokens = min(max_tokens, state.sampling_defaults["max_tokens"])
     top = req.top_logprobs or 0
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-    params = _sampling_params(req, max_tokens, kind, top if req.logprobs else None)
+    params = _sampling_params(state, req, max_tokens, kind, top if req.logprobs else None)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     gens = [state.engine.generate({"prompt_token_ids": ids}, params, rid)]
 
@@ -390,8 +524,8 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: Stat
         first = await _start(gens, {"logprobs": "top_logprobs"})
         if stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return EventStream(_stream_chat(state, req, rid, gens, first, include_usage))
-        return await _full_chat(state, req, rid, gens[0], first[0])
+            return EventStream(_stream_chat(state, req, rid, gens, first, include_usage, max_tokens))
+        return await _full_chat(state, req, rid, gens[0], first[0], max_tokens)
 
     return await _unless_disconnected(raw, respond(), state.metrics.aborted)
 
@@ -449,19 +583,43 @@ async def _auth(request: Request, call_next):
 
 
 def create_app(engine: AsyncLLMEngine, *, served_model_name: str, api_key: str | None = None,
-               chat_template: str | None = None, log_interval_s: float = 10.0) -> FastAPI:
-    """The server: ``router``'s endpoints over ``engine``, OpenAI's error shapes, the API key check."""
+               chat_template: str | None = None, log_interval_s: float = 10.0, response_role: str = "assistant",
+               chat_template_content_format: str = "auto", allowed_origins: list[str] | None = None,
+               allowed_methods: list[str] | None = None, allowed_headers: list[str] | None = None,
+               allow_credentials: bool = False, enable_payload_logging: bool = False) -> FastAPI:
+    """The server: ``router``'s endpoints over ``engine``, OpenAI's error shapes, the API key check.
+
+    ``allowed_origins`` (``furiosa-llm serve`` gives ``["*"]`` unless told otherwise) adds CORS
+    (FastAPI's ``CORSMiddleware``) with ``allowed_methods``/``allowed_headers`` (default all);
+    None leaves CORS out.
+    """
     app = FastAPI(title="furiosa-llm OpenAI-compatible server", version=__version__, lifespan=_lifespan)
     app.state.server = ServerState(engine, served_model_name, chat_template, api_key=api_key,
-                                   log_interval_s=log_interval_s)
+                                   log_interval_s=log_interval_s, response_role=response_role,
+                                   chat_template_content_format=chat_template_content_format,
+                                   enable_payload_logging=enable_payload_logging)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(AsyncEngineDeadError, _dead)
     app.add_exception_handler(Exception, _internal_error)
     app.middleware("http")(_auth)
+    if allowed_origins is not None:  # outermost, so preflights and error responses carry the CORS headers too
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins),
+                           allow_methods=list(allowed_methods or ["*"]), allow_headers=list(allowed_headers or ["*"]),
+                           allow_credentials=allow_credentials)
     app.include_router(router)
     return app
+
+
+_OPENAI_CONTENT = re.compile(r"""for\s+\w+\s+in\s+\w+\s*(\[\s*['"]content['"]\s*\]|\.content)|"""
+                             r"""\[\s*['"]content['"]\s*\]\s*\[|content\s*\[\s*\d|['"]type['"]\s*\]\s*==""")
+
+
+def detect_content_format(template: str | None) -> str:
+    """``--chat-template-content-format auto``: "openai" when the template walks a message's content
+    as a list of parts (``for part in message['content']``, ``part['type'] == ...``), else "string"."""
+    return "openai" if template and _OPENAI_CONTENT.search(template) else "string"
 
 
 def _completion_prompts(prompt) -> list:
@@ -483,6 +641,12 @@ def _chat_prompt_ids(state: ServerState, messages, add_generation_prompt: bool, 
                      template: str | None, template_kwargs: dict | None) -> list[int]:
     if not messages:
         raise APIError(400, "messages: must not be empty", param="messages")
+    template = template or state.chat_template
+    if template is None and not getattr(state.tokenizer, "chat_template", None):
+        raise APIError(400, "this model has no chat template; start the server with --chat-template", param="messages")
+    fmt = state.chat_template_content_format
+    if fmt == "auto":
+        fmt = detect_content_format(template if template is not None else state.tokenizer.chat_template)
     conv = []
     for i, m in enumerate(messages):
         content = m.content
@@ -492,11 +656,10 @@ def _chat_prompt_ids(state: ServerState, messages, add_generation_prompt: bool, 
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
                     raise APIError(400, f"messages[{i}].content: only text parts are supported", param="messages")
                 texts.append(part["text"])
-            content = "".join(texts)
-        conv.append({"role": m.role, "content": content or ""})
-    template = template or state.chat_template
-    if template is None and not getattr(state.tokenizer, "chat_template", None):
-        raise APIError(400, "this model has no chat template; start the server with --chat-template", param="messages")
+            content = [{"type": "text", "text": t} for t in texts] if fmt == "openai" else "\n".join(texts)
+        elif fmt == "openai":
+            content = [{"type": "text", "text": content}] if content else []
+        conv.append({"role": m.role, "content": content if content is not None else ""})
     try:
         ids = state.tokenizer.apply_chat_template(
             conv, tokenize=True, add_generation_prompt=add_generation_prompt and not continue_final,
@@ -538,9 +701,14 @@ async def _rest(gen, first: RequestOutput) -> AsyncIterator[RequestOutput]:
             yield out
 
 
-def _observe(state: ServerState, out: RequestOutput, num_generated: int, finish_reason: str | None = None) -> None:
+def _observe(state: ServerState, out: RequestOutput, num_generated: int, finish_reason: str | None = None,
+             max_tokens: int | None = None) -> None:
     reason = finish_reason if finish_reason is not None else out.outputs[0].finish_reason
-    state.metrics.observe(len(out.prompt_token_ids), num_generated, reason, out.metrics)
+    state.metrics.observe(len(out.prompt_token_ids), num_generated, reason, out.metrics, n=1, max_tokens=max_tokens)
+
+
+def _completion_max_tokens(req: CompletionRequest) -> int:
+    return 16 if req.max_tokens is None else req.max_tokens
 
 
 class _CompletionChoiceView:
@@ -595,7 +763,7 @@ async def _full_completion(state: ServerState, req: CompletionRequest, rid: str,
         choices.append(choice)
         n_prompt += len(out.prompt_token_ids)
         n_out += view.num_generated
-        _observe(state, out, view.num_generated, choice.finish_reason)
+        _observe(state, out, view.num_generated, choice.finish_reason, _completion_max_tokens(req))
     return CompletionResponse(id=rid, model=state.model_name, choices=choices, usage=_usage(n_prompt, n_out))
 
 
@@ -614,7 +782,7 @@ async def _stream_completion(state: ServerState, req: CompletionRequest, rid: st
                 num_finished += 1
                 n_prompt += len(out.prompt_token_ids)
                 n_out += views[i].num_generated
-                _observe(state, out, views[i].num_generated, choice.finish_reason)
+                _observe(state, out, views[i].num_generated, choice.finish_reason, _completion_max_tokens(req))
         if include_usage:
             yield _sse(CompletionResponse(id=rid, created=created, model=state.model_name, choices=[],
                                           usage=_usage(n_prompt, n_out)))
@@ -629,28 +797,30 @@ async def _stream_completion(state: ServerState, req: CompletionRequest, rid: st
             state.metrics.aborted(len(gens) - num_finished)
 
 
-async def _full_chat(state: ServerState, req: ChatCompletionRequest, rid: str, gen, first) -> ChatCompletionResponse:
+async def _full_chat(state: ServerState, req: ChatCompletionRequest, rid: str, gen, first,
+                     max_tokens: int | None = None) -> ChatCompletionResponse:
     out = first
     async for out in _rest(gen, first):
         pass
     c = out.outputs[0]
     lp = _chat_logprobs(state.tokenizer, c.token_ids, c.logprobs, req.top_logprobs or 0) if req.logprobs else None
-    _observe(state, out, len(c.token_ids))
+    _observe(state, out, len(c.token_ids), max_tokens=max_tokens)
     return ChatCompletionResponse(
         id=rid, model=state.model_name,
-        choices=[ChatChoice(index=0, message=ChatResponseMessage(content=c.text), logprobs=lp,
+        choices=[ChatChoice(index=0, message=ChatResponseMessage(role=state.response_role, content=c.text), logprobs=lp,
                             finish_reason=c.finish_reason, stop_reason=c.stop_reason)],
         usage=_usage(len(out.prompt_token_ids), len(c.token_ids)))
 
 
-async def _stream_chat(state: ServerState, req: ChatCompletionRequest, rid: str, gens, first, include_usage: bool):
+async def _stream_chat(state: ServerState, req: ChatCompletionRequest, rid: str, gens, first, include_usage: bool,
+                       max_tokens: int | None = None):
     created = int(time.time())
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name}
     n_out = 0
     out = first[0]
     finished = False
     try:
-        yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+        yield _sse({**base, "choices": [{"index": 0, "delta": {"role": state.response_role, "content": ""},
                                          "logprobs": None, "finish_reason": None}]})
         async for out in _rest(gens[0], first[0]):
             c = out.outputs[0]
@@ -663,7 +833,7 @@ async def _stream_chat(state: ServerState, req: ChatCompletionRequest, rid: str,
                                                  "logprobs": lp, "finish_reason": c.finish_reason,
                                                  "stop_reason": c.stop_reason}]})
         finished = out.finished
-        _observe(state, out, n_out)
+        _observe(state, out, n_out, max_tokens=max_tokens)
         if include_usage:
             yield _sse({**base, "choices": [], "usage": _usage(len(out.prompt_token_ids), n_out).model_dump()})
         yield "data: [DONE]\n\n"

@@ -73,6 +73,7 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "best_of": (_one, "only best_of=1 is supported"),
     "use_beam_search": (_off, "beam search is not supported"),
     "length_penalty": (_one, "length_penalty applies to beam search, which is not supported"),
+    "early_stopping": (_off, "early_stopping applies to beam search, which is not supported"),
     "allowed_token_ids": (_unset, "allowed_token_ids is not supported"),
     "bad_words": (_empty, "bad_words is not supported"),
     "logits_processors": (_empty, "logits processors are not supported"),
@@ -168,6 +169,7 @@ class SamplingFields(OpenAIModel):
     best_of: int | None = _unsupported_field()
     use_beam_search: bool | None = _unsupported_field()
     length_penalty: float | None = _unsupported_field()
+    early_stopping: bool | str | None = _unsupported_field()
     allowed_token_ids: Any = _unsupported_field()
     bad_words: Any = _unsupported_field()
     logits_processors: Any = _unsupported_field()
@@ -274,12 +276,21 @@ class ChatCompletionResponse(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """OpenAI's model object, vLLM's ``root``/``max_model_len``, and Furiosa-LLM's extensions:
+    ``artifact_id`` (here: the model loaded), ``max_prompt_len``, ``max_context_len`` and
+    ``runtime_config`` (the engine's runtime settings; no compiled buckets here)."""
+
     id: str
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
-    owned_by: str = "furiosa-llm"
+    owned_by: str = "furiosa-ai"
     root: str | None = None
+    parent: str | None = None
     max_model_len: int | None = None
+    artifact_id: str | None = None
+    max_prompt_len: int | None = None
+    max_context_len: int | None = None
+    runtime_config: dict[str, Any] = Field(default_factory=dict)
 
 
 class ModelList(BaseModel):
@@ -308,6 +319,16 @@ class DetokenizeRequest(OpenAIModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+class TokenizerInfoResponse(BaseModel):
+    """``GET /tokenizer_info``: the tokenizer's class and configuration (as vLLM's endpoint gives it)."""
+
+    model_config = ConfigDict(extra="allow")
+    tokenizer_class: str
+    model_max_length: int | None = None
+    vocab_size: int | None = None
+    chat_template: str | None = None
 
 
 class VersionResponse(BaseModel):
