@@ -90,7 +90,8 @@ class TorchBackend:
     """One model on one torch device: loaded at construction, executed by the queue of ``create_queue``.
 
     Attributes after construction: ``device`` (``"cpu"``/``"cuda:N"``), ``dtype``,
-    ``model_config`` (the Hugging Face config), ``tokenizer``, ``eos_token_ids``,
+    ``model_config`` (the Hugging Face config), ``generation_config`` (the model's
+    ``generation_config.json`` as a ``GenerationConfig``, None without one), ``tokenizer``, ``eos_token_ids``,
     ``max_position_embeddings`` (None when the config lacks it), ``num_layers``,
     ``kv_bytes_per_block`` and ``num_blocks_that_fit`` (KV blocks in the memory budget),
     ``load_seconds``.
@@ -115,6 +116,7 @@ class TorchBackend:
         logger.info("loaded %s in %.1fs on %s", model, self.load_seconds, self.device)
         self._hf_model = hf_model
         cfg = self.model_config = hf_model.config
+        self.generation_config = getattr(hf_model, "generation_config", None)
         self.max_position_embeddings = getattr(cfg, "max_position_embeddings", None)
         self.num_layers = cfg.num_hidden_layers
         self.eos_token_ids = self._eos_ids(hf_model, self.tokenizer)

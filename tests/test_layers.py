@@ -55,15 +55,20 @@ REQUIRED_FORBIDDEN = {
 }
 
 
+# Furiosa-LLM's public module paths: thin re-exports of the api layer (``furiosa_llm.outputs`` ...)
+FACADE_MODULES = {"outputs", "sampling_params", "llm_engine"}
+
+
 def layer_of(module: str) -> str | None:
     """The layer of a ``furiosa_llm`` module; None for a module outside the project.
 
-    The top package ``furiosa_llm`` is the facade that re-exports the API, so it counts as ``api``.
+    The top package ``furiosa_llm`` is the facade that re-exports the API, so it counts as ``api``,
+    and so do the re-export modules of ``FACADE_MODULES``.
     """
     parts = module.split(".")
     if parts[0] != "furiosa_llm":
         return None
-    if len(parts) == 1:
+    if len(parts) == 1 or (len(parts) == 2 and parts[1] in FACADE_MODULES):
         return "api"
     if parts[1] in MAY_IMPORT:
         return parts[1]
@@ -196,6 +201,8 @@ def test_core_and_hal_import_no_torch():
 def test_import_furiosa_llm_is_cheap():
     code = (
         "import sys, furiosa_llm; from furiosa_llm import SamplingParams, EngineArgs; "
+        "import furiosa_llm.api, furiosa_llm.outputs, furiosa_llm.sampling_params, furiosa_llm.llm_engine; "
+        "from furiosa_llm.api import SchedulerConfig; "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

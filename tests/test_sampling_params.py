@@ -243,7 +243,7 @@ def llm():
 
 
 def _serves(llm):
-    out = llm.generate("Hello", SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)
+    out = llm.generate(["Hello"], SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)
     assert out[0].finished and len(out[0].outputs[0].token_ids) >= 1
     assert not llm.llm_engine.has_unfinished_requests()
 
@@ -297,7 +297,7 @@ def test_any_keywords_complete_or_value_error_and_engine_serves(llm, kw):
     ids=repr,
 )
 def test_edge_values_complete(llm, kw):
-    outs = llm.generate("The sky is", SamplingParams(**_cheap(kw)), use_tqdm=False)
+    outs = llm.generate(["The sky is"], SamplingParams(**_cheap(kw)), use_tqdm=False)
     c = outs[0].outputs[0]
     assert outs[0].finished and 1 <= len(c.token_ids) <= 4
     if kw.get("logprobs") is not None:

@@ -1,6 +1,9 @@
 """AsyncLLMEngine: streams RequestOutputs from a background engine loop.
 
-The loop runs ``LLMEngine.step`` on one worker thread so the event loop stays responsive;
+The constructor has the seed's shape: ``native_engine`` is this project's ``NativeEngine`` (or
+anything with its ``add_request``/``step``/``abort_request``/``has_unfinished_requests``/
+``shutdown``, such as an ``LLMEngine``). The loop runs the native engine's ``step`` on one worker
+thread so the event loop stays responsive;
 each request has an asyncio queue its ``generate()`` reads. A consumer that stops iterating
 aborts its request inside ``generate()`` itself, freeing its KV blocks. An exception in the
 loop reaches every waiting stream and marks the engine dead.
@@ -15,7 +18,7 @@ from typing import AsyncGenerator
 
 from .engine_args import AsyncEngineArgs
 from .inputs import PromptType
-from .llm_engine import LLMEngine
+from .native_engine import NativeEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -36,7 +39,7 @@ class RequestFailedError(RuntimeError):
 
 
 class AsyncLLMEngine:
-    def __init__(self, native_engine: LLMEngine, tokenizer=None, task_type: str = "generate",
+    def __init__(self, native_engine: NativeEngine, tokenizer=None, task_type: str = "generate",
                  max_model_len: int | None = None, llm=None, model_path: str | None = None,
                  trust_remote_code: bool = False) -> None:
         self.native_engine = native_engine
@@ -57,13 +60,21 @@ class AsyncLLMEngine:
 
     @classmethod
     def from_engine_args(cls, args: AsyncEngineArgs) -> "AsyncLLMEngine":
-        engine = LLMEngine(args)
-        return cls(engine, engine.tokenizer, max_model_len=engine.max_model_len, model_path=args.model)
+        engine = NativeEngine(args)
+        return cls(engine, engine.tokenizer, "generate", engine.max_model_len, model_path=args.model)
 
     @classmethod
     def from_llm(cls, llm) -> "AsyncLLMEngine":
-        engine = llm.llm_engine
-        return cls(engine, engine.tokenizer, max_model_len=engine.max_model_len, llm=llm)
+        """An engine over the ``LLM``'s native engine (the model is not loaded again)."""
+        return cls(llm.engine, llm.tokenizer, llm.task_type, llm.max_model_len, llm=llm)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """``SamplingParams`` with the model's ``generation_config`` defaults (plain defaults when it sets none)."""
+        return self.native_engine.get_default_sampling_params()
+
+    def get_diff_sampling_param(self) -> dict:
+        """The model's ``generation_config`` sampling defaults as ``SamplingParams`` keywords (vLLM's name)."""
+        return self.native_engine.get_diff_sampling_param()
 
     # ---- health ------------------------------------------------------------------------------
     @property

@@ -24,6 +24,7 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = len(ctx)
         self.text = ""
+        self.cut_last_token = False  # a stop string ended the text partway through the last token's text
         self.hold_back = 0 if (not self.stop or self.include_stop) else max(len(s) for s in self.stop) - 1
 
     def _decode(self, ids: list[int]) -> str:
@@ -52,7 +53,9 @@ class IncrementalDetokenizer:
             start = max(0, before - len(s) + 1)
             idx = self.text.find(s, start)
             if idx != -1:
-                self.text = self.text[: idx + len(s)] if self.include_stop else self.text[:idx]
+                end = idx + len(s) if self.include_stop else idx
+                self.cut_last_token = end < len(self.text)  # the last token's text is not all kept
+                self.text = self.text[:end]
                 return s
         return None
 

@@ -116,6 +116,21 @@ class EngineArgs:
     def resolved_spare_blocks_ratio(self) -> float:
         return float(self.spare_blocks_ratio or 0.0)
 
+    def create_scheduler_config(self):
+        """The public ``furiosa_llm.api.SchedulerConfig`` these arguments amount to (engine defaults resolved).
+
+        ``engine_kwargs_from_scheduler_config`` folds it back into the same knobs.
+        """
+        from .scheduler_config import SchedulerConfig as PublicSchedulerConfig
+
+        return PublicSchedulerConfig(
+            npu_queue_limit=self.resolved_npu_queue_limit,
+            max_processing_samples=self.resolved_max_processing_samples,
+            spare_blocks_ratio=self.resolved_spare_blocks_ratio,
+            prefill_chunk_size=self.max_num_batched_tokens,
+            enable_prefix_caching=self.enable_prefix_caching,
+        )
+
     def engine_config(self, *, num_blocks: int, model_max_len: int | None) -> EngineConfig:
         """The core's configuration from these arguments: the one mapping, for every backend.
 

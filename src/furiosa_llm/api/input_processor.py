@@ -2,7 +2,8 @@
 
 Checks the request id, the ``SamplingParams`` against the engine's limits (``max_logprobs``,
 the vocabulary), the prompt form, and that prompt plus output fit ``max_model_len``; every
-failure is a ``ValueError`` naming the argument, the value and what is allowed.
+failure is a ``ValueError`` naming the argument, the value and what is allowed. Text prompts
+are tokenized without special tokens (``inputs.parse_prompt``).
 """
 
 from __future__ import annotations
@@ -29,8 +30,12 @@ class InputProcessor:
         self.eos_token_ids = eos_token_ids
 
     def process(self, request_id: str, prompt: PromptType, sampling_params: SamplingParams | None,
-                arrival_time: float | None = None) -> tuple[str | None, SamplingParams, Request]:
-        """Returns ``(prompt text or None, the params, the core request)``; ``ValueError`` on bad input."""
+                arrival_time: float | None = None) -> tuple[str, SamplingParams, Request]:
+        """Returns ``(prompt text, the params, the core request)``; ``ValueError`` on bad input.
+
+        The prompt text is the prompt's own, or for token ids alone their decoded text
+        (special tokens kept), so ``RequestOutput.prompt`` is never None (Furiosa-LLM's behaviour).
+        """
         if not isinstance(request_id, str):
             raise ValueError(f"request_id={request_id!r}: must be a str")
         params = sampling_params if sampling_params is not None else SamplingParams()
@@ -44,6 +49,8 @@ class InputProcessor:
                 f"prompt: {len(ids)} prompt tokens + max(max_tokens={params.max_tokens}, min_tokens={params.min_tokens}, 1) "
                 f"= {need} exceeds max_model_len={self.max_model_len}"
             )
+        if text is None:  # token ids alone: RequestOutput.prompt is their text, as in Furiosa-LLM
+            text = self.tokenizer.decode(ids)
         req = Request(
             request_id=request_id,
             prompt_token_ids=ids,

@@ -11,7 +11,9 @@ was already sent (for ``RequestOutputKind.DELTA``). Timing is the core's record
   ``token_ids`` but not its text in ``text``, unless ``include_stop_str_in_output``;
 - a stop string that ends the text is the finish reason ("stop", ``stop_reason`` the string),
   also when the token that completed it was the last one ``max_tokens`` allowed;
-- a request whose step failed ends with finish reason "error" and ``RequestOutput.error``.
+- a request whose step failed ends with finish reason "error" and ``RequestOutput.error``;
+- ``CompletionOutput.last_token_truncated``: the final output of a request that a stop string ended
+  partway through its last token's text.
 """
 
 from __future__ import annotations
@@ -158,6 +160,7 @@ class OutputProcessor:
         comp = CompletionOutput(
             index=0, text=text, token_ids=list(token_ids), cumulative_logprob=st.cumulative_logprob,
             logprobs=None if logprobs is None else list(logprobs), finish_reason=finish_reason, stop_reason=stop_reason,
+            last_token_truncated=finished and isinstance(stop_reason, str) and st.detok.cut_last_token,
         )
         return RequestOutput(
             request_id=st.request_id, prompt=st.prompt, prompt_token_ids=st.prompt_token_ids,

@@ -1,4 +1,4 @@
-"""Output types: RequestOutput, CompletionOutput, Logprob, RequestMetrics, pooling types."""
+"""Output types: RequestOutput, CompletionOutput, Logprob, RequestMetrics, pooling and embedding types."""
 
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ class CompletionOutput:
     logprobs: SampleLogprobs | None = None
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: int | str | None = None
+    last_token_truncated: bool = False
+    """True when ``text`` ends partway through the text of the last token of ``token_ids``: a stop
+    string was found inside that token's text and the output was cut there (without the stop
+    string, unless ``include_stop_str_in_output``), so the token is in ``token_ids`` but only part
+    of its text is in ``text``. False otherwise, and on every output before the last."""
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -44,6 +49,16 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
     error: str | None = None  # why the request failed, when its finish_reason is "error"
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Tokens of the prompt."""
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Tokens in this output's completions (with ``RequestOutputKind.DELTA``, the new ones only)."""
+        return sum(len(o.token_ids) for o in self.outputs)
 
 
 @dataclass(kw_only=True)
@@ -65,3 +80,34 @@ class PoolingRequestOutput:
     outputs: PoolingOutput
     prompt_token_ids: list[int] = field(default_factory=list)
     finished: bool = True
+
+
+@dataclass(slots=True)
+class EmbeddingOutput:
+    """One embedding vector (vLLM's ``EmbeddingOutput``)."""
+
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+    @classmethod
+    def from_base(cls, pooling_output: PoolingOutput) -> "EmbeddingOutput":
+        data = pooling_output.data
+        return cls(list(data.tolist() if hasattr(data, "tolist") else data))
+
+
+@dataclass(slots=True)
+class EmbeddingRequestOutput:
+    """A finished embedding request (vLLM's ``EmbeddingRequestOutput``)."""
+
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int] = field(default_factory=list)
+    finished: bool = True
+
+    @classmethod
+    def from_base(cls, request_output: PoolingRequestOutput) -> "EmbeddingRequestOutput":
+        return cls(request_output.request_id, EmbeddingOutput.from_base(request_output.outputs),
+                   list(request_output.prompt_token_ids), request_output.finished)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import enum
 import math
 import numbers
@@ -15,6 +16,18 @@ class RequestOutputKind(enum.Enum):
     CUMULATIVE = 0  # the whole output so far, every step
     DELTA = 1  # only what is new since the last output
     FINAL = 2  # one output, when the request finishes
+
+
+class SamplingType(enum.IntEnum):
+    """How the next token is chosen (vLLM's enum): ``SamplingParams.sampling_type``."""
+
+    GREEDY = 0  # temperature below 1e-5: the most likely token
+    RANDOM = 1  # sampled from the engine's generator
+    RANDOM_SEED = 2  # sampled from the request's own generator (``seed`` given)
+
+
+_SAMPLING_EPS = 1e-5
+"""A temperature below this is greedy; a ``length_penalty`` within this of 1.0 is the default."""
 
 
 _MAX_TEMPERATURE = 1e6
@@ -99,9 +112,41 @@ class SamplingParams:
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     extra_args: dict[str, Any] | None = field(default_factory=dict)
+    # the 2026.2-era beam-search fields (vLLM <= 0.6): accepted with their validation; beam search
+    # itself is not supported (one sequence per request), so use_beam_search=True is a ValueError
+    best_of: int | None = None
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
     def __post_init__(self) -> None:
         self._check_fields()
+
+    @classmethod
+    def from_optional(cls, **kwargs: Any) -> "SamplingParams":
+        """``SamplingParams(**kwargs)`` where a keyword given as None takes its default.
+
+        As in Furiosa-LLM and vLLM, ``max_tokens=None`` keeps its meaning (fill the context),
+        and so do the fields whose default is None. An unknown keyword is a ``TypeError``.
+        """
+        defaults = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(kwargs) - set(defaults))
+        if unknown:
+            raise TypeError(f"SamplingParams.from_optional() got unexpected keyword arguments: {', '.join(unknown)}")
+        kw = {name: value for name, value in kwargs.items() if value is not None or name in _NONE_IS_A_VALUE}
+        return cls(**kw)
+
+    def clone(self) -> "SamplingParams":
+        """A deep copy: changing the copy (its stop list, ``extra_args``) leaves this one as it is."""
+        return copy.deepcopy(self)
+
+    @property
+    def sampling_type(self) -> SamplingType:
+        if self.temperature < _SAMPLING_EPS:
+            return SamplingType.GREEDY
+        if self.seed is not None:
+            return SamplingType.RANDOM_SEED
+        return SamplingType.RANDOM
 
     def _check_fields(self) -> None:
         """Type and range of every field on its own; normalises (floats, ints, stop lists). Idempotent."""
@@ -151,6 +196,8 @@ class SamplingParams:
             raise ValueError(f"min_tokens={self.min_tokens}: must be <= max_tokens={self.max_tokens}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
+            if isinstance(value, bool):  # vLLM's and Furiosa-LLM's reading: True is 1, False is 0 (bool is an int)
+                value = int(value)
             if value is not None:
                 value = _int(name, value)
                 if value < -1:
@@ -162,6 +209,38 @@ class SamplingParams:
             self.extra_args = {}
         elif not isinstance(self.extra_args, dict):
             raise ValueError(f"extra_args={_show(self.extra_args)}: expected a dict or None")
+        self._check_beam_fields()
+
+    def _check_beam_fields(self) -> None:
+        """``best_of``, ``use_beam_search``, ``length_penalty``, ``early_stopping``: Furiosa-LLM 2026.2's rules.
+
+        ``best_of`` None means ``n``; it may not be below ``n``, and above 1 it needs beam search
+        (one sequence is generated per request). Without beam search ``length_penalty`` must be
+        1.0 and ``early_stopping`` False (they would have no effect). Beam search is not supported.
+        """
+        if self.best_of is None:
+            self.best_of = self.n
+        self.best_of = _int("best_of", self.best_of)
+        if self.best_of < self.n:
+            raise ValueError(f"best_of={self.best_of}: must be >= n={self.n}")
+        _bool("use_beam_search", self.use_beam_search)
+        self.length_penalty = _float("length_penalty", self.length_penalty, -_MAX_TEMPERATURE, _MAX_TEMPERATURE)
+        if not (isinstance(self.early_stopping, bool) or (isinstance(self.early_stopping, str) and self.early_stopping == "never")):
+            raise ValueError(f"early_stopping={_show(self.early_stopping)}: must be True, False or 'never'")
+        if self.use_beam_search:
+            raise ValueError(
+                "use_beam_search=True: must be False; beam search is not supported by this engine "
+                "(use greedy decoding, temperature=0, or sampling)"
+            )
+        if self.best_of > 1:
+            raise ValueError(
+                f"best_of={self.best_of}: must be 1 (or None); more candidates than n need beam search, "
+                "which is not supported (one sequence is generated per request)"
+            )
+        if abs(self.length_penalty - 1.0) > _SAMPLING_EPS:
+            raise ValueError(f"length_penalty={self.length_penalty:g}: must be 1.0 without beam search (it has no effect)")
+        if self.early_stopping is not False:
+            raise ValueError(f"early_stopping={_show(self.early_stopping)}: must be False without beam search (it has no effect)")
 
     def verify(self, *, max_logprobs: int, vocab_size: int) -> None:
         """Raise ``ValueError`` for a count above what the engine can give (vLLM's checks when a request is added).
@@ -194,7 +273,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < 1e-5
+        return self.temperature < _SAMPLING_EPS
 
     def settings(self, eos_token_ids: frozenset[int] = frozenset()) -> SamplingSettings:
         """The backend's view of these parameters: the fields ``SamplingSettings`` shares with them, by name.
@@ -208,3 +287,5 @@ class SamplingParams:
 
 
 _SHARED_FIELDS = tuple(f.name for f in fields(SamplingSettings) if f.name != "stop_token_ids")
+_NONE_IS_A_VALUE = frozenset({"max_tokens"})
+"""``from_optional`` keeps None for these: ``max_tokens=None`` fills the context."""

@@ -1,0 +1,201 @@
+"""NativeEngine: this project's engine behind the seed's ``native_engine`` seam.
+
+The vendor's ``AsyncLLMEngine``/``LLMEngine`` take a ``native_engine`` (its ``NativeLLMEngine``,
+which owns batching and the KV cache on the card). Here the native engine is the engine core over
+a HAL queue (the torch backend by default), with the input processor (validating a request,
+building the core's ``Request``) and the output processor (detokenizing, stop strings, logprobs,
+output kinds). Its methods are the ones ``LLMEngine`` and ``AsyncLLMEngine`` drive:
+``add_request``, ``step``, ``abort_request``, ``has_unfinished_requests``, ``shutdown``, plus
+``stats()`` and the model's sampling defaults (``get_default_sampling_params``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from furiosa_llm.core import EngineCore, EngineStats
+from furiosa_llm.hal import ExecutionQueue
+
+from .engine_args import EngineArgs
+from .input_processor import InputProcessor
+from .inputs import PromptType
+from .output_processor import OutputProcessor
+from .outputs import PoolingParams, RequestOutput
+from .sampling_params import SamplingParams
+
+logger = logging.getLogger("furiosa_llm")
+
+# generation_config.json field -> SamplingParams field, as vLLM reads a model's sampling defaults
+GENERATION_CONFIG_FIELDS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+class EngineDeadError(RuntimeError):
+    """Steps failed ``EngineCore.MAX_CONSECUTIVE_FAILURES`` times in a row; the last failure is the ``__cause__``."""
+
+
+def generation_defaults(generation_config: Any) -> dict[str, Any]:
+    """The sampling defaults a model's ``generation_config`` sets, as ``SamplingParams`` keywords.
+
+    Only fields the model sets away from Hugging Face's defaults count (``to_diff_dict``), as in
+    vLLM and Furiosa-LLM; ``max_new_tokens`` becomes ``max_tokens``. A value ``SamplingParams``
+    refuses is logged and left out. ``None`` (no generation config) gives ``{}``.
+    """
+    if generation_config is None:
+        return {}
+    diff = generation_config.to_diff_dict() if hasattr(generation_config, "to_diff_dict") else dict(generation_config)
+    out: dict[str, Any] = {}
+    for src, dst in GENERATION_CONFIG_FIELDS.items():
+        value = diff.get(src)
+        if value is None:
+            continue
+        try:
+            SamplingParams(**{dst: value})
+        except ValueError as e:
+            logger.warning("generation_config: %s=%r ignored: %s", src, value, e)
+            continue
+        out[dst] = value
+    return out
+
+
+class NativeEngine:
+    """The engine core, its backend and the two processors; the ``native_engine`` of both engines.
+
+    ``tokenizer``: a tokenizer object to use instead of the one loaded with the model (as
+    Furiosa-LLM's ``LLM(tokenizer=...)`` allows). ``queue``: an execution queue to use instead of
+    the backend's (tests).
+    """
+
+    def __init__(self, args: EngineArgs, *, tokenizer: Any = None, queue: ExecutionQueue | None = None) -> None:
+        from furiosa_llm.hal.torch_backend import TorchBackend
+
+        self.args = args
+        backend = TorchBackend(
+            args.model, devices=args.parsed_devices(), pipeline_parallel_size=args.pipeline_parallel_size,
+            data_parallel_size=args.data_parallel_size, dtype=args.dtype, block_size=args.block_size,
+            kv_cache_memory_bytes=args.kv_cache_memory_bytes, tokenizer=args.tokenizer,
+            tokenizer_mode=args.tokenizer_mode, revision=args.revision, cache_dir=args.cache_dir, seed=args.seed,
+        )
+        self.backend = backend
+        self.load_seconds = backend.load_seconds
+        self.model_config = backend.model_config
+        self.tokenizer = tokenizer if tokenizer is not None else backend.tokenizer
+        self.vocab_size = backend.model_config.vocab_size
+        self.eos_token_ids = backend.eos_token_ids
+        self.default_sampling_kwargs = generation_defaults(backend.generation_config)
+        config = args.engine_config(num_blocks=backend.num_blocks_that_fit, model_max_len=backend.max_position_embeddings)
+        self.engine_config = config
+        self.max_model_len = config.scheduler_config.max_model_len
+        queue = queue or backend.create_queue(config.scheduler_config.num_blocks, config.npu_queue_limit, config.jit_config.max_workers)
+        self.core = EngineCore.from_config(config, queue, time.monotonic, eos_token_ids=self.eos_token_ids,
+                                           num_layers=backend.num_layers)
+        self.input_processor = InputProcessor(self.tokenizer, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
+                                              max_logprobs=args.max_logprobs, eos_token_ids=self.eos_token_ids)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._closed = False
+        if config.jit_config.enabled:
+            logger.info("JIT on: decode buckets compile after %d hits, %d at once, %d layers per unit (backend %s)",
+                        config.jit_config.threshold, config.jit_config.max_workers, config.jit_config.unit_size, backend.jit_backend)
+        if self.default_sampling_kwargs:
+            logger.info("sampling defaults from the model's generation_config: %s", self.default_sampling_kwargs)
+        logger.info("engine ready: %d KV blocks x %d tokens, max_model_len=%d, npu_queue_limit=%d",
+                    config.scheduler_config.num_blocks, args.block_size, self.max_model_len, config.npu_queue_limit)
+
+    @property
+    def runner(self):
+        """The torch backend's model runner (None before its queue exists)."""
+        return self.backend.runner
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """``SamplingParams`` with the model's ``generation_config`` defaults; plain defaults when it sets none."""
+        return SamplingParams(**self.default_sampling_kwargs)
+
+    def get_diff_sampling_param(self) -> dict[str, Any]:
+        """The model's sampling defaults as keywords (vLLM's name): a server fills a request's unset fields from it."""
+        return dict(self.default_sampling_kwargs)
+
+    # ---- requests ---------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Queue a request. ``ValueError`` for a bad id, prompt or parameters, or a live duplicate id."""
+        if isinstance(params, PoolingParams):
+            raise ValueError(
+                f"params=PoolingParams(...): model {self.args.model!r} is a generative model (task 'generate'); "
+                "pooling needs an embedding model and is not supported yet; pass a SamplingParams"
+            )
+        text, params, req = self.input_processor.process(request_id, prompt, params, arrival_time)
+        with self.core.lock:
+            self.core.add_request(req)  # raises on a duplicate live id
+            self.output_processor.add(request_id, text, req.prompt_token_ids, params, req.metrics)
+
+    def abort_request(self, request_id: str | list[str]) -> list[RequestOutput]:
+        """Abort live requests, freeing their KV blocks now; returns their final outputs."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        outs = []
+        with self.core.lock:
+            for rid in ids:
+                if self.core.abort(rid) is not None:
+                    out = self.output_processor.abort(rid)
+                    if out is not None:
+                        outs.append(out)
+        return outs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.core.has_unfinished()
+
+    def get_num_unfinished_requests(self) -> int:
+        return self.core.num_unfinished
+
+    # ---- stepping ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One engine step. Requests of a batch that failed end with finish reason "error"; the rest go on.
+
+        Raises ``EngineDeadError`` once steps have failed several times in a row.
+        """
+        core_outputs = self.core.step()
+        with self.core.lock:
+            processed = self.output_processor.process(core_outputs)
+            for rid, stop in processed.stopped:
+                self.core.stop(rid, stop)
+            for rid in processed.failed:
+                self.core.abort(rid)
+        if self.core.dead:
+            err = self.core.last_error
+            raise EngineDeadError(f"{self.core.consecutive_failures} engine steps failed in a row; last: {err!r}") from err
+        return processed.request_outputs
+
+    # ---- state --------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        """A snapshot of the engine core: requests running and waiting, KV blocks, counters."""
+        return self.core.stats()
+
+    @property
+    def num_free_blocks(self) -> int:
+        st = self.core.stats()
+        return st.num_kv_blocks_total - st.num_kv_blocks_used
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.core.stats().num_kv_blocks_total
+
+    def is_alive(self) -> bool:
+        return not self._closed and not self.core.dead
+
+    def shutdown(self) -> None:
+        """Abort every live request and close the execution queue; a second call does nothing."""
+        if self._closed:
+            return
+        with self.core.lock:
+            for rid in list(self.output_processor.states):
+                self.core.abort(rid)
+            self.output_processor.states.clear()
+        self._closed = True
+        self.core.queue.close()

@@ -1,0 +1,7 @@
+"""``furiosa_llm.sampling_params``: ``SamplingParams`` and its enums, at Furiosa-LLM's (and vLLM's) module path."""
+
+from __future__ import annotations
+
+from .api.sampling_params import RequestOutputKind, SamplingParams, SamplingType
+
+__all__ = ["RequestOutputKind", "SamplingParams", "SamplingType"]
