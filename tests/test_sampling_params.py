@@ -71,13 +71,20 @@ RULES = [
     (dict(min_tokens=5, max_tokens=2), False), (dict(min_tokens=None), False), (dict(min_tokens=NAN), False),
     # logprobs, prompt_logprobs: None, an int >= 0 or -1 (the whole vocabulary); <= max_logprobs (verify)
     (dict(logprobs=0), True), (dict(logprobs=20), True), (dict(logprobs=21), False), (dict(logprobs=-1), False),
-    (dict(logprobs=-2), False), (dict(logprobs=10**30), False), (dict(logprobs=1.0), False), (dict(logprobs=True), False),
+    (dict(logprobs=-2), False), (dict(logprobs=10**30), False), (dict(logprobs=1.0), False), (dict(logprobs="1"), False),
+    (dict(logprobs=True), True), (dict(prompt_logprobs=True), True),  # True is 1 (vLLM, Furiosa-LLM)
     (dict(prompt_logprobs=0), True), (dict(prompt_logprobs=20), True), (dict(prompt_logprobs=21), False),
     (dict(prompt_logprobs=-1), False), (dict(prompt_logprobs=-2), False), (dict(prompt_logprobs="5"), False),
     # output_kind: a RequestOutputKind
     (dict(output_kind=RequestOutputKind.DELTA), True), (dict(output_kind=1), False), (dict(output_kind="DELTA"), False),
     # extra_args: None or a dict
     (dict(extra_args=None), True), (dict(extra_args={"a": 1}), True), (dict(extra_args=[1]), False),
+    # the 2026.2-era beam-search fields: accepted with their rules; beam search itself is refused
+    (dict(best_of=None), True), (dict(best_of=1), True), (dict(best_of=2), False), (dict(best_of=0), False),
+    (dict(best_of=True), False), (dict(use_beam_search=False), True), (dict(use_beam_search=True), False),
+    (dict(use_beam_search=1), False), (dict(length_penalty=1.0), True), (dict(length_penalty=1), True),
+    (dict(length_penalty=0.5), False), (dict(length_penalty=NAN), False), (dict(early_stopping=False), True),
+    (dict(early_stopping=True), False), (dict(early_stopping="never"), False), (dict(early_stopping="sometimes"), False),
 ]
 
 
