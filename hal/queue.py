@@ -54,6 +54,14 @@ class ExecutionQueue(abc.ABC):
         out, self._done_compiles = self._done_compiles, []
         return out
 
+    def healthy(self) -> bool:
+        """Run a minimal batch on the device (a probe) and say whether it worked.
+
+        The engine asks after steps keep failing, to tell requests that break a step from a
+        device that is lost. A backend with nothing to probe is healthy.
+        """
+        return True
+
     def close(self) -> None:  # pragma: no cover - trivial default
         pass
 
@@ -114,6 +122,17 @@ class ThreadedQueue(ExecutionQueue):
     def compiled(self) -> list[CompileResult]:
         with self._compile_lock:
             return super().compiled()
+
+    def healthy(self) -> bool:
+        """The executor's ``probe()`` (one tiny batch), run in turn with the batches; True when it has none."""
+        probe = getattr(self._executor, "probe", None)
+        if probe is None:
+            return True
+        try:
+            self._pool.submit(probe).result()
+            return True
+        except Exception:  # noqa: BLE001 - the answer is the point
+            return False
 
     def _run(self, batch: Batch) -> StepResult:
         start = self._clock()

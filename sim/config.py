@@ -107,7 +107,12 @@ class SimConfig:
         """Resolve the configuration once; a ``ValueError`` names what cannot run (PEs short, model too big)."""
         placements = self._placements()
         cost = self._stage_cost()
-        num_blocks = self.engine_args.num_kv_blocks or self._kv_blocks_in_memory(cost)
+        num_blocks = self.engine_args.num_kv_blocks
+        if num_blocks is None:
+            num_blocks = self._kv_blocks_in_memory(cost)
+        elif cost.memory_bytes is not None and num_blocks > (fits := self._kv_blocks_in_memory(cost)):
+            raise ValueError(f"num_kv_blocks={num_blocks}: a replica's memory holds at most {fits} KV blocks of "
+                             f"{self.engine_args.block_size} tokens of {self.model.name} beside its weights")
         engine_config = self.engine_args.engine_config(num_blocks=num_blocks,
                                                        model_max_len=self.model.max_position_embeddings)
         return SimPlan(self.model, tuple(placements), cost, engine_config)

@@ -230,6 +230,30 @@ async def test_repeated_step_failures_reach_every_stream_and_mark_dead():
     engine.shutdown()
 
 
+async def test_a_retried_poison_request_does_not_kill_the_engine():
+    """A client that retries a request which breaks every step it is in: the device passes its probe, so the engine lives."""
+    engine = AsyncLLMEngine.from_engine_args(engine_args(num_kv_blocks=64))
+    runner = engine.native_engine.runner
+    real_execute = runner.execute
+    poison = set(engine.tokenizer.encode(" xyzzy", add_special_tokens=False))
+
+    def fails_on_poison(batch):
+        if any(poison & set(s.token_ids) for s in batch.sequences):
+            raise RuntimeError("device fault on this input")
+        return real_execute(batch)
+
+    runner.execute = fails_on_poison
+    params = SamplingParams(max_tokens=3, **GREEDY)
+    for attempt in range(5):  # more tries than the failures that trigger a probe
+        with pytest.raises(RequestFailedError, match="device fault"):
+            await asyncio.wait_for(collect(engine, "say xyzzy", params, f"poison-{attempt}"), 20)
+    assert not engine.errored
+    outs = await asyncio.wait_for(collect(engine, "Hello", params, "after-poison"), 20)
+    assert outs[-1].outputs[0].finish_reason == "length"
+    assert await wait_idle(engine)
+    engine.shutdown()
+
+
 def test_llm_generate_raises_on_a_failed_step_then_serves_again():
     from furiosa_llm import LLM
 

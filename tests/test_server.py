@@ -696,6 +696,7 @@ async def test_chat_template_override(app_client, async_engine, tmp_path):
 
 async def test_a_request_that_fails_in_the_engine_gets_a_500_in_openai_shape(async_engine, monkeypatch):
     """A failed request (its step raised: ``RequestFailedError``) is a 500 naming the cause, or an error event."""
+    from furiosa_llm import RequestFailedError
     from furiosa_llm.entrypoints.openai.api_server import create_app
 
     real = async_engine.generate
@@ -703,12 +704,13 @@ async def test_a_request_that_fails_in_the_engine_gets_a_500_in_openai_shape(asy
     async def failing(prompt, params, request_id):  # the request's last step fails
         async for out in real(prompt, params, request_id):
             if out.finished:
-                raise RuntimeError(f"request {request_id!r} failed: boom in the step")
+                raise RequestFailedError(request_id, "RuntimeError: boom in the step")
             yield out
 
     monkeypatch.setattr(async_engine, "generate", failing)
     app = create_app(async_engine, served_model_name=MODEL, log_interval_s=0)
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    # raise_app_exceptions: the 500 must be the whole answer (a re-raise would drop the client's connection)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=True)
     async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
         body = {"prompt": "Hi", "max_tokens": 8, "ignore_eos": True}
         r = await c.post("/v1/completions", json=body)

@@ -264,3 +264,9 @@ def test_cli_simulate_and_plan(tmp_path, capsys):
     assert [r["point"]["max_processing_samples"] for r in plan["results"]] == [16, 256]
     assert main(["simulate", "--model", "llama-3.1-8b", "--devices", "npu:0:9"]) == 2
     assert "npu:0:9" in capsys.readouterr().err
+
+
+def test_num_kv_blocks_beyond_the_cards_memory_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"num_kv_blocks=100000000: a replica's memory holds at most \d+ KV blocks"):
+        SimConfig(model="llama-3.1-8b", devices="npu:0", num_kv_blocks=100_000_000).plan()
+    assert SimConfig(model="llama-3.1-8b", devices="npu:0", num_kv_blocks=2500).plan().num_kv_blocks == 2500

@@ -52,6 +52,7 @@ class AsyncLLMEngine:
         self.request_ids: set[str] = set()
         self._queues: dict[str, asyncio.Queue] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-loop")
+        self._input_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-input")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
@@ -132,9 +133,13 @@ class AsyncLLMEngine:
     # ---- requests ----------------------------------------------------------------------------
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams, request_id: str) -> AsyncGenerator[RequestOutput, None]:
         self._ensure_loop()
-        self.native_engine.add_request(request_id, prompt, sampling_params)  # ValueError on bad input
+        if not isinstance(request_id, str):
+            raise ValueError(f"request_id={request_id!r}: must be a str")
+        if request_id in self._queues:
+            raise ValueError(f"request_id={request_id!r}: a live request already has this id")
         q: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = q
+        self._queues[request_id] = q  # before the request exists, so none of its outputs can be missed
+        await self._add(request_id, prompt, sampling_params)  # ValueError on bad input
         self.request_ids.add(request_id)
         self._wake.set()
         finished = False
@@ -154,6 +159,21 @@ class AsyncLLMEngine:
             self.request_ids.discard(request_id)
             if not finished:
                 self.native_engine.abort_request(request_id)
+
+    async def _add(self, request_id: str, prompt: PromptType, sampling_params: SamplingParams) -> None:
+        """Add the request on a worker thread, so tokenizing a long prompt never blocks the event loop."""
+        add = asyncio.get_running_loop().run_in_executor(self._input_executor, self.native_engine.add_request,
+                                                         request_id, prompt, sampling_params)
+        try:
+            await asyncio.shield(add)
+        except asyncio.CancelledError:  # the caller went away while its prompt was being processed
+            self._queues.pop(request_id, None)
+            add.add_done_callback(lambda f: f.cancelled() or f.exception() is not None
+                                  or self.native_engine.abort_request(request_id))
+            raise
+        except BaseException:
+            self._queues.pop(request_id, None)
+            raise
 
     def encode(self, prompt, pooling_params=None, request_id=None, lora_request=None, trace_headers=None,
                priority=None, truncate_prompt_tokens=None, tokenization_kwargs=None):
@@ -177,4 +197,5 @@ class AsyncLLMEngine:
         if self._task is not None and not self._task.done() and self._loop is not None and not self._loop.is_closed():
             self._task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._input_executor.shutdown(wait=False, cancel_futures=True)
         self.native_engine.shutdown()

@@ -158,8 +158,11 @@ class NativeEngine:
     def step(self) -> list[RequestOutput]:
         """One engine step. Requests of a batch that failed end with finish reason "error"; the rest go on.
 
-        Raises ``EngineDeadError`` once steps have failed several times in a row.
+        Raises ``EngineDeadError`` once steps kept failing and the device failed a probe too (and
+        on every step after that).
         """
+        if self.core.dead:
+            raise self._dead_error()
         core_outputs = self.core.step()
         with self.core.lock:
             processed = self.output_processor.process(core_outputs)
@@ -168,9 +171,15 @@ class NativeEngine:
             for rid in processed.failed:
                 self.core.abort(rid)
         if self.core.dead:
-            err = self.core.last_error
-            raise EngineDeadError(f"{self.core.consecutive_failures} engine steps failed in a row; last: {err!r}") from err
+            raise self._dead_error()
         return processed.request_outputs
+
+    def _dead_error(self) -> EngineDeadError:
+        err = self.core.last_error
+        dead = EngineDeadError(f"engine steps failed {self.core.MAX_CONSECUTIVE_FAILURES} times in a row and the device "
+                               f"failed a probe; last error: {err!r}")
+        dead.__cause__ = err
+        return dead
 
     # ---- state --------------------------------------------------------------------------------
     def stats(self) -> EngineStats:

@@ -34,6 +34,7 @@ class EngineCore:
         self.lock = threading.RLock()
         self.consecutive_failures = 0
         self.last_error: BaseException | None = None
+        self.dead = False  # the device failed a probe after repeated failures: no step runs again
 
     @classmethod
     def from_config(cls, config: EngineConfig, queue: ExecutionQueue, clock: Callable[[], float], *,
@@ -75,6 +76,8 @@ class EngineCore:
         A batch whose execution raises fails its own requests (finish reason "error", blocks
         freed) and nothing else; see ``fail_oldest`` and ``dead``.
         """
+        if self.dead:
+            raise RuntimeError(f"the engine core is dead: {self.last_error!r}") from self.last_error
         self.submit()
         if not self.queue.in_flight:
             return []
@@ -86,17 +89,23 @@ class EngineCore:
         return self.process(result)
 
     def fail_oldest(self, error: BaseException) -> list[CoreOutput]:
-        """The oldest batch in flight failed with ``error``: end its requests with finish reason "error"."""
+        """The oldest batch in flight failed with ``error``: end its requests with finish reason "error".
+
+        After ``MAX_CONSECUTIVE_FAILURES`` failed steps in a row the device is probed
+        (``queue.healthy()``): if the probe fails too the core is ``dead``; if it works, the
+        requests were to blame (a client retrying a poison request) and the count starts again.
+        """
         with self.lock:
             self.consecutive_failures += 1
             self.last_error = error
             step_id = next(iter(self.scheduler.in_flight))
-            return self.scheduler.fail_batch(step_id, f"{type(error).__name__}: {error}", self.clock())
-
-    @property
-    def dead(self) -> bool:
-        """``MAX_CONSECUTIVE_FAILURES`` steps failed in a row: the fault is not one request's."""
-        return self.consecutive_failures >= self.MAX_CONSECUTIVE_FAILURES
+            outputs = self.scheduler.fail_batch(step_id, f"{type(error).__name__}: {error}", self.clock())
+        if self.consecutive_failures >= self.MAX_CONSECUTIVE_FAILURES:
+            if self.queue.healthy():
+                self.consecutive_failures = 0
+            else:
+                self.dead = True
+        return outputs
 
     def submit(self, on_batch: Callable[[Batch], None] | None = None) -> int:
         """Schedule and submit batches while the queue has room; returns how many were submitted.

@@ -19,7 +19,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from furiosa_llm.hal import Batch, Bucket, StepResult
+from furiosa_llm.hal import Batch, Bucket, SamplingSettings, SequenceChunk, StepResult
 
 from .sampler import Sampler, token_logprobs
 
@@ -225,6 +225,12 @@ class ModelRunner:
         mask = torch.cat((past, torch.ones(bucket.batch, 1, dtype=torch.bool, device=dev)), dim=1)[:, None, None, :]
         return (torch.tensor(tokens, dtype=torch.long, device=dev), pos, torch.tensor(slots, dtype=torch.long, device=dev),
                 torch.tensor(tables, dtype=torch.long, device=dev), mask)
+
+    def probe(self) -> None:
+        """Run one greedy decode row on the scratch block through ``execute`` (raises if the device fails)."""
+        chunk = SequenceChunk(request_id="__probe__", token_ids=[0], start_pos=0, block_table=[self.scratch_block],
+                              sample=True, sampling=SamplingSettings(temperature=0.0))
+        self.execute(Batch(step_id=-1, sequences=[chunk]))
 
     def compile_bucket(self, bucket: Bucket, num_units: int) -> None:
         """Compile the decode step at ``bucket``'s padded shape, ``num_units`` graphs of consecutive layers.

@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from furiosa_llm import __version__
-from furiosa_llm.api.async_llm_engine import AsyncEngineDeadError, AsyncLLMEngine
+from furiosa_llm.api.async_llm_engine import AsyncEngineDeadError, AsyncLLMEngine, RequestFailedError
 from furiosa_llm.api.outputs import RequestOutput
 from furiosa_llm.api.sampling_params import RequestOutputKind, SamplingParams
 
@@ -566,8 +566,14 @@ async def _dead(_request: Request, exc: AsyncEngineDeadError):
     return error_json(503, f"the engine is not running: {exc}", "ServiceUnavailableError")
 
 
+async def _request_failed(_request: Request, exc: RequestFailedError):
+    """A request whose step failed: a 500 in OpenAI's shape naming the cause; the connection stays usable."""
+    logger.error("request failed: %s", exc)
+    return error_json(500, str(exc), "InternalServerError")
+
+
 async def _internal_error(_request: Request, exc: Exception):
-    """Anything else (a request whose step failed, a bug) is a 500 in OpenAI's shape that names the cause."""
+    """Anything else (a bug) is a 500 in OpenAI's shape that names the cause."""
     logger.error("request failed: %r", exc)
     return error_json(500, f"internal error: {exc}", "InternalServerError")
 
@@ -602,6 +608,9 @@ def create_app(engine: AsyncLLMEngine, *, served_model_name: str, api_key: str |
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(AsyncEngineDeadError, _dead)
+    # handlers of specific classes answer and are done; the one for Exception (Starlette's last resort)
+    # answers and then re-raises to the server, which drops the client's keep-alive connection
+    app.add_exception_handler(RequestFailedError, _request_failed)
     app.add_exception_handler(Exception, _internal_error)
     app.middleware("http")(_auth)
     if allowed_origins is not None:  # outermost, so preflights and error responses carry the CORS headers too
