@@ -144,6 +144,8 @@ class LLM:
             seqs = [prompt_token_ids] if single else prompt_token_ids
             return [{"prompt_token_ids": list(ids)} for ids in seqs], single
         single = isinstance(prompts, (str, dict))
+        if not single and not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"prompts={prompts!r:.80}: expected a str, a prompt dict, or a list of them")
         prompts = [prompts] if single else list(prompts)
         if tokenizer_kwargs is not None:
             if not isinstance(tokenizer_kwargs, dict):
