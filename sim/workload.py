@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import csv
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 TRACE_COLUMNS = ("arrived_at", "num_prefill_tokens", "num_decode_tokens")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,14 +125,16 @@ class Workload:
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_len", LengthDist.parse(self.input_len, "input_len"))
         object.__setattr__(self, "output_len", LengthDist.parse(self.output_len, "output_len"))
-        if not isinstance(self.num_requests, int) or self.num_requests < 1:
+        if not _is_int(self.num_requests) or self.num_requests < 1:
             raise ValueError(f"num_requests={self.num_requests!r}: must be an int >= 1")
-        if not self.request_rate > 0:
-            raise ValueError(f"request_rate={self.request_rate!r}: must be > 0 (inf sends all at once)")
+        if not _is_number(self.request_rate) or not self.request_rate > 0:
+            raise ValueError(f"request_rate={self.request_rate!r}: must be a number > 0 (inf sends all at once)")
         if self.arrival not in ("poisson", "gamma", "trace"):
             raise ValueError(f"arrival={self.arrival!r}: must be poisson, gamma or trace")
-        if not self.burstiness > 0:
-            raise ValueError(f"burstiness={self.burstiness!r}: must be > 0")
+        if not _is_number(self.burstiness) or not 0 < self.burstiness < math.inf:
+            raise ValueError(f"burstiness={self.burstiness!r}: must be a finite number > 0")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed={self.seed!r}: must be an int in [0, 2**63)")
         uses_trace = self.arrival == "trace" or "trace" in (self.input_len.kind, self.output_len.kind)
         if uses_trace and self.trace is None:
             raise ValueError("trace=None: arrival or lengths 'trace' need a trace CSV")

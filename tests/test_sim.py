@@ -270,3 +270,13 @@ def test_num_kv_blocks_beyond_the_cards_memory_is_a_clear_error():
     with pytest.raises(ValueError, match=r"num_kv_blocks=100000000: a replica's memory holds at most \d+ KV blocks"):
         SimConfig(model="llama-3.1-8b", devices="npu:0", num_kv_blocks=100_000_000).plan()
     assert SimConfig(model="llama-3.1-8b", devices="npu:0", num_kv_blocks=2500).plan().num_kv_blocks == 2500
+
+
+@pytest.mark.parametrize("kw,field", [(dict(num_requests=True), "num_requests"), (dict(request_rate="5"), "request_rate"),
+                                      (dict(seed=-1), "seed"), (dict(seed=float("nan")), "seed"),
+                                      (dict(burstiness=float("nan")), "burstiness")])
+def test_workload_rejects_wrong_types_naming_the_field(kw, field):
+    with pytest.raises(ValueError, match=f"^{field}="):
+        Workload(**kw)
+    with pytest.raises(ValueError, match="slo ttft_ms='5'"):
+        SLO(ttft_ms="5")
