@@ -146,6 +146,12 @@ class SimConfig:
         free = cost.memory_bytes * self.kv_memory_utilization - weights
         per_block = self.model.kv_bytes_per_token(cost.dtype_bytes) / pp * self.engine_args.block_size
         blocks = int(free // per_block)
+        budget = self.engine_args.kv_cache_memory_bytes  # per stage, as on a real device
+        if budget is not None and blocks >= 1:
+            if budget // per_block > blocks:
+                raise ValueError(f"kv_cache_memory_bytes={budget}: a stage's memory holds at most "
+                                 f"{blocks * per_block:.0f} bytes of KV cache beside its share of the weights")
+            blocks = int(budget // per_block)
         if blocks < 1:
             raise ValueError(
                 f"tensor_parallel_size={self.tensor_parallel_size}, pipeline_parallel_size={pp}: {self.model.name} needs "

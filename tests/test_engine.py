@@ -273,6 +273,8 @@ def test_llm_generate_raises_on_a_failed_step_then_serves_again():
     outs = llm.generate(["Hello"], SamplingParams(max_tokens=4, **GREEDY), use_tqdm=False)
     assert outs[0].finished and outs[0].outputs[0].finish_reason == "length"
     llm.llm_engine.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        llm.generate(["Hello"], SamplingParams(max_tokens=4, **GREEDY), use_tqdm=False)
 
 
 async def test_shutdown_aborts_live_requests_and_frees_blocks():

@@ -280,3 +280,10 @@ def test_workload_rejects_wrong_types_naming_the_field(kw, field):
         Workload(**kw)
     with pytest.raises(ValueError, match="slo ttft_ms='5'"):
         SLO(ttft_ms="5")
+
+
+def test_kv_cache_memory_bytes_sets_the_simulated_kv_blocks_and_must_fit():
+    small = SimConfig(model="llama-3.1-8b", devices="npu:0", kv_cache_memory_bytes=2 * 10**9).plan().num_kv_blocks
+    assert 0 < small < SimConfig(model="llama-3.1-8b", devices="npu:0").plan().num_kv_blocks
+    with pytest.raises(ValueError, match="kv_cache_memory_bytes=100000000000000: a stage's memory holds at most"):
+        SimConfig(model="llama-3.1-8b", devices="npu:0", kv_cache_memory_bytes=10**14).plan()

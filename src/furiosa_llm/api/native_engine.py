@@ -125,7 +125,12 @@ class NativeEngine:
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,
                     arrival_time: float | None = None) -> None:
-        """Queue a request. ``ValueError`` for a bad id, prompt or parameters, or a live duplicate id."""
+        """Queue a request. ``ValueError`` for a bad id, prompt or parameters, or a live duplicate id.
+
+        ``RuntimeError`` once the engine is shut down.
+        """
+        if self._closed:
+            raise RuntimeError("the engine is shut down (shutdown() was called); create a new one to serve requests")
         if isinstance(params, PoolingParams):
             raise ValueError(
                 f"params=PoolingParams(...): model {self.args.model!r} is a generative model (task 'generate'); "

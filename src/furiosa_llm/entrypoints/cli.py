@@ -151,6 +151,9 @@ def cmd_plan(ns: argparse.Namespace) -> int:
              for r in rows]
     print(json.dumps(jsonable(table), indent=2))
     print(f"planned {len(rows)} configuration(s) in {time.perf_counter() - t0:.1f} wall s", file=sys.stderr)
+    if rows and all("error" in r for r in rows):
+        print(f"error: no configuration could run; first: {rows[0]['error']}", file=sys.stderr)
+        return 1
     return 0
 
 
