@@ -546,7 +546,8 @@ def test_streamed_text_equals_the_whole_text_for_random_requests(server):
         assert streamed["text"] == text, body
         assert streamed["finish_reason"] == finish, body
         assert streamed["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"], body
-        if finish == "stop" and stop and not include:
+        if finish == "stop" and stop and not include and not min_tokens:
+            # (before min_tokens outputs exist stop strings are not searched, as in vLLM, so they may stay in the text)
             assert not any(s in text for s in stop), body
 
     check()
