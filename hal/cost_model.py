@@ -24,11 +24,19 @@ from .devices import PES_PER_CARD
 
 # RNGD public specifications (shared/reference/furiosa-llm-facts.md)
 RNGD_BF16_FLOPS = 256e12  # per card, 8 PEs
+RNGD_FP8_FLOPS = 512e12  # per card, 8 PEs (INT8: 512 TOPS)
 RNGD_HBM_BYTES = 48e9  # per card
 RNGD_HBM_BANDWIDTH = 1.5e12  # bytes/s per card
 RNGD_HOST_LINK_BANDWIDTH = 64e9  # PCIe Gen5 x16, bytes/s one way
 
 SHIPPED_MODELS = ("llama-3.1-8b", "llama-3.1-70b")
+
+# number formats Furiosa-LLM serves Llama 3.x in (vLLM's flag values): bytes per weight, and the peak
+# (FLOP/s per card) of the format the matmuls run in. fp8 = W8A8 (FP8 matmuls); w8a16 = 8-bit weights
+# read from memory, dequantized, BF16 matmuls.
+QUANTIZATIONS = {"none": (2.0, RNGD_BF16_FLOPS), "fp8": (1.0, RNGD_FP8_FLOPS), "w8a16": (1.0, RNGD_BF16_FLOPS)}
+# bytes per KV-cache element; "auto" is the activations' BF16
+KV_CACHE_DTYPES = {"auto": 2.0, "bf16": 2.0, "fp8": 1.0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +161,8 @@ class CostModel:
     s_per_seq: float = 0.0
     s_per_token_comm: float = 0.0  # tensor-parallel all-reduce across cards, per token
     combine: str = "max"  # "max" (roofline) or "sum"
-    dtype_bytes: float = 2.0
+    dtype_bytes: float = 2.0  # bytes per weight
+    kv_dtype_bytes: float | None = None  # bytes per KV-cache element; None: as a weight
     host_overhead_s: float = 0.0  # per step, on the host
     host_s_per_seq: float = 0.0
     memory_bytes: float | None = None  # device memory of the stage (weights + KV); None = not modelled
@@ -172,9 +181,14 @@ class CostModel:
         if not isinstance(self.jit_slow_factor, (int, float)) or not self.jit_slow_factor >= 1:
             raise ValueError(f"jit_slow_factor={self.jit_slow_factor!r}: must be a number >= 1")
 
+    @property
+    def kv_bytes(self) -> float:
+        """Bytes per KV-cache element."""
+        return self.dtype_bytes if self.kv_dtype_bytes is None else self.kv_dtype_bytes
+
     # ---- evaluation ------------------------------------------------------------------------
     def device_time(self, model: ModelShape, b: BatchShape) -> float:
-        kv_bytes = b.kv_tokens * model.kv_bytes_per_token(self.dtype_bytes)
+        kv_bytes = b.kv_tokens * model.kv_bytes_per_token(self.kv_bytes)
         compute = model.step_flops(b) * self.s_per_flop
         memory = model.weight_bytes(self.dtype_bytes) * self.s_per_weight_byte + kv_bytes * self.s_per_kv_byte
         body = max(compute, memory) if self.combine == "max" else compute + memory
@@ -218,7 +232,8 @@ def load_profile(path: str | Path) -> tuple[CostModel, ModelShape | None]:
 def rngd_cost_model(num_pes: int, *, compute_efficiency: float = 0.6, bandwidth_efficiency: float = 0.8,
                     overhead_s: float = 0.5e-3, host_overhead_s: float = 0.2e-3, host_s_per_seq: float = 2e-6,
                     jit_compile_s_per_unit: float = 20.0, jit_slow_factor: float = 2.0,
-                    model: ModelShape | None = None) -> CostModel:
+                    model: ModelShape | None = None, quantization: str = "none",
+                    kv_cache_dtype: str = "auto") -> CostModel:
     """One replica stage on ``num_pes`` RNGD PEs: 1, 2, 4 (a share of a card) or a multiple of 8 (whole cards).
 
     Compute and HBM bandwidth scale with the PEs' share of a card; a stage spanning several cards
@@ -226,7 +241,16 @@ def rngd_cost_model(num_pes: int, *, compute_efficiency: float = 0.6, bandwidth_
     The efficiencies are assumptions, not measurements: achieved/peak FLOPs and bandwidth. So
     are the JIT figures (compile seconds per unit of layers, and the slow path's factor for a
     decode step whose bucket is not compiled yet); they only matter with JIT on.
+
+    ``quantization`` (``QUANTIZATIONS``: none = BF16, fp8 = W8A8, w8a16) sets the bytes per weight
+    and the matmul peak (FP8 at 512 TFLOPS a card, BF16 at 256); ``kv_cache_dtype``
+    (``KV_CACHE_DTYPES``) the bytes per KV element. Every byte term and the memory fit follow.
     """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r}: must be one of {', '.join(QUANTIZATIONS)}")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: must be one of {', '.join(KV_CACHE_DTYPES)}")
+    weight_bytes, peak_flops = QUANTIZATIONS[quantization]
     if num_pes < 1 or (num_pes > PES_PER_CARD and num_pes % PES_PER_CARD) or (num_pes < PES_PER_CARD and PES_PER_CARD % num_pes):
         raise ValueError(f"tensor_parallel_size={num_pes}: must be 1, 2, 4 or a multiple of {PES_PER_CARD} PEs")
     for name, v in (("compute_efficiency", compute_efficiency), ("bandwidth_efficiency", bandwidth_efficiency)):
@@ -239,21 +263,23 @@ def rngd_cost_model(num_pes: int, *, compute_efficiency: float = 0.6, bandwidth_
         ring = 2 * (cards - 1) / cards
         comm = 2 * model.num_layers * model.hidden_size * 2 * ring / RNGD_HOST_LINK_BANDWIDTH
     return CostModel(
-        name=f"rngd-{num_pes}pe",
+        name=f"rngd-{num_pes}pe" + ("" if quantization == "none" else f"-{quantization}"),
         overhead_s=overhead_s,
-        s_per_flop=1.0 / (RNGD_BF16_FLOPS * share * compute_efficiency),
+        s_per_flop=1.0 / (peak_flops * share * compute_efficiency),
         s_per_weight_byte=1.0 / (RNGD_HBM_BANDWIDTH * share * bandwidth_efficiency),
         s_per_kv_byte=1.0 / (RNGD_HBM_BANDWIDTH * share * bandwidth_efficiency),
         s_per_token_comm=comm,
         combine="max",
-        dtype_bytes=2.0,
+        dtype_bytes=weight_bytes,
+        kv_dtype_bytes=KV_CACHE_DTYPES[kv_cache_dtype],
         host_overhead_s=host_overhead_s,
         host_s_per_seq=host_s_per_seq,
         memory_bytes=RNGD_HBM_BYTES * share,
         jit_compile_s_per_unit=jit_compile_s_per_unit,
         jit_slow_factor=jit_slow_factor,
         notes={"compute_efficiency": compute_efficiency, "bandwidth_efficiency": bandwidth_efficiency,
-               "peak_bf16_tflops": 256 * share, "hbm_tb_per_s": 1.5 * share},
+               "quantization": quantization, "kv_cache_dtype": kv_cache_dtype,
+               "peak_tflops": peak_flops / 1e12 * share, "hbm_tb_per_s": 1.5 * share},
     )
 
 

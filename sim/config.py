@@ -51,6 +51,8 @@ class SimConfig:
     kv_memory_utilization: float = 0.9  # share of a stage's memory for weights + KV cache
     jit_compile_s_per_unit: float = 20.0  # rngd profile, JIT on: seconds per compile unit (assumed)
     jit_slow_factor: float = 2.0  # rngd profile, JIT on: slowdown of an uncompiled decode step (assumed)
+    quantization: str = "none"  # rngd profile: none (BF16), fp8 (W8A8) or w8a16
+    kv_cache_dtype: str = "auto"  # rngd profile: auto (BF16), bf16 or fp8
 
     def __init__(self, model: ModelShape | str | None = None, *, engine_args: EngineArgs | None = None,
                  **knobs: Any) -> None:
@@ -129,10 +131,14 @@ class SimConfig:
 
     def _stage_cost(self) -> CostModel:
         if isinstance(self.profile, CostModel):
+            if (self.quantization, self.kv_cache_dtype) != ("none", "auto"):
+                raise ValueError(f"quantization={self.quantization!r}, kv_cache_dtype={self.kv_cache_dtype!r}: number "
+                                 f"formats apply to the rngd profile; profile {self.profile.name!r} measured what it ran")
             return self.profile
         return rngd_cost_model(self.tensor_parallel_size, compute_efficiency=self.compute_efficiency,
                                bandwidth_efficiency=self.bandwidth_efficiency, model=self.model,
-                               jit_compile_s_per_unit=self.jit_compile_s_per_unit, jit_slow_factor=self.jit_slow_factor)
+                               jit_compile_s_per_unit=self.jit_compile_s_per_unit, jit_slow_factor=self.jit_slow_factor,
+                               quantization=self.quantization, kv_cache_dtype=self.kv_cache_dtype)
 
     def _kv_blocks_in_memory(self, cost: CostModel) -> int:
         """KV blocks of one replica: what is left of each stage's memory after its share of the weights."""
@@ -144,7 +150,7 @@ class SimConfig:
         pp = self.pipeline_parallel_size
         weights = self.model.weight_bytes(cost.dtype_bytes) / pp
         free = cost.memory_bytes * self.kv_memory_utilization - weights
-        per_block = self.model.kv_bytes_per_token(cost.dtype_bytes) / pp * self.engine_args.block_size
+        per_block = self.model.kv_bytes_per_token(cost.kv_bytes) / pp * self.engine_args.block_size
         blocks = int(free // per_block)
         budget = self.engine_args.kv_cache_memory_bytes  # per stage, as on a real device
         if budget is not None and blocks >= 1:

@@ -287,3 +287,27 @@ def test_kv_cache_memory_bytes_sets_the_simulated_kv_blocks_and_must_fit():
     assert 0 < small < SimConfig(model="llama-3.1-8b", devices="npu:0").plan().num_kv_blocks
     with pytest.raises(ValueError, match="kv_cache_memory_bytes=100000000000000: a stage's memory holds at most"):
         SimConfig(model="llama-3.1-8b", devices="npu:0", kv_cache_memory_bytes=10**14).plan()
+
+
+def test_number_formats_set_bytes_peaks_and_memory_fit():
+    """fp8 (W8A8) and w8a16 halve the weight bytes; fp8 doubles the matmul peak; an fp8 KV cache halves KV bytes."""
+    def run(quantization, kv="auto", **wl):
+        cfg = SimConfig(model="llama-3.1-8b", devices="npu:0", quantization=quantization, kv_cache_dtype=kv)
+        return cfg.plan(), simulate(cfg, Workload(**wl)).report["metrics"]
+
+    single = dict(num_requests=1, input_len="fixed:32", output_len="fixed:64")  # decode at batch 1: weight reads
+    busy = dict(num_requests=200, request_rate=float("inf"), input_len="fixed:128", output_len="fixed:64")  # compute
+    (bf16_plan, bf16_one), (_, bf16_busy) = run("none", **single), run("none", **busy)
+    (w8_plan, w8_one), (_, w8_busy) = run("w8a16", **single), run("w8a16", **busy)
+    (fp8_plan, fp8_one), (_, fp8_busy) = run("fp8", **single), run("fp8", **busy)
+    kv8_plan, _ = run("fp8", "fp8", **single)
+    assert w8_plan.num_kv_blocks == fp8_plan.num_kv_blocks > bf16_plan.num_kv_blocks  # 8 GB of weights freed
+    assert 1.9 < kv8_plan.num_kv_blocks / fp8_plan.num_kv_blocks < 2.1
+    assert w8_one["median_tpot_ms"] < 0.6 * bf16_one["median_tpot_ms"]  # half the bytes per decode step
+    assert fp8_one["median_tpot_ms"] == pytest.approx(w8_one["median_tpot_ms"], rel=0.05)
+    assert fp8_busy["output_throughput"] > 1.5 * w8_busy["output_throughput"]  # FP8 matmuls at twice the peak
+    assert w8_busy["output_throughput"] == pytest.approx(bf16_busy["output_throughput"], rel=0.15)
+    with pytest.raises(ValueError, match="quantization='int4'"):
+        SimConfig(model="llama-3.1-8b", devices="npu:0", quantization="int4").plan()
+    with pytest.raises(ValueError, match="kv_cache_dtype='fp4'"):
+        SimConfig(model="llama-3.1-8b", devices="npu:0", kv_cache_dtype="fp4").plan()

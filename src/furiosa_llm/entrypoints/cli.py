@@ -41,6 +41,11 @@ def _add_sim_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bandwidth-efficiency", type=float, default=0.8, help="rngd profile: achieved share of HBM bandwidth (assumed).")
     g.add_argument("--jit-compile-s-per-unit", type=float, default=20.0, help="rngd profile, JIT on: seconds to compile one unit of a bucket (assumed).")
     g.add_argument("--jit-slow-factor", type=float, default=2.0, help="rngd profile, JIT on: slowdown of a decode step whose bucket is not compiled (assumed).")
+    g.add_argument("--quantization", choices=["none", "fp8", "w8a16"], default="none",
+                   help="rngd profile: number format of the weights and matmuls: none (BF16), fp8 (W8A8, FP8 matmuls at "
+                        "512 TFLOPS a card), w8a16 (8-bit weights, BF16 matmuls).")
+    g.add_argument("--kv-cache-dtype", choices=["auto", "bf16", "fp8"], default="auto",
+                   help="rngd profile: number format of the KV cache (auto = BF16).")
     g.add_argument("--dispatch", choices=["least_loaded", "round_robin"], default="least_loaded", help="How requests are spread over data-parallel replicas.")
     g.add_argument("--workers", type=int, default=1, help="Processes that simulate replicas in parallel (needs --dispatch round_robin).")
     g.add_argument("--token-source", choices=["synthetic", "model"], default="synthetic",
@@ -70,7 +75,8 @@ def _sim_inputs(ns: argparse.Namespace):
                                         compute_efficiency=ns.compute_efficiency,
                                         bandwidth_efficiency=ns.bandwidth_efficiency,
                                         jit_compile_s_per_unit=ns.jit_compile_s_per_unit,
-                                        jit_slow_factor=ns.jit_slow_factor, **sim)
+                                        jit_slow_factor=ns.jit_slow_factor, quantization=ns.quantization,
+                                        kv_cache_dtype=ns.kv_cache_dtype, **sim)
     tokens = None
     if hf_model is not None:
         import torch
