@@ -57,6 +57,7 @@ class SequenceChunk:
     prompt_token_ids: Sequence[int] = ()
     output_token_ids: Sequence[int] = ()
     owner: object = None  # opaque handle of the core's request; backends ignore it
+    pool: bool = False  # a pooling request: the chunk is its whole prompt; the backend returns its pooled vector
 
     @property
     def context_len(self) -> int:
@@ -104,10 +105,12 @@ class TokenLogprob:
 
 @dataclass(slots=True)
 class StepResult:
-    """What a backend returns for one ``Batch``: sampled token ids keyed by request id, and its times."""
+    """What a backend returns for one ``Batch``: sampled token ids (or pooled vectors) keyed by request id, and its times."""
 
     step_id: int
     sampled: dict[str, int] = field(default_factory=dict)
+    # request id -> the pooled vector of a pooling chunk (plain floats; not normalized: the API layer does that)
+    pooled: dict[str, list[float]] = field(default_factory=dict)
     # request id -> (sampled token's logprob entry, top-k entries)
     logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
     # request id -> one entry list per prompt position computed in this chunk (None for position 0)

@@ -94,7 +94,8 @@ class TorchBackend:
     ``generation_config.json`` as a ``GenerationConfig``, None without one), ``tokenizer``, ``eos_token_ids``,
     ``max_position_embeddings`` (None when the config lacks it), ``num_layers``,
     ``kv_bytes_per_block`` and ``num_blocks_that_fit`` (KV blocks in the memory budget),
-    ``load_seconds``.
+    ``load_seconds``, ``task`` ("generate", or "embed" for an encoder model) and ``pooling_config``
+    (a ``PoolingConfig`` for an encoder model, else None).
     """
 
     def __init__(self, model: str, *, devices: list[Device] | None = None, pipeline_parallel_size: int | None = None,
@@ -102,20 +103,24 @@ class TorchBackend:
                  kv_cache_memory_bytes: int | None = None, tokenizer: str | None = None,
                  tokenizer_mode: str = "auto", revision: str | None = None, cache_dir: str | None = None,
                  seed: int | None = None) -> None:
-        from furiosa_llm.model.loader import load_model_and_tokenizer, resolve_model
+        from furiosa_llm.model.loader import ENCODER_MODEL_TYPES, load_model_and_tokenizer, read_pooling_config, resolve_model
         from furiosa_llm.model.runner import kv_bytes_per_block
 
         self.device = select_device(devices, pipeline_parallel_size, data_parallel_size).torch_device
         self.dtype = resolve_dtype(dtype, self.device)
         self.block_size = block_size
         self.seed = seed
+        src = resolve_model(model, revision)
         hf_model, self.tokenizer, self.load_seconds = load_model_and_tokenizer(
-            resolve_model(model, revision), cache_dir=cache_dir, tokenizer=tokenizer, tokenizer_mode=tokenizer_mode,
+            src, cache_dir=cache_dir, tokenizer=tokenizer, tokenizer_mode=tokenizer_mode,
             revision=revision, dtype=self.dtype,
         )
         logger.info("loaded %s in %.1fs on %s", model, self.load_seconds, self.device)
         self._hf_model = hf_model
         cfg = self.model_config = hf_model.config
+        encoder = getattr(cfg, "model_type", None) in ENCODER_MODEL_TYPES
+        self.task = "embed" if encoder else "generate"
+        self.pooling_config = read_pooling_config(src.path) if encoder else None
         self.generation_config = getattr(hf_model, "generation_config", None)
         self.max_position_embeddings = getattr(cfg, "max_position_embeddings", None)
         self.num_layers = cfg.num_hidden_layers
@@ -130,8 +135,8 @@ class TorchBackend:
     @staticmethod
     def _eos_ids(hf_model, tokenizer) -> frozenset[int]:
         eos: set[int] = set()
-        for ids in (getattr(hf_model.generation_config, "eos_token_id", None), hf_model.config.eos_token_id,
-                    tokenizer.eos_token_id):
+        for ids in (getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None),
+                    getattr(hf_model.config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
             if isinstance(ids, int):
                 eos.add(ids)
             elif ids:
@@ -139,7 +144,17 @@ class TorchBackend:
         return frozenset(eos)
 
     def create_queue(self, num_blocks: int, npu_queue_limit: int = 1, compile_workers: int = 1) -> ExecutionQueue:
-        """The execution queue: a ``ModelRunner`` with a paged KV cache of ``num_blocks`` blocks on a worker thread."""
+        """The execution queue: a ``ModelRunner`` with a paged KV cache of ``num_blocks`` blocks on a worker thread.
+
+        An encoder (embedding) model gets a ``PoolingRunner`` instead: no KV cache, the scheduler's
+        blocks are bookkeeping only.
+        """
+        if self.task == "embed":
+            from furiosa_llm.model.pooling_runner import PoolingRunner
+
+            pad = getattr(self.model_config, "pad_token_id", None) or 0
+            self.runner = PoolingRunner(self._hf_model, self.device, self.pooling_config.pooling_type, pad)
+            return ThreadedQueue(self.runner, npu_queue_limit, clock=time.monotonic, compile_workers=compile_workers)
         from furiosa_llm.model.runner import ModelRunner
 
         self.runner = ModelRunner(self._hf_model, self.device, num_blocks, self.block_size, seed=self.seed)

@@ -19,7 +19,7 @@ from typing import AsyncGenerator
 from .engine_args import AsyncEngineArgs
 from .inputs import PromptType
 from .native_engine import NativeEngine
-from .outputs import RequestOutput
+from .outputs import PoolingParams, PoolingRequestOutput, RequestOutput
 from .sampling_params import SamplingParams
 
 logger = logging.getLogger("furiosa_llm")
@@ -62,7 +62,8 @@ class AsyncLLMEngine:
     @classmethod
     def from_engine_args(cls, args: AsyncEngineArgs) -> "AsyncLLMEngine":
         engine = NativeEngine(args)
-        return cls(engine, engine.tokenizer, "generate", engine.max_model_len, model_path=args.model)
+        return cls(engine, engine.tokenizer, getattr(engine, "task", "generate"), engine.max_model_len,
+                   model_path=args.model)
 
     @classmethod
     def from_llm(cls, llm) -> "AsyncLLMEngine":
@@ -132,6 +133,9 @@ class AsyncLLMEngine:
 
     # ---- requests ----------------------------------------------------------------------------
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams, request_id: str) -> AsyncGenerator[RequestOutput, None]:
+        if getattr(self.native_engine, "task", "generate") == "embed":
+            raise ValueError(f"generate(): model {self.model_path!r} is an embedding model (task 'embed'); "
+                             "it pools and cannot generate: use encode()")
         self._ensure_loop()
         if not isinstance(request_id, str):
             raise ValueError(f"request_id={request_id!r}: must be a str")
@@ -175,12 +179,62 @@ class AsyncLLMEngine:
             self._queues.pop(request_id, None)
             raise
 
-    def encode(self, prompt, pooling_params=None, request_id=None, lora_request=None, trace_headers=None,
-               priority=None, truncate_prompt_tokens=None, tokenization_kwargs=None):
-        raise ValueError(
-            f"encode(): model {self.model_path!r} is a generative model (task_type={self.task_type!r}); "
-            "pooling needs an embedding model and is not supported yet"
-        )
+    def encode(self, prompt: PromptType, pooling_params: PoolingParams | None, request_id: str, lora_request=None,
+               trace_headers=None, priority=None, truncate_prompt_tokens: int | None = None,
+               tokenization_kwargs=None) -> AsyncGenerator[PoolingRequestOutput, None]:
+        """Pool ``prompt`` on an embedding model: yields one finished ``PoolingRequestOutput``.
+
+        ``lora_request``, ``trace_headers``, ``priority`` and ``tokenization_kwargs`` are accepted and
+        ignored (vLLM's placeholders). An aborted request's stream ends without an output; a failed
+        step raises ``RequestFailedError``. ``ValueError`` on a generative model or bad input.
+        """
+        if getattr(self.native_engine, "task", "generate") != "embed":
+            raise ValueError(
+                f"encode(): model {self.model_path!r} is a generative model (task_type={self.task_type!r}); "
+                "pooling needs an embedding model (e.g. all-minilm-l6-v2): use generate()"
+            )  # at the call, before iterating: the seed's encode() raised here too
+        return self._encode(prompt, pooling_params, request_id, truncate_prompt_tokens)
+
+    async def _encode(self, prompt: PromptType, pooling_params: PoolingParams | None, request_id: str,
+                      truncate_prompt_tokens: int | None) -> AsyncGenerator[PoolingRequestOutput, None]:
+        self._ensure_loop()
+        if not isinstance(request_id, str):
+            raise ValueError(f"request_id={request_id!r}: must be a str")
+        if request_id in self._queues:
+            raise ValueError(f"request_id={request_id!r}: a live request already has this id")
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = q
+        add = asyncio.get_running_loop().run_in_executor(
+            self._input_executor,
+            lambda: self.native_engine.add_pooling_request(request_id, prompt, pooling_params,
+                                                           truncate_prompt_tokens=truncate_prompt_tokens))
+        try:
+            await asyncio.shield(add)
+        except asyncio.CancelledError:
+            self._queues.pop(request_id, None)
+            add.add_done_callback(lambda f: f.cancelled() or f.exception() is not None
+                                  or self.native_engine.abort_request(request_id))
+            raise
+        except BaseException:
+            self._queues.pop(request_id, None)
+            raise
+        self.request_ids.add(request_id)
+        self._wake.set()
+        finished = False
+        try:
+            item = await q.get()
+            if isinstance(item, BaseException):
+                raise self.dead_error
+            finished = True
+            if item.error is not None:
+                raise RequestFailedError(request_id, item.error)
+            if not item.aborted:
+                yield item
+        finally:
+            self._queues.pop(request_id, None)
+            self.request_ids.discard(request_id)
+            if not finished:
+                self.native_engine.abort_request(request_id)
 
     async def abort(self, request_id: str) -> None:
         """End a live request with finish_reason "abort"; an unknown id is harmless."""

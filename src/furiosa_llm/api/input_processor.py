@@ -13,6 +13,7 @@ import time
 from furiosa_llm.core import Request
 
 from .inputs import PromptType, parse_prompt
+from .outputs import PoolingParams
 from .sampling_params import SamplingParams
 
 
@@ -61,4 +62,38 @@ class InputProcessor:
             stop_token_ids=frozenset(params.stop_token_ids or ()),
             ignore_eos=params.ignore_eos,
         )
+        return text, params, req
+
+    def process_pooling(self, request_id: str, prompt: PromptType, params: PoolingParams | None, *, hidden_size: int,
+                        pooling_type: str = "MEAN", truncate_prompt_tokens: int | None = None,
+                        arrival_time: float | None = None) -> tuple[str | None, PoolingParams, Request]:
+        """A pooling request: ``(prompt text, the params, the core request)``; ``ValueError`` on bad input.
+
+        Text is tokenized with the model's special tokens. ``truncate_prompt_tokens`` (the argument,
+        else the params') keeps the first tokens for CLS pooling and the last otherwise; -1 means
+        ``max_model_len``. Without truncation a prompt longer than ``max_model_len`` is refused.
+        """
+        if not isinstance(request_id, str):
+            raise ValueError(f"request_id={request_id!r}: must be a str")
+        params = params if params is not None else PoolingParams()
+        if not isinstance(params, PoolingParams):
+            raise ValueError(f"pooling_params={params!r:.80}: expected a PoolingParams")
+        params.verify(hidden_size=hidden_size)
+        trunc = truncate_prompt_tokens if truncate_prompt_tokens is not None else params.truncate_prompt_tokens
+        if truncate_prompt_tokens is not None:
+            PoolingParams(truncate_prompt_tokens=truncate_prompt_tokens)  # the same validation
+        text, ids = parse_prompt(prompt, self.tokenizer, self.vocab_size, add_special_tokens=True)
+        if trunc is not None:
+            k = self.max_model_len if trunc == -1 else min(trunc, self.max_model_len)
+            if k == 0:
+                raise ValueError("truncate_prompt_tokens=0: no prompt token would be left")
+            if len(ids) > k:
+                ids = ids[:k] if pooling_type == "CLS" else ids[-k:]
+        if len(ids) > self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt: {len(ids)} prompt tokens exceed max_model_len={self.max_model_len} "
+                "(pass truncate_prompt_tokens to truncate)"
+            )
+        req = Request(request_id=request_id, prompt_token_ids=ids, max_tokens=1,
+                      arrival_time=time.monotonic() if arrival_time is None else arrival_time, pooling=True)
         return text, params, req

@@ -51,15 +51,16 @@ def _check_ignored_keys(prompt: dict) -> None:
         raise ValueError(f"cache_salt={salt!r:.80}: expected a str")
 
 
-def parse_prompt(prompt, tokenizer, vocab_size: int) -> tuple[str | None, list[int]]:
+def parse_prompt(prompt, tokenizer, vocab_size: int, add_special_tokens: bool = False) -> tuple[str | None, list[int]]:
     """Returns ``(prompt text or None, prompt token ids)``; a bad prompt is a ``ValueError``.
 
     The text is the prompt's own (a ``str``, a ``TextPrompt``, or a ``TokensPrompt`` that carries
-    ``"prompt"``); None for token ids alone. Text is tokenized with ``add_special_tokens=False``.
+    ``"prompt"``); None for token ids alone. Text is tokenized with ``add_special_tokens`` (False for
+    generation; True for an encoder model's pooling requests, which need its [CLS]/[SEP]).
     """
     if isinstance(prompt, str):
         text = prompt
-        ids = tokenizer.encode(text, add_special_tokens=False)
+        ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
     elif isinstance(prompt, dict):
         unknown = sorted(map(str, set(prompt) - _KEYS))
         if unknown:
@@ -79,7 +80,7 @@ def parse_prompt(prompt, tokenizer, vocab_size: int) -> tuple[str | None, list[i
             if bad:
                 raise ValueError(f"prompt_token_ids: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
         elif text is not None:
-            ids = tokenizer.encode(text, add_special_tokens=False)
+            ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
         else:
             raise ValueError(f"prompt={prompt!r:.80}: expected {_FORMS}")
     else:

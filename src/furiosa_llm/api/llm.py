@@ -20,7 +20,7 @@ from .engine_args import EngineArgs
 from .inputs import PromptType
 from .llm_engine import LLMEngine
 from .native_engine import NativeEngine
-from .outputs import RequestOutput
+from .outputs import EmbeddingRequestOutput, PoolingParams, PoolingRequestOutput, RequestOutput
 from .sampling_params import RequestOutputKind, SamplingParams
 from .scheduler_config import SchedulerConfig, engine_kwargs_from_scheduler_config
 
@@ -105,6 +105,7 @@ class LLM:
         self.structured_outputs_backend = structured_outputs_backend
         self.scheduler_config = scheduler_config
         self.engine = NativeEngine(args, tokenizer=None if tokenizer_name == tokenizer else tokenizer)
+        self.task_type = self.engine.task  # "generate", or "embed" for an embedding model
         self.llm_engine = LLMEngine(self.engine, self.engine.tokenizer, self.task_type, self.engine.max_model_len,
                                     llm=self)
         self._async_engine: AsyncLLMEngine | None = None
@@ -298,10 +299,58 @@ class LLM:
             raise ValueError(f"messages: content {content!r:.80}: expected a str or a list of text parts")
         return m
 
-    def encode(self, *args, **kwargs):
-        raise ValueError(
-            f"encode(): model {self.model_id_or_path!r} is a generative model; pooling is not supported yet"
-        )
+    def encode(self, prompts: PromptType | Sequence[PromptType],
+               pooling_params: PoolingParams | Sequence[PoolingParams] | None = None, *, use_tqdm: bool = False,
+               truncate_prompt_tokens: int | None = None, **ignored: Any) -> list[PoolingRequestOutput]:
+        """Pool each prompt on an embedding model: one finished ``PoolingRequestOutput`` per prompt, in order.
+
+        ``ValueError`` on a generative model, for a bad prompt or ``PoolingParams``, and for a prompt
+        longer than ``max_model_len`` (unless truncation is asked) or the token budget.
+        """
+        if self.engine.task != "embed":
+            raise ValueError(f"encode(): model {self.model_id_or_path!r} is a generative model (task 'generate'); "
+                             "pooling needs an embedding model (e.g. all-minilm-l6-v2): use generate()")
+        items = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        if isinstance(pooling_params, Sequence) and not isinstance(pooling_params, (str, bytes)):
+            params = list(pooling_params)
+            if len(params) != len(items):
+                raise ValueError(f"pooling_params: {len(params)} given for {len(items)} prompts")
+        else:
+            params = [pooling_params] * len(items)
+        engine = self.engine
+        ids: list[str] = []
+        try:
+            for p, pp in zip(items, params):
+                rid = f"llm-{next(self._counter)}"
+                engine.add_pooling_request(rid, p, pp, truncate_prompt_tokens=truncate_prompt_tokens)
+                ids.append(rid)
+        except ValueError:
+            engine.abort_request(ids)
+            raise
+        finals: dict[str, PoolingRequestOutput] = {}
+        try:
+            while len(finals) < len(ids) and engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        finals[out.request_id] = out
+        except BaseException:
+            engine.abort_request(ids)
+            raise
+        failed = [finals[r] for r in ids if finals[r].error is not None]
+        if failed:
+            raise RequestFailedError(failed[0].request_id, failed[0].error)
+        return [finals[r] for r in ids]
+
+    def embed(self, prompts: PromptType | Sequence[PromptType],
+              pooling_params: PoolingParams | Sequence[PoolingParams] | None = None, *, use_tqdm: bool = False,
+              truncate_prompt_tokens: int | None = None, **ignored: Any) -> list[EmbeddingRequestOutput]:
+        """Embed each prompt: ``EmbeddingRequestOutput``s whose ``outputs.embedding`` is a list of floats."""
+        if pooling_params is not None and isinstance(pooling_params, PoolingParams) and pooling_params.task is None:
+            pooling_params = PoolingParams(truncate_prompt_tokens=pooling_params.truncate_prompt_tokens,
+                                           dimensions=pooling_params.dimensions, normalize=pooling_params.normalize,
+                                           task="embed")
+        return [EmbeddingRequestOutput.from_base(o) for o in self.encode(
+            prompts, pooling_params, use_tqdm=use_tqdm, truncate_prompt_tokens=truncate_prompt_tokens)]
 
     # ---- lifetime ---------------------------------------------------------------------------
     def shutdown(self) -> None:

@@ -90,7 +90,13 @@ class NativeEngine:
         self.tokenizer = tokenizer if tokenizer is not None else backend.tokenizer
         self.vocab_size = backend.model_config.vocab_size
         self.eos_token_ids = backend.eos_token_ids
-        self.default_sampling_kwargs = generation_defaults(backend.generation_config)
+        self.task = backend.task  # "generate", or "embed" for an encoder (embedding) model
+        self.pooling_config = backend.pooling_config
+        self.hidden_size = backend.model_config.hidden_size
+        if self.task == "embed" and args.enable_jit_compilation:
+            raise ValueError(f"enable_jit_compilation=True: model {args.model!r} is an embedding model (task 'embed'); "
+                             "JIT compiles decode steps, which it never runs")
+        self.default_sampling_kwargs = generation_defaults(backend.generation_config) if self.task == "generate" else {}
         config = args.engine_config(num_blocks=backend.num_blocks_that_fit, model_max_len=backend.max_position_embeddings)
         self.engine_config = config
         self.max_model_len = config.scheduler_config.max_model_len
@@ -131,15 +137,40 @@ class NativeEngine:
         """
         if self._closed:
             raise RuntimeError("the engine is shut down (shutdown() was called); create a new one to serve requests")
+        if self.task == "embed":
+            if params is not None and not isinstance(params, PoolingParams):
+                raise ValueError(
+                    f"params={type(params).__name__}(...): model {self.args.model!r} is an embedding model "
+                    "(task 'embed'): it pools and cannot generate; pass a PoolingParams (encode/embed)"
+                )
+            self.add_pooling_request(request_id, prompt, params, arrival_time=arrival_time)
+            return
         if isinstance(params, PoolingParams):
             raise ValueError(
                 f"params=PoolingParams(...): model {self.args.model!r} is a generative model (task 'generate'); "
-                "pooling needs an embedding model and is not supported yet; pass a SamplingParams"
+                "pooling needs an embedding model (e.g. all-minilm-l6-v2); pass a SamplingParams"
             )
         text, params, req = self.input_processor.process(request_id, prompt, params, arrival_time)
         with self.core.lock:
             self.core.add_request(req)  # raises on a duplicate live id
             self.output_processor.add(request_id, text, req.prompt_token_ids, params, req.metrics)
+
+    def add_pooling_request(self, request_id: str, prompt: PromptType, params: PoolingParams | None = None, *,
+                            truncate_prompt_tokens: int | None = None, arrival_time: float | None = None) -> None:
+        """Queue a pooling request on an embedding model; its one output is a ``PoolingRequestOutput``."""
+        if self._closed:
+            raise RuntimeError("the engine is shut down (shutdown() was called); create a new one to serve requests")
+        if self.task != "embed":
+            raise ValueError(
+                f"encode(): model {self.args.model!r} is a generative model (task 'generate'); pooling needs an "
+                "embedding model (e.g. all-minilm-l6-v2)"
+            )
+        _text, params, req = self.input_processor.process_pooling(
+            request_id, prompt, params, hidden_size=self.hidden_size, pooling_type=self.pooling_config.pooling_type,
+            truncate_prompt_tokens=truncate_prompt_tokens, arrival_time=arrival_time)
+        with self.core.lock:
+            self.core.add_request(req)  # raises on a duplicate live id or a prompt over the token budget
+            self.output_processor.add_pooling(request_id, req.prompt_token_ids, params)
 
     def abort_request(self, request_id: str | list[str]) -> list[RequestOutput]:
         """Abort live requests, freeing their KV blocks now; returns their final outputs."""
@@ -208,8 +239,9 @@ class NativeEngine:
         if self._closed:
             return
         with self.core.lock:
-            for rid in list(self.output_processor.states):
+            for rid in [*self.output_processor.states, *self.output_processor.pooling]:
                 self.core.abort(rid)
             self.output_processor.states.clear()
+            self.output_processor.pooling.clear()
         self._closed = True
         self.core.queue.close()

@@ -24,7 +24,7 @@ from furiosa_llm.core import CoreOutput, RequestMetrics
 from furiosa_llm.hal import TokenLogprob
 
 from .detokenizer import IncrementalDetokenizer
-from .outputs import CompletionOutput, Logprob, RequestOutput
+from .outputs import CompletionOutput, Logprob, PoolingOutput, PoolingParams, PoolingRequestOutput, RequestOutput
 from .sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -51,7 +51,7 @@ class RequestState:
 class ProcessedOutputs:
     """One step's results: the outputs to deliver, and the requests a stop string ended (to end in the core)."""
 
-    request_outputs: list[RequestOutput]
+    request_outputs: list[RequestOutput | PoolingRequestOutput]
     stopped: list[tuple[str, str]]  # (request id, stop string): still live in the core, to be stopped there
     failed: list[str]  # request ids whose output could not be made: to be aborted in the core
 
@@ -60,6 +60,27 @@ class OutputProcessor:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.states: dict[str, RequestState] = {}
+        self.pooling: dict[str, tuple[list[int], PoolingParams]] = {}  # live pooling requests
+
+    def add_pooling(self, request_id: str, prompt_token_ids: list[int], params: PoolingParams) -> None:
+        self.pooling[request_id] = (prompt_token_ids, params)
+
+    @staticmethod
+    def pooled_vector(vec: list[float], params: PoolingParams) -> list[float]:
+        """The backend's vector as the params ask: the first ``dimensions`` values, then L2-normalized if ``normalize``."""
+        if params.dimensions is not None:
+            vec = vec[: params.dimensions]
+        if params.normalize:
+            norm = sum(v * v for v in vec) ** 0.5
+            vec = [v / max(norm, 1e-12) for v in vec]
+        return list(vec)
+
+    def _pooling_output(self, co: CoreOutput) -> PoolingRequestOutput:
+        ids, params = self.pooling.pop(co.request_id)
+        if co.finish_reason == "error" or co.pooled is None:
+            return PoolingRequestOutput(co.request_id, PoolingOutput(None), ids, True,
+                                        error=co.error or "the backend returned no pooled vector")
+        return PoolingRequestOutput(co.request_id, PoolingOutput(self.pooled_vector(co.pooled, params)), ids, True)
 
     def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
             metrics: RequestMetrics) -> None:
@@ -76,6 +97,10 @@ class OutputProcessor:
 
     def abort(self, request_id: str, finish_reason: str = "abort", error: str | None = None) -> RequestOutput | None:
         """End a request's stream now (aborted, or failed above the core); None for an unknown id."""
+        pooling = self.pooling.pop(request_id, None)
+        if pooling is not None:
+            return PoolingRequestOutput(request_id, PoolingOutput(None), pooling[0], True, error=error,
+                                        aborted=finish_reason == "abort")
         st = self.states.pop(request_id, None)
         if st is None:
             return None
@@ -84,6 +109,9 @@ class OutputProcessor:
     def process(self, core_outputs: list[CoreOutput]) -> ProcessedOutputs:
         result = ProcessedOutputs([], [], [])
         for co in core_outputs:
+            if co.request_id in self.pooling:
+                result.request_outputs.append(self._pooling_output(co))
+                continue
             st = self.states.get(co.request_id)
             if st is None:
                 continue  # aborted above the core while its batch was in flight

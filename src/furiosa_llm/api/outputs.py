@@ -61,12 +61,44 @@ class RequestOutput:
         return sum(len(o.token_ids) for o in self.outputs)
 
 
+POOLING_TASKS = ("embed", "encode", "classify", "score", "token_embed", "token_classify")
+SUPPORTED_POOLING_TASKS = ("embed", "encode")  # what an embedding model here answers
+
+
 @dataclass(kw_only=True)
 class PoolingParams:
+    """Parameters of a pooling request (vLLM's and Furiosa-LLM's ``PoolingParams``).
+
+    ``truncate_prompt_tokens``: -1 (truncate to ``max_model_len``) or k >= 0 (keep k tokens: the
+    first for CLS pooling, the last otherwise); ``dimensions``: keep the first ``dimensions``
+    values of the vector (then normalize), >= 1 and at most the model's hidden size; ``normalize``:
+    L2-normalize the vector; ``task``: one of ``POOLING_TASKS``. A bad value is a ``ValueError``.
+    """
+
     truncate_prompt_tokens: int | None = None
     dimensions: int | None = None
     normalize: bool = True
     task: str | None = None
+
+    def __post_init__(self) -> None:
+        t = self.truncate_prompt_tokens
+        if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < -1):
+            raise ValueError(f"truncate_prompt_tokens={t!r}: must be -1 (truncate to max_model_len) or an int >= 0")
+        d = self.dimensions
+        if d is not None and (not isinstance(d, int) or isinstance(d, bool) or d < 1):
+            raise ValueError(f"dimensions={d!r}: must be an int >= 1")
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"normalize={self.normalize!r}: must be a bool")
+        if self.task is not None and self.task not in POOLING_TASKS:
+            raise ValueError(f"task={self.task!r}: must be one of {', '.join(POOLING_TASKS)}")
+
+    def verify(self, *, hidden_size: int) -> None:
+        """Check the parameters against the model: ``dimensions`` up to ``hidden_size``, a task it answers."""
+        self.__post_init__()
+        if self.dimensions is not None and self.dimensions > hidden_size:
+            raise ValueError(f"dimensions={self.dimensions}: must be <= the model's hidden size {hidden_size}")
+        if self.task is not None and self.task not in SUPPORTED_POOLING_TASKS:
+            raise ValueError(f"task={self.task!r}: this embedding model answers {', '.join(SUPPORTED_POOLING_TASKS)}")
 
 
 @dataclass(slots=True)
@@ -80,6 +112,8 @@ class PoolingRequestOutput:
     outputs: PoolingOutput
     prompt_token_ids: list[int] = field(default_factory=list)
     finished: bool = True
+    error: str | None = None  # why the request failed (its step failed); None otherwise
+    aborted: bool = False  # the request was aborted before its vector was computed (``outputs.data`` is None)
 
 
 @dataclass(slots=True)

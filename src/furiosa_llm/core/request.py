@@ -43,6 +43,9 @@ class Request:
     min_tokens: int = 0
     stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
+    # a pooling request: prefill only, its whole prompt in one step (never chunked), then finished ("stop")
+    # with its pooled vector; no prefix caching, no decode
+    pooling: bool = False
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

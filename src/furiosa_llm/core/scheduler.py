@@ -41,6 +41,7 @@ class CoreOutput:
     num_cached_tokens: int | None = None
     metrics: RequestMetrics | None = None
     error: str | None = None  # why the request failed (finish_reason "error")
+    pooled: list[float] | None = None  # a pooling request's vector (its one output, finish_reason "stop")
 
     @property
     def finished(self) -> bool:
@@ -65,6 +66,11 @@ class Scheduler:
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request_id={request.request_id!r}: a live request already has this id")
+        if request.pooling and request.num_tokens > self.config.max_num_batched_tokens:
+            raise ValueError(
+                f"prompt: {request.num_tokens} tokens; a pooling prompt runs whole in one step and may not exceed "
+                f"max_num_batched_tokens={self.config.max_num_batched_tokens}"
+            )
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -152,8 +158,12 @@ class Scheduler:
         spare = cfg.spare_blocks_ratio * alloc.num_blocks
         while self.waiting and budget > 0 and len(self.running) < cfg.max_processing_samples:
             req = self.waiting[0]
-            # prompt logprobs need the logits of every prompt position: such a prompt is computed whole
-            cached = alloc.cached_prefix(req.token_ids) if req.sampling.prompt_logprobs is None else []
+            if req.pooling and req.num_tokens > budget:
+                break  # a pooling prompt is never chunked: it waits (FCFS) for a step with room for all of it
+            # prompt logprobs need the logits of every prompt position, and a pooling request every hidden
+            # state: such a prompt is computed whole
+            cached = (alloc.cached_prefix(req.token_ids)
+                      if req.sampling.prompt_logprobs is None and not req.pooling else [])
             if self.running and alloc.num_free - alloc.cost_of((), req.num_tokens, cached) < spare:
                 break  # keep spare blocks for the running requests to grow into
             if not alloc.admit(req.block_table, req.token_ids, cached):
@@ -164,7 +174,7 @@ class Scheduler:
                 req.metrics.first_scheduled_time = now
                 req.num_cached_tokens = req.num_computed_tokens
                 self.stats.num_cached_tokens += req.num_computed_tokens
-                if alloc.enable_prefix_caching and req.sampling.prompt_logprobs is None:
+                if alloc.enable_prefix_caching and req.sampling.prompt_logprobs is None and not req.pooling:
                     self.stats.num_prefix_cache_queries += req.num_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -193,6 +203,10 @@ class Scheduler:
         start = req.num_computed_tokens
         end = start + n
         req.in_batch = True
+        if req.pooling:
+            return SequenceChunk(request_id=req.request_id, token_ids=req.token_ids[start:end], start_pos=start,
+                                 block_table=req.block_table.ids, sample=False, sampling=req.sampling, owner=req,
+                                 pool=True)
         if req.needs_history or req.sampling.prompt_logprobs is not None:  # the backend reads earlier tokens
             history = req.needs_history
             return SequenceChunk(
@@ -227,6 +241,14 @@ class Scheduler:
             if chunk.start_pos < num_prompt:
                 self.stats.num_prompt_tokens_computed += min(n, num_prompt - chunk.start_pos)
             req.num_computed_tokens += n
+            if req.pooling:  # its one step: the pooled vector, and the request ends, freeing its blocks
+                rid = req.request_id
+                m = req.metrics
+                m.first_token_time = m.last_token_time = now
+                self.finish_request(rid, RequestStatus.FINISHED_STOPPED, None, now)
+                outputs.append(self._first_output(req, CoreOutput(rid, [], finish_reason="stop",
+                                                                  pooled=result.pooled.get(rid))))
+                continue
             if hashing and (req.block_table.num_hashed + 1) * bs <= req.num_computed_tokens:  # a block became full
                 alloc.commit(req.block_table, req.token_ids, req.num_computed_tokens)
             rid = req.request_id

