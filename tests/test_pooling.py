@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import struct
 
 import pytest
 
@@ -188,3 +190,38 @@ def test_encode_on_generative_model_is_a_value_error():
     eng.args = type("A", (), {"model": "smollm2-135m-instruct"})()
     with pytest.raises(ValueError, match="generative model"):
         eng.add_pooling_request("x", "hello")
+
+
+async def test_openai_client_embeddings_equal_llm_embed(llm):
+    import httpx
+    import openai
+
+    from furiosa_llm.entrypoints.openai.api_server import create_app
+
+    engine = AsyncLLMEngine.from_llm(llm)
+    app = create_app(engine, served_model_name=MODEL, log_interval_s=0)
+    expected = [o.outputs.embedding for o in llm.embed(SENTENCES[:4])]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        client = openai.AsyncOpenAI(base_url="http://test/v1", api_key="none", http_client=http)
+        # the client's default asks for base64 and decodes it itself; explicit base64 comes back as the string
+        for fmt in ("float", "base64", None):
+            kw = {} if fmt is None else {"encoding_format": fmt}
+            r = await client.embeddings.create(model=MODEL, input=SENTENCES[:4], **kw)
+            assert [d.index for d in r.data] == [0, 1, 2, 3]
+            assert r.usage.prompt_tokens == sum(len(llm.tokenizer.encode(s)) for s in SENTENCES[:4])
+            for d, e in zip(r.data, expected):
+                vec = d.embedding
+                if fmt == "base64":
+                    vec = list(struct.unpack("<384f", base64.b64decode(vec)))
+                assert len(vec) == 384
+                assert max(abs(a - b) for a, b in zip(vec, e)) < 1e-5
+        ids = llm.tokenizer.encode(SENTENCES[0])
+        r = await client.embeddings.create(model=MODEL, input=[ids], dimensions=16, encoding_format="float")
+        assert len(r.data[0].embedding) == 16
+        r = await http.post("/v1/embeddings", json={"input": "word " * 600})
+        assert r.status_code == 400 and "max_model_len=512" in r.json()["error"]["message"], r.text
+        r = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 400 and "embedding model" in r.json()["error"]["message"], r.text
+        r = await http.post("/v1/completions", json={"prompt": "hi"})
+        assert r.status_code == 400
+    _no_leak(llm)

@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from furiosa_llm import __version__
 from furiosa_llm.api.async_llm_engine import AsyncEngineDeadError, AsyncLLMEngine, RequestFailedError
-from furiosa_llm.api.outputs import RequestOutput
+from furiosa_llm.api.outputs import PoolingParams, RequestOutput
 from furiosa_llm.api.sampling_params import RequestOutputKind, SamplingParams
 
 from .metrics import ServerMetrics
@@ -52,6 +52,9 @@ from .protocol import (
     CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
@@ -189,6 +192,17 @@ def _check_model(state: ServerState, model: str | None) -> None:
     if model is not None and model != state.model_name:
         raise APIError(404, f"The model `{model}` does not exist; this server serves `{state.model_name}`.",
                        "NotFoundError", "model", "model_not_found")
+
+
+def _task(state: ServerState) -> str:
+    """The served model's task: "generate", or "embed" for an embedding model."""
+    return getattr(state.engine.native_engine, "task", "generate") if hasattr(state.engine, "native_engine") else "generate"
+
+
+def _check_generative(state: ServerState) -> None:
+    if _task(state) == "embed":
+        raise APIError(400, f"The model `{state.model_name}` is an embedding model (task 'embed'): it does not "
+                       "generate; use /v1/embeddings", param="model")
 
 
 def _check_supported(req) -> None:
@@ -476,6 +490,7 @@ async def detokenize(req: DetokenizeRequest, state: State):
 async def completions(req: CompletionRequest, raw: Request, state: State):
     _log_payload(state, raw, req)
     _check_model(state, req.model)
+    _check_generative(state)
     _check_supported(req)
     prompts = _completion_prompts(req.prompt)
     stream = bool(req.stream)
@@ -503,6 +518,7 @@ async def completions(req: CompletionRequest, raw: Request, state: State):
 async def chat_completions(req: ChatCompletionRequest, raw: Request, state: State):
     _log_payload(state, raw, req)
     _check_model(state, req.model)
+    _check_generative(state)
     _check_supported(req)
     ids = _chat_prompt_ids(state, req.messages, bool(req.add_generation_prompt), bool(req.continue_final_message),
                            req.chat_template, req.chat_template_kwargs)
@@ -528,6 +544,57 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: Stat
         return await _full_chat(state, req, rid, gens[0], first[0], max_tokens)
 
     return await _unless_disconnected(raw, respond(), state.metrics.aborted)
+
+
+@router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERRORS)
+async def embeddings(req: EmbeddingRequest, raw: Request, state: State):
+    """Embeddings in OpenAI's shape, one pooling request per input, all through the engine at once."""
+    import base64
+    import struct
+
+    _log_payload(state, raw, req)
+    _check_model(state, req.model)
+    if _task(state) != "embed":
+        raise APIError(400, f"The model `{state.model_name}` is a generative model (task 'generate'); embeddings "
+                       "need an embedding model (e.g. all-minilm-l6-v2)", param="model")
+    inp = req.input
+    if isinstance(inp, str) or (isinstance(inp, list) and inp and all(isinstance(t, int) for t in inp)):
+        inp = [inp]
+    if not inp:
+        raise APIError(400, "input: must not be empty", param="input")
+    prompts = [p if isinstance(p, str) else {"prompt_token_ids": list(p)} for p in inp]
+    try:
+        params = PoolingParams(dimensions=req.dimensions, task="embed")
+    except ValueError as e:
+        raise APIError(400, str(e), param="dimensions") from None
+    rid = f"embd-{uuid.uuid4().hex}"
+
+    async def one(i: int, p):
+        return [o async for o in state.engine.encode(p, params, f"{rid}-{i}",
+                                                      truncate_prompt_tokens=req.truncate_prompt_tokens)]
+
+    async def respond():
+        tasks = [asyncio.create_task(one(i, p)) for i, p in enumerate(prompts)]
+        try:
+            results = await asyncio.gather(*tasks)
+        except ValueError as e:
+            raise APIError(400, str(e), param=_param_of(str(e)) or "input") from None
+        finally:
+            for t in tasks:
+                t.cancel()
+        data, n_tokens = [], 0
+        for i, outs in enumerate(results):
+            if not outs:  # aborted (the server is shutting down)
+                raise APIError(503, "the request was aborted", "ServiceUnavailableError")
+            vec = outs[0].outputs.data
+            n_tokens += len(outs[0].prompt_token_ids)
+            emb = (base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+                   if req.encoding_format == "base64" else vec)
+            data.append(EmbeddingData(index=i, embedding=emb))
+        return EmbeddingResponse(id=rid, model=state.model_name, data=data,
+                                 usage=UsageInfo(prompt_tokens=n_tokens, total_tokens=n_tokens))
+
+    return await _unless_disconnected(raw, respond())
 
 
 # ---- the app ------------------------------------------------------------------------------

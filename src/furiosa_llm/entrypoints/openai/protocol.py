@@ -333,3 +333,29 @@ class TokenizerInfoResponse(BaseModel):
 
 class VersionResponse(BaseModel):
     version: str
+
+
+class EmbeddingRequest(OpenAIModel):
+    """``POST /v1/embeddings`` (OpenAI's shape): ``input`` is a string, a list of strings, token ids or lists of them."""
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    truncate_prompt_tokens: int | None = None  # vLLM's extra field
+
+
+class EmbeddingData(BaseModel):
+    index: int
+    object: str = "embedding"
+    embedding: list[float] | str
+
+
+class EmbeddingResponse(BaseModel):
+    id: str
+    object: str = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[EmbeddingData]
+    usage: UsageInfo
