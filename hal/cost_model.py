@@ -28,6 +28,7 @@ RNGD_FP8_FLOPS = 512e12  # per card, 8 PEs (INT8: 512 TOPS)
 RNGD_HBM_BYTES = 48e9  # per card
 RNGD_HBM_BANDWIDTH = 1.5e12  # bytes/s per card
 RNGD_HOST_LINK_BANDWIDTH = 64e9  # PCIe Gen5 x16, bytes/s one way
+LINK_LATENCY_S = 5e-6  # assumed: one message between cards over PCIe (through the host bridge), seconds
 
 SHIPPED_MODELS = ("llama-3.1-8b", "llama-3.1-70b")
 
@@ -159,7 +160,10 @@ class CostModel:
     s_per_weight_byte: float
     s_per_kv_byte: float
     s_per_seq: float = 0.0
-    s_per_token_comm: float = 0.0  # tensor-parallel all-reduce across cards, per token
+    s_per_token_comm: float = 0.0  # tensor-parallel all-reduce across cards, bandwidth term per token
+    comm_latency_s: float = 0.0  # tensor-parallel all-reduces across cards, latency term per step
+    s_per_token_stage_transfer: float = 0.0  # pipeline: activations sent to the next stage, per token
+    stage_transfer_latency_s: float = 0.0  # pipeline: one message to the next stage, per step
     combine: str = "max"  # "max" (roofline) or "sum"
     dtype_bytes: float = 2.0  # bytes per weight
     kv_dtype_bytes: float | None = None  # bytes per KV-cache element; None: as a weight
@@ -174,6 +178,7 @@ class CostModel:
         if self.combine not in ("max", "sum"):
             raise ValueError(f"combine={self.combine!r}: must be 'max' or 'sum'")
         for k in ("overhead_s", "s_per_flop", "s_per_weight_byte", "s_per_kv_byte", "s_per_seq", "s_per_token_comm",
+                  "comm_latency_s", "s_per_token_stage_transfer", "stage_transfer_latency_s",
                   "host_overhead_s", "host_s_per_seq", "jit_compile_s_per_unit"):
             v = getattr(self, k)
             if not isinstance(v, (int, float)) or v < 0 or math.isnan(v):
@@ -187,12 +192,23 @@ class CostModel:
         return self.dtype_bytes if self.kv_dtype_bytes is None else self.kv_dtype_bytes
 
     # ---- evaluation ------------------------------------------------------------------------
+    def breakdown(self, model: ModelShape, b: BatchShape) -> "StepCost":
+        """The terms of one step's device time (seconds, the whole model on one stage's PEs)."""
+        return StepCost(
+            fixed=self.overhead_s + self.s_per_seq * b.num_seqs,
+            compute=model.step_flops(b) * self.s_per_flop,
+            weights=model.weight_bytes(self.dtype_bytes) * self.s_per_weight_byte,
+            kv=b.kv_tokens * model.kv_bytes_per_token(self.kv_bytes) * self.s_per_kv_byte,
+            tp_comm=self.comm_latency_s + self.s_per_token_comm * b.num_tokens,
+            combine=self.combine,
+        )
+
     def device_time(self, model: ModelShape, b: BatchShape) -> float:
-        kv_bytes = b.kv_tokens * model.kv_bytes_per_token(self.kv_bytes)
-        compute = model.step_flops(b) * self.s_per_flop
-        memory = model.weight_bytes(self.dtype_bytes) * self.s_per_weight_byte + kv_bytes * self.s_per_kv_byte
-        body = max(compute, memory) if self.combine == "max" else compute + memory
-        return self.overhead_s + self.s_per_seq * b.num_seqs + self.s_per_token_comm * b.num_tokens + body
+        return self.breakdown(model, b).total
+
+    def stage_transfer_time(self, b: BatchShape) -> float:
+        """Seconds to send one step's activations from a pipeline stage to the next."""
+        return self.stage_transfer_latency_s + self.s_per_token_stage_transfer * b.num_tokens
 
     def host_time(self, b: BatchShape) -> float:
         return self.host_overhead_s + self.host_s_per_seq * b.num_seqs
@@ -216,6 +232,38 @@ class CostModel:
         Path(path).write_text(json.dumps(d, indent=2) + "\n")
 
 
+@dataclass(slots=True)
+class StepCost:
+    """One step's device time in terms: ``fixed`` (overhead, per sequence), ``compute`` (FLOPs),
+    ``weights`` and ``kv`` (bytes read and written), ``tp_comm`` (all-reduces across cards).
+
+    Compute and memory overlap (``combine="max"``, a roofline) or add up (``"sum"``).
+    """
+
+    fixed: float
+    compute: float
+    weights: float
+    kv: float
+    tp_comm: float
+    combine: str = "max"
+
+    @property
+    def body(self) -> float:
+        memory = self.weights + self.kv
+        return max(self.compute, memory) if self.combine == "max" else self.compute + memory
+
+    @property
+    def total(self) -> float:
+        return self.fixed + self.tp_comm + self.body
+
+    @property
+    def bound(self) -> str:
+        """What bounds the step: "compute", "weights" (weight bandwidth) or "kv" (KV bandwidth)."""
+        if self.compute >= self.weights + self.kv:
+            return "compute"
+        return "weights" if self.weights >= self.kv else "kv"
+
+
 def load_profile(path: str | Path) -> tuple[CostModel, ModelShape | None]:
     """A profile saved by ``furiosa-llm calibrate``: the cost model and the model it was measured on."""
     p = Path(path)
@@ -233,11 +281,14 @@ def rngd_cost_model(num_pes: int, *, compute_efficiency: float = 0.6, bandwidth_
                     overhead_s: float = 0.5e-3, host_overhead_s: float = 0.2e-3, host_s_per_seq: float = 2e-6,
                     jit_compile_s_per_unit: float = 20.0, jit_slow_factor: float = 2.0,
                     model: ModelShape | None = None, quantization: str = "none",
-                    kv_cache_dtype: str = "auto") -> CostModel:
+                    kv_cache_dtype: str = "auto", link_latency_s: float = LINK_LATENCY_S) -> CostModel:
     """One replica stage on ``num_pes`` RNGD PEs: 1, 2, 4 (a share of a card) or a multiple of 8 (whole cards).
 
     Compute and HBM bandwidth scale with the PEs' share of a card; a stage spanning several cards
-    pays a tensor-parallel all-reduce over the host link (two per layer, ring cost) per token.
+    pays tensor-parallel all-reduces over the host link: two per layer, each a ring of
+    ``2 (cards - 1)`` messages, costed by bandwidth per token and ``link_latency_s`` per message
+    (an assumption). A pipeline stage sends its activations (hidden size x 2 bytes per token, one
+    message) to the next over the same link.
     The efficiencies are assumptions, not measurements: achieved/peak FLOPs and bandwidth. So
     are the JIT figures (compile seconds per unit of layers, and the slow path's factor for a
     decode step whose bucket is not compiled yet); they only matter with JIT on.
@@ -258,10 +309,13 @@ def rngd_cost_model(num_pes: int, *, compute_efficiency: float = 0.6, bandwidth_
             raise ValueError(f"{name}={v!r}: must be in (0, 1]")
     share = num_pes / PES_PER_CARD
     cards = max(1, num_pes // PES_PER_CARD)
-    comm = 0.0
-    if cards > 1 and model is not None:
-        ring = 2 * (cards - 1) / cards
-        comm = 2 * model.num_layers * model.hidden_size * 2 * ring / RNGD_HOST_LINK_BANDWIDTH
+    comm = comm_latency = transfer = 0.0
+    if model is not None:
+        transfer = model.hidden_size * 2 / RNGD_HOST_LINK_BANDWIDTH
+        if cards > 1:
+            ring = 2 * (cards - 1) / cards
+            comm = 2 * model.num_layers * model.hidden_size * 2 * ring / RNGD_HOST_LINK_BANDWIDTH
+            comm_latency = 2 * model.num_layers * 2 * (cards - 1) * link_latency_s
     return CostModel(
         name=f"rngd-{num_pes}pe" + ("" if quantization == "none" else f"-{quantization}"),
         overhead_s=overhead_s,
@@ -269,6 +323,9 @@ def rngd_cost_model(num_pes: int, *, compute_efficiency: float = 0.6, bandwidth_
         s_per_weight_byte=1.0 / (RNGD_HBM_BANDWIDTH * share * bandwidth_efficiency),
         s_per_kv_byte=1.0 / (RNGD_HBM_BANDWIDTH * share * bandwidth_efficiency),
         s_per_token_comm=comm,
+        comm_latency_s=comm_latency,
+        s_per_token_stage_transfer=transfer,
+        stage_transfer_latency_s=link_latency_s,
         combine="max",
         dtype_bytes=weight_bytes,
         kv_dtype_bytes=KV_CACHE_DTYPES[kv_cache_dtype],
@@ -278,7 +335,7 @@ def rngd_cost_model(num_pes: int, *, compute_efficiency: float = 0.6, bandwidth_
         jit_compile_s_per_unit=jit_compile_s_per_unit,
         jit_slow_factor=jit_slow_factor,
         notes={"compute_efficiency": compute_efficiency, "bandwidth_efficiency": bandwidth_efficiency,
-               "quantization": quantization, "kv_cache_dtype": kv_cache_dtype,
+               "quantization": quantization, "kv_cache_dtype": kv_cache_dtype, "link_latency_s": link_latency_s,
                "peak_tflops": peak_flops / 1e12 * share, "hbm_tb_per_s": 1.5 * share},
     )
 

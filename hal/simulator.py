@@ -120,14 +120,32 @@ class SimQueue(ExecutionQueue):
         self._pending: collections.deque = collections.deque()  # SimPy events of the batches in flight
         self.busy_s = 0.0  # device seconds of the first stage (utilisation numerator)
         self.num_batches = 0
+        self.num_seqs = 0  # sequences over all batches (mean batch size = num_seqs / num_batches)
+        self.bound_s = {"compute": 0.0, "weights": 0.0, "kv": 0.0}  # stage seconds by what bounded the step
+        self.tp_comm_s = 0.0  # stage seconds in tensor-parallel all-reduces across cards
+        self.stage_transfer_s = 0.0  # stage seconds sending activations to the next pipeline stage
 
     def step_times(self, batch: Batch) -> tuple[float, float]:
-        """(device seconds per stage, host seconds) of one batch."""
+        """(device seconds per stage, host seconds) of one batch; accounts where the device time goes."""
         shape = BatchShape.of(batch)
-        device = self.cost.device_time(self.model, shape) / len(self._stage_free_at)
-        if self.jit and batch.bucket is None and shape.num_tokens == shape.num_seqs:
-            device *= self.cost.jit_slow_factor  # a decode step without its compiled bucket
-        return device, self.cost.host_time(shape)
+        p = len(self._stage_free_at)
+        cost = self.cost.breakdown(self.model, shape)
+        slow = self.cost.jit_slow_factor if self.jit and batch.bucket is None and shape.num_tokens == shape.num_seqs else 1.0
+        device = cost.total * slow / p  # a decode step without its compiled bucket runs slow (JIT)
+        transfer = self.cost.stage_transfer_time(shape) if p > 1 else 0.0
+        self.num_seqs += shape.num_seqs
+        self.bound_s[cost.bound] += device
+        self.tp_comm_s += cost.tp_comm * slow / p
+        self.stage_transfer_s += transfer
+        return device + transfer, self.cost.host_time(shape)
+
+    def usage(self) -> dict:
+        """Where the first stage's time went: seconds by what bounded each step, in all-reduces across
+        cards and in sends to the next stage (parts of the bound time), and the batches' sizes."""
+        return {"compute_bound_s": self.bound_s["compute"], "weight_bandwidth_bound_s": self.bound_s["weights"],
+                "kv_bandwidth_bound_s": self.bound_s["kv"], "tp_comm_s": self.tp_comm_s,
+                "stage_transfer_s": self.stage_transfer_s, "busy_s": self.busy_s,
+                "num_batches": self.num_batches, "num_seqs": self.num_seqs}
 
     def compile(self, bucket: Bucket, num_units: int) -> None:
         """A compilation runs beside serving: a timeout of ``num_units x jit_compile_s_per_unit`` seconds.

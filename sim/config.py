@@ -16,7 +16,7 @@ from typing import Any
 from furiosa_llm.api.engine_args import EngineArgs
 from furiosa_llm.core.config import EngineConfig
 from furiosa_llm.hal import parse_devices
-from furiosa_llm.hal.cost_model import CostModel, ModelShape, load_model_shape, load_profile, rngd_cost_model
+from furiosa_llm.hal.cost_model import LINK_LATENCY_S, CostModel, ModelShape, load_model_shape, load_profile, rngd_cost_model
 from furiosa_llm.hal.simulator import ReplicaPlacement, place_replicas
 
 DEFAULT_MODEL = "llama-3.1-8b"
@@ -53,6 +53,7 @@ class SimConfig:
     jit_slow_factor: float = 2.0  # rngd profile, JIT on: slowdown of an uncompiled decode step (assumed)
     quantization: str = "none"  # rngd profile: none (BF16), fp8 (W8A8) or w8a16
     kv_cache_dtype: str = "auto"  # rngd profile: auto (BF16), bf16 or fp8
+    link_latency_s: float = LINK_LATENCY_S  # rngd profile: one message between cards over PCIe (assumed)
 
     def __init__(self, model: ModelShape | str | None = None, *, engine_args: EngineArgs | None = None,
                  **knobs: Any) -> None:
@@ -138,7 +139,8 @@ class SimConfig:
         return rngd_cost_model(self.tensor_parallel_size, compute_efficiency=self.compute_efficiency,
                                bandwidth_efficiency=self.bandwidth_efficiency, model=self.model,
                                jit_compile_s_per_unit=self.jit_compile_s_per_unit, jit_slow_factor=self.jit_slow_factor,
-                               quantization=self.quantization, kv_cache_dtype=self.kv_cache_dtype)
+                               quantization=self.quantization, kv_cache_dtype=self.kv_cache_dtype,
+                               link_latency_s=self.link_latency_s)
 
     def _kv_blocks_in_memory(self, cost: CostModel) -> int:
         """KV blocks of one replica: what is left of each stage's memory after its share of the weights."""

@@ -147,11 +147,14 @@ class MetricsRecorder:
         kv[0].append(now)
         kv[1].append(stats.num_kv_blocks_used)
 
-    def on_replica_end(self, replica: int, devices: str, stats: EngineStats, device_busy_s: float) -> None:
-        """A replica's devices and its core's counters at the end of the run."""
+    def on_replica_end(self, replica: int, devices: str, stats: EngineStats, device_busy_s: float,
+                       device_time: dict | None = None) -> None:
+        """A replica's devices, its core's counters and where its device time went, at the end of the run."""
         info = {"devices": devices, "num_kv_blocks": stats.num_kv_blocks_total, "num_steps": stats.num_steps,
                 "num_preemptions": stats.num_preemptions, "num_cached_tokens": stats.num_cached_tokens,
                 "device_busy_s": device_busy_s}
+        if device_time is not None:
+            info["device_time"] = device_time
         if stats.jit is not None:
             info["jit"] = stats.jit.as_dict()
         self.replicas[replica] = info

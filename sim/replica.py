@@ -148,5 +148,5 @@ def run(plan: SimPlan, workload: Workload, replica_ids: list[int], *, dispatch: 
         bar.close()
     recorder.on_end(env.now)
     for i, r in replicas.items():
-        recorder.on_replica_end(i, str(r.placement), r.core.stats(), r.queue.busy_s)
+        recorder.on_replica_end(i, str(r.placement), r.core.stats(), r.queue.busy_s, r.queue.usage())
     return recorder, ({i: r.core.trace for i, r in replicas.items()} if record_trace else {})

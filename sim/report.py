@@ -45,6 +45,19 @@ def build_result(config: SimConfig, plan: SimPlan, workload: Workload, slo: SLO 
             "compile_seconds_total": sum(j["compile_seconds_total"] for j in jits),
             "first_bucket_ready_s": min(ready) if ready else None,
         }
+    usages = [r["device_time"] for r in info.values() if "device_time" in r]
+    if usages:  # where the devices' time went: shares of the run's duration, averaged over replicas
+        d = (duration or 1.0) * len(usages)
+        total = {k: sum(u[k] for u in usages) for k in usages[0]}
+        summary["device_time"] = {
+            "compute_bound_share": total["compute_bound_s"] / d,
+            "weight_bandwidth_bound_share": total["weight_bandwidth_bound_s"] / d,
+            "kv_bandwidth_bound_share": total["kv_bandwidth_bound_s"] / d,
+            "tp_comm_share": total["tp_comm_s"] / d,
+            "stage_transfer_share": total["stage_transfer_s"] / d,
+            "idle_share": max(0.0, 1.0 - total["busy_s"] / d),  # with several stages: the pipeline bubble
+            "mean_batch_size": total["num_seqs"] / total["num_batches"] if total["num_batches"] else 0.0,
+        }
     kv_time, kv_frac = recorder.kv_usage()
     summary["mean_kv_usage"] = float(kv_frac.mean()) if len(kv_frac) else 0.0
     summary["max_kv_usage"] = float(kv_frac.max()) if len(kv_frac) else 0.0

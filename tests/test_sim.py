@@ -311,3 +311,27 @@ def test_number_formats_set_bytes_peaks_and_memory_fit():
         SimConfig(model="llama-3.1-8b", devices="npu:0", quantization="int4").plan()
     with pytest.raises(ValueError, match="kv_cache_dtype='fp4'"):
         SimConfig(model="llama-3.1-8b", devices="npu:0", kv_cache_dtype="fp4").plan()
+
+
+def test_report_says_where_device_time_goes_and_costs_cross_card_links():
+    from furiosa_llm.hal.cost_model import LINK_LATENCY_S, load_model_shape, rngd_cost_model
+
+    shape = load_model_shape("llama-3.1-8b")
+    two_cards = rngd_cost_model(16, model=shape)
+    assert two_cards.comm_latency_s == pytest.approx(2 * shape.num_layers * 2 * LINK_LATENCY_S)  # 2 all-reduces/layer
+    assert rngd_cost_model(8, model=shape).comm_latency_s == 0.0  # one card: no cross-card all-reduce
+    assert rngd_cost_model(16, model=shape, link_latency_s=0.0).comm_latency_s == 0.0
+    w = Workload(num_requests=60, request_rate=8, input_len="fixed:512", output_len="fixed:32")
+
+    def device_time(**kw):
+        return simulate(SimConfig(model="llama-3.1-8b", **kw), w).report["metrics"]["device_time"]
+
+    one = device_time(devices="npu:0")
+    bound = one["compute_bound_share"] + one["weight_bandwidth_bound_share"] + one["kv_bandwidth_bound_share"]
+    assert bound + one["idle_share"] == pytest.approx(1.0, abs=1e-6)  # one stage: busy by what bounds it, or idle
+    assert one["tp_comm_share"] == one["stage_transfer_share"] == 0.0 and one["mean_batch_size"] >= 1
+    tp = device_time(devices="npu:0,npu:1", tensor_parallel_size=16)
+    assert tp["tp_comm_share"] > 0 and tp["stage_transfer_share"] == 0.0
+    pp = device_time(devices="npu:0,npu:1", pipeline_parallel_size=2, npu_queue_limit=2)
+    assert pp["stage_transfer_share"] > 0 and pp["tp_comm_share"] == 0.0
+    assert pp["idle_share"] > one["idle_share"]  # the pipeline bubble

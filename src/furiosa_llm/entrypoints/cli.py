@@ -46,6 +46,8 @@ def _add_sim_args(p: argparse.ArgumentParser) -> None:
                         "512 TFLOPS a card), w8a16 (8-bit weights, BF16 matmuls).")
     g.add_argument("--kv-cache-dtype", choices=["auto", "bf16", "fp8"], default="auto",
                    help="rngd profile: number format of the KV cache (auto = BF16).")
+    g.add_argument("--link-latency-s", type=float, default=5e-6,
+                   help="rngd profile: seconds per message between cards over PCIe (all-reduces, pipeline sends; assumed).")
     g.add_argument("--dispatch", choices=["least_loaded", "round_robin"], default="least_loaded", help="How requests are spread over data-parallel replicas.")
     g.add_argument("--workers", type=int, default=1, help="Processes that simulate replicas in parallel (needs --dispatch round_robin).")
     g.add_argument("--token-source", choices=["synthetic", "model"], default="synthetic",
@@ -76,7 +78,7 @@ def _sim_inputs(ns: argparse.Namespace):
                                         bandwidth_efficiency=ns.bandwidth_efficiency,
                                         jit_compile_s_per_unit=ns.jit_compile_s_per_unit,
                                         jit_slow_factor=ns.jit_slow_factor, quantization=ns.quantization,
-                                        kv_cache_dtype=ns.kv_cache_dtype, **sim)
+                                        kv_cache_dtype=ns.kv_cache_dtype, link_latency_s=ns.link_latency_s, **sim)
     tokens = None
     if hf_model is not None:
         import torch
