@@ -30,12 +30,14 @@ class CoreMachine(RuleBasedStateMachine):
         limit=st.integers(1, 3),
         prefix_caching=st.booleans(),
         jit=st.one_of(st.none(), st.tuples(st.integers(1, 4), st.integers(1, 3), st.integers(2, 4))),
+        slots=st.integers(1, 3),
     )
-    def setup(self, num_blocks, block_size, budget, max_samples, spare, limit, prefix_caching, jit):
+    def setup(self, num_blocks, block_size, budget, max_samples, spare, limit, prefix_caching, jit, slots):
         self.cfg = SchedulerConfig(
             num_blocks=num_blocks, block_size=block_size, max_num_batched_tokens=budget,
             max_processing_samples=max_samples, spare_blocks_ratio=spare,
             max_model_len=num_blocks * block_size, enable_prefix_caching=prefix_caching,
+            num_batch_slots=min(slots, limit),  # as EngineArgs maps them: slots only with a deeper queue
         )
         self.sched = Scheduler(self.cfg, eos_token_ids=frozenset({EOS}))
         self.queue = FakeQueue(limit)
@@ -106,6 +108,11 @@ class CoreMachine(RuleBasedStateMachine):
                 assert self.jit.state(batch.bucket) is BucketState.READY
                 event("a step ran on a compiled bucket")
             assert 0 < batch.num_tokens <= self.cfg.max_num_batched_tokens
+            assert len(batch.sequences) <= self.cfg.max_processing_samples  # the cap holds per step
+            if self.cfg.num_batch_slots > 1:  # a batch serves one slot: its requests belong to no other batch
+                assert len({c.owner.slot for c in batch.sequences}) == 1
+            in_flight = [c.request_id for b in self.sched.in_flight.values() for c in b.sequences]
+            assert len(in_flight) == len(set(in_flight)), "a request in two batches in flight"
             newly = [r for r in waiting_before if r.status is RequestStatus.RUNNING]
             for r in newly:
                 if r.request_id not in self.admitted and r.num_preemptions == 0:
@@ -180,7 +187,10 @@ class CoreMachine(RuleBasedStateMachine):
         if not hasattr(self, "sched"):
             return
         s = self.sched
-        assert len(s.running) <= self.cfg.max_processing_samples
+        assert len(s.running) <= self.cfg.max_processing_samples * self.cfg.num_batch_slots
+        for k in range(self.cfg.num_batch_slots):  # each slot's count is its running requests, within the cap
+            members = [r for r in s.running if r.slot == k]
+            assert s.slot_sizes[k] == len(members) <= self.cfg.max_processing_samples
         assert len(s.in_flight) == self.queue.in_flight <= self.queue.limit
         assert set(s.requests) == {r.request_id for r in s.running} | {r.request_id for r in s.waiting}
         for r in s.running:

@@ -335,3 +335,15 @@ def test_report_says_where_device_time_goes_and_costs_cross_card_links():
     pp = device_time(devices="npu:0,npu:1", pipeline_parallel_size=2, npu_queue_limit=2)
     assert pp["stage_transfer_share"] > 0 and pp["tp_comm_share"] == 0.0
     assert pp["idle_share"] > one["idle_share"]  # the pipeline bubble
+
+
+@pytest.mark.parametrize("stages,min_gain", [(2, 1.8), (4, 3.2)])
+def test_a_pipeline_fills_when_batches_in_flight_split_the_running_requests(stages, min_gain):
+    """p stages with npu_queue_limit = p keep every stage busy: decode throughput ~p times one batch in flight."""
+    w = Workload(num_requests=128 * stages, request_rate=float("inf"), input_len="fixed:64", output_len="fixed:256")
+    kw = dict(model="llama-3.1-8b", devices=",".join(f"npu:{i}" for i in range(stages)),
+              pipeline_parallel_size=stages, max_processing_samples=64)
+    one = simulate(SimConfig(**kw, npu_queue_limit=1), w).report["metrics"]
+    full = simulate(SimConfig(**kw, npu_queue_limit=stages), w).report["metrics"]
+    assert full["output_throughput"] >= min_gain * one["output_throughput"]
+    assert full["device_time"]["idle_share"] < 0.1 < one["device_time"]["idle_share"]

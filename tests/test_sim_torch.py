@@ -55,10 +55,12 @@ def _drive(core: EngineCore, tok) -> tuple[list, dict[str, list[int]]]:
     return core.trace, outputs
 
 
-@pytest.mark.parametrize("limit", [1, 2])
-def test_same_decisions_on_simulator_and_torch_backend(engine, limit):
-    # few blocks and a small token budget: chunked prefill, preemption and waiting all happen
-    cfg = dict(num_blocks=10, block_size=16, max_num_batched_tokens=24, max_processing_samples=5, spare_blocks_ratio=0.1)
+@pytest.mark.parametrize("limit,slots", [(1, 1), (2, 1), (2, 2), (3, 3)])
+def test_same_decisions_on_simulator_and_torch_backend(engine, limit, slots):
+    # few blocks and a small token budget: chunked prefill, preemption and waiting all happen; with
+    # several batch slots the running requests are split among the batches in flight (a filled pipeline)
+    cfg = dict(num_blocks=10, block_size=16, max_num_batched_tokens=24, max_processing_samples=5, spare_blocks_ratio=0.1,
+               num_batch_slots=slots)
 
     config = EngineConfig(SchedulerConfig(**cfg), npu_queue_limit=limit)
     torch_core = EngineCore.from_config(config, ThreadedQueue(engine.runner, limit, clock=time.monotonic), time.monotonic,

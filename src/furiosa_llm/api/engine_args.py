@@ -129,6 +129,8 @@ class EngineArgs:
             spare_blocks_ratio=self.resolved_spare_blocks_ratio,
             prefill_chunk_size=self.max_num_batched_tokens,
             enable_prefix_caching=self.enable_prefix_caching,
+            # a pipeline of stages is kept full by splitting the running requests among the batches in flight
+            num_batch_slots=self.resolved_npu_queue_limit if (self.pipeline_parallel_size or 1) > 1 else 1,
         )
 
     def engine_config(self, *, num_blocks: int, model_max_len: int | None) -> EngineConfig:
@@ -150,6 +152,8 @@ class EngineArgs:
             spare_blocks_ratio=self.resolved_spare_blocks_ratio,
             max_model_len=resolve_max_model_len(self.max_model_len, model_max_len, num_blocks, self.block_size),
             enable_prefix_caching=self.enable_prefix_caching,
+            # a pipeline of stages is kept full by splitting the running requests among the batches in flight
+            num_batch_slots=self.resolved_npu_queue_limit if (self.pipeline_parallel_size or 1) > 1 else 1,
         )
         jit = JitConfig(enabled=self.enable_jit_compilation, threshold=self.jit_threshold,
                         max_workers=self.jit_max_workers, unit_size=self.jit_unit_size)

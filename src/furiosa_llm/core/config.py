@@ -19,7 +19,10 @@ class SchedulerConfig:
     ``num_blocks`` KV blocks of ``block_size`` tokens; at most ``max_num_batched_tokens``
     tokens per step (chunked prefill) and ``max_processing_samples`` running requests;
     ``spare_blocks_ratio`` of the blocks kept free when admitting; requests end at
-    ``max_model_len`` tokens (prompt + output).
+    ``max_model_len`` tokens (prompt + output). ``num_batch_slots`` > 1 splits the running requests
+    among that many batches in flight (vLLM's virtual engines: a request belongs to one slot; the
+    batches take the slots in turn), so a pipeline of that many stages stays full; with 1, a batch
+    takes every running request not already in flight. ``max_processing_samples`` caps each slot.
     """
 
     num_blocks: int
@@ -29,8 +32,11 @@ class SchedulerConfig:
     spare_blocks_ratio: float = 0.0
     max_model_len: int = 8192
     enable_prefix_caching: bool = True
+    num_batch_slots: int = 1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.num_batch_slots, int) or self.num_batch_slots < 1:
+            raise ValueError(f"num_batch_slots={self.num_batch_slots!r}: must be an int >= 1")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens}: must be >= 1")
         if self.max_processing_samples < 1:

@@ -55,6 +55,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     block_table: BlockTable = field(default_factory=BlockTable)
     in_batch: bool = False  # part of a batch in flight whose result is not folded in yet
+    slot: int = 0  # the batch slot it belongs to while running (SchedulerConfig.num_batch_slots)
     num_preemptions: int = 0
     stop_reason: int | str | None = None
     reported: bool = False  # an output of this request has left the core (the first carries timing)

@@ -61,6 +61,8 @@ class Scheduler:
         # the decision trace: (step id, ((request id, tokens computed), ...)) per batch, when recorded
         self.trace: list[tuple[int, tuple[tuple[str, int], ...]]] | None = [] if record_trace else None
         self._next_step = 0
+        self._next_slot = 0  # the batch slot the next batch serves first (num_batch_slots > 1)
+        self.slot_sizes = [0] * config.num_batch_slots  # running requests per slot
 
     # ---- requests --------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -85,6 +87,7 @@ class Scheduler:
             return None
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
+            self.slot_sizes[req.slot] -= 1
         else:
             self.waiting.remove(req)
         self.allocator.free(req.block_table)
@@ -99,15 +102,19 @@ class Scheduler:
 
     # ---- scheduling --------------------------------------------------------------------------
     def schedule(self, now: float) -> Batch | None:
-        """The next batch: running requests first (phase 1), then waiting ones (phase 2); None when idle."""
-        budget = self.config.max_num_batched_tokens
-        seqs: list[SequenceChunk] = []
-        budget, preempted = self._schedule_running(seqs, budget)
-        if not preempted:  # a preemption this step means memory is short: admit nothing new
-            budget = self._schedule_waiting(seqs, budget, now)
-        assert 0 <= budget <= self.config.max_num_batched_tokens
-        assert len(self.running) <= self.config.max_processing_samples
-        if not seqs:
+        """The next batch: running requests first (phase 1), then waiting ones (phase 2); None when idle.
+
+        With several batch slots, the batch serves the first slot, in turn from the one after the
+        last served, that has work.
+        """
+        n = self.config.num_batch_slots
+        for k in range(n):
+            slot = (self._next_slot + k) % n if n > 1 else None
+            seqs = self._schedule_slot(slot, now)
+            if seqs:
+                self._next_slot = (slot + 1) % n if n > 1 else 0
+                break
+        else:
             return None
         step_id = self._next_step
         self._next_step += 1
@@ -118,7 +125,19 @@ class Scheduler:
             self.trace.append((step_id, tuple((c.request_id, len(c.token_ids)) for c in seqs)))
         return batch
 
-    def _schedule_running(self, seqs: list[SequenceChunk], budget: int) -> tuple[int, bool]:
+    def _schedule_slot(self, slot: int | None, now: float) -> list[SequenceChunk]:
+        """The chunks of one batch for ``slot`` (None: every running request not in flight)."""
+        budget = self.config.max_num_batched_tokens
+        seqs: list[SequenceChunk] = []
+        budget, preempted = self._schedule_running(seqs, budget, slot)
+        if not preempted:  # a preemption this step means memory is short: admit nothing new
+            budget = self._schedule_waiting(seqs, budget, now, slot)
+        assert 0 <= budget <= self.config.max_num_batched_tokens
+        assert len(self.running) <= self.config.max_processing_samples * self.config.num_batch_slots
+        assert len(seqs) <= self.config.max_processing_samples
+        return seqs
+
+    def _schedule_running(self, seqs: list[SequenceChunk], budget: int, slot: int | None) -> tuple[int, bool]:
         """Decode tokens and unfinished prefill chunks of running requests, oldest first.
 
         A request that needs another block preempts the newest running request not in a batch
@@ -131,7 +150,7 @@ class Scheduler:
         for req in list(self.running):
             if budget == 0:
                 break
-            if req.in_batch or req.status is not RequestStatus.RUNNING:
+            if req.in_batch or req.status is not RequestStatus.RUNNING or (slot is not None and req.slot != slot):
                 continue
             computed = req.num_computed_tokens
             n = min(len(req.token_ids) - computed, budget)
@@ -149,14 +168,17 @@ class Scheduler:
                 budget -= n
         return budget, preempted
 
-    def _schedule_waiting(self, seqs: list[SequenceChunk], budget: int, now: float) -> int:
+    def _schedule_waiting(self, seqs: list[SequenceChunk], budget: int, now: float, slot: int | None) -> int:
         """Admit waiting requests in arrival order (FCFS) while the budget, the running cap and the blocks allow.
 
         Unless the running set is empty, admission keeps ``spare_blocks_ratio`` of the blocks free.
+        An admitted request joins ``slot``; ``max_processing_samples`` caps each slot (so each batch),
+        which with one slot is the whole running set.
         """
         cfg, alloc = self.config, self.allocator
         spare = cfg.spare_blocks_ratio * alloc.num_blocks
-        while self.waiting and budget > 0 and len(self.running) < cfg.max_processing_samples:
+        k = slot or 0
+        while self.waiting and budget > 0 and self.slot_sizes[k] < cfg.max_processing_samples:
             req = self.waiting[0]
             if req.pooling and req.num_tokens > budget:
                 break  # a pooling prompt is never chunked: it waits (FCFS) for a step with room for all of it
@@ -177,6 +199,8 @@ class Scheduler:
                 if alloc.enable_prefix_caching and req.sampling.prompt_logprobs is None and not req.pooling:
                     self.stats.num_prefix_cache_queries += req.num_tokens
             req.status = RequestStatus.RUNNING
+            req.slot = k
+            self.slot_sizes[k] += 1
             self.running.append(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             seqs.append(self._chunk(req, n))
@@ -185,6 +209,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
+        self.slot_sizes[req.slot] -= 1
         self.allocator.free(req.block_table)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
