@@ -129,8 +129,6 @@ class EngineArgs:
             spare_blocks_ratio=self.resolved_spare_blocks_ratio,
             prefill_chunk_size=self.max_num_batched_tokens,
             enable_prefix_caching=self.enable_prefix_caching,
-            # a pipeline of stages is kept full by splitting the running requests among the batches in flight
-            num_batch_slots=self.resolved_npu_queue_limit if (self.pipeline_parallel_size or 1) > 1 else 1,
         )
 
     def engine_config(self, *, num_blocks: int, model_max_len: int | None) -> EngineConfig:
