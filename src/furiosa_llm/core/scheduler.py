@@ -147,10 +147,10 @@ class Scheduler:
         alloc = self.allocator
         room = alloc.block_size
         preempted = False
-        for req in list(self.running):
+        for req in list(self.running) if slot is None else [r for r in self.running if r.slot == slot]:
             if budget == 0:
                 break
-            if req.in_batch or req.status is not RequestStatus.RUNNING or (slot is not None and req.slot != slot):
+            if req.in_batch or req.status is not RequestStatus.RUNNING:
                 continue
             computed = req.num_computed_tokens
             n = min(len(req.token_ids) - computed, budget)
