@@ -136,16 +136,7 @@ class AsyncLLMEngine:
         if getattr(self.native_engine, "task", "generate") == "embed":
             raise ValueError(f"generate(): model {self.model_path!r} is an embedding model (task 'embed'); "
                              "it pools and cannot generate: use encode()")
-        self._ensure_loop()
-        if not isinstance(request_id, str):
-            raise ValueError(f"request_id={request_id!r}: must be a str")
-        if request_id in self._queues:
-            raise ValueError(f"request_id={request_id!r}: a live request already has this id")
-        q: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = q  # before the request exists, so none of its outputs can be missed
-        await self._add(request_id, prompt, sampling_params)  # ValueError on bad input
-        self.request_ids.add(request_id)
-        self._wake.set()
+        q = await self._start(request_id, lambda: self.native_engine.add_request(request_id, prompt, sampling_params))
         finished = False
         try:
             while True:
@@ -164,20 +155,34 @@ class AsyncLLMEngine:
             if not finished:
                 self.native_engine.abort_request(request_id)
 
-    async def _add(self, request_id: str, prompt: PromptType, sampling_params: SamplingParams) -> None:
-        """Add the request on a worker thread, so tokenizing a long prompt never blocks the event loop."""
-        add = asyncio.get_running_loop().run_in_executor(self._input_executor, self.native_engine.add_request,
-                                                         request_id, prompt, sampling_params)
+    async def _start(self, request_id: str, add) -> asyncio.Queue:
+        """Open the stream of ``request_id`` and add its request with ``add()``; returns the stream's queue.
+
+        The queue exists before the request does, so none of its outputs can be missed; ``add`` runs on
+        a worker thread, so tokenizing a long prompt never blocks the event loop. ``ValueError`` on a
+        bad or duplicate id and whatever ``add`` raises (bad input).
+        """
+        self._ensure_loop()
+        if not isinstance(request_id, str):
+            raise ValueError(f"request_id={request_id!r}: must be a str")
+        if request_id in self._queues:
+            raise ValueError(f"request_id={request_id!r}: a live request already has this id")
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = q
+        added = asyncio.get_running_loop().run_in_executor(self._input_executor, add)
         try:
-            await asyncio.shield(add)
+            await asyncio.shield(added)
         except asyncio.CancelledError:  # the caller went away while its prompt was being processed
             self._queues.pop(request_id, None)
-            add.add_done_callback(lambda f: f.cancelled() or f.exception() is not None
-                                  or self.native_engine.abort_request(request_id))
+            added.add_done_callback(lambda f: f.cancelled() or f.exception() is not None
+                                    or self.native_engine.abort_request(request_id))
             raise
         except BaseException:
             self._queues.pop(request_id, None)
             raise
+        self.request_ids.add(request_id)
+        self._wake.set()
+        return q
 
     def encode(self, prompt: PromptType, pooling_params: PoolingParams | None, request_id: str, lora_request=None,
                trace_headers=None, priority=None, truncate_prompt_tokens: int | None = None,
@@ -197,29 +202,8 @@ class AsyncLLMEngine:
 
     async def _encode(self, prompt: PromptType, pooling_params: PoolingParams | None, request_id: str,
                       truncate_prompt_tokens: int | None) -> AsyncGenerator[PoolingRequestOutput, None]:
-        self._ensure_loop()
-        if not isinstance(request_id, str):
-            raise ValueError(f"request_id={request_id!r}: must be a str")
-        if request_id in self._queues:
-            raise ValueError(f"request_id={request_id!r}: a live request already has this id")
-        q: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = q
-        add = asyncio.get_running_loop().run_in_executor(
-            self._input_executor,
-            lambda: self.native_engine.add_pooling_request(request_id, prompt, pooling_params,
-                                                           truncate_prompt_tokens=truncate_prompt_tokens))
-        try:
-            await asyncio.shield(add)
-        except asyncio.CancelledError:
-            self._queues.pop(request_id, None)
-            add.add_done_callback(lambda f: f.cancelled() or f.exception() is not None
-                                  or self.native_engine.abort_request(request_id))
-            raise
-        except BaseException:
-            self._queues.pop(request_id, None)
-            raise
-        self.request_ids.add(request_id)
-        self._wake.set()
+        q = await self._start(request_id, lambda: self.native_engine.add_pooling_request(
+            request_id, prompt, pooling_params, truncate_prompt_tokens=truncate_prompt_tokens))
         finished = False
         try:
             item = await q.get()
