@@ -5,8 +5,9 @@ The engines load on first use (``__getattr__``), so importing this module stays 
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from .api._lazy import lazy_exports
 
 _EXPORTS = {
     "LLMEngine": "furiosa_llm.api.llm_engine",
@@ -18,16 +19,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'furiosa_llm.llm_engine' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:  # pragma: no cover
