@@ -18,7 +18,7 @@ from typing import AsyncGenerator
 
 from .engine_args import AsyncEngineArgs
 from .inputs import PromptType
-from .native_engine import NativeEngine
+from .native_engine import NativeEngine, SeedEngine
 from .outputs import PoolingParams, PoolingRequestOutput, RequestOutput
 from .sampling_params import SamplingParams
 
@@ -38,18 +38,11 @@ class RequestFailedError(RuntimeError):
         self.error = error
 
 
-class AsyncLLMEngine:
+class AsyncLLMEngine(SeedEngine):
     def __init__(self, native_engine: NativeEngine, tokenizer=None, task_type: str = "generate",
                  max_model_len: int | None = None, llm=None, model_path: str | None = None,
                  trust_remote_code: bool = False) -> None:
-        self.native_engine = native_engine
-        self.tokenizer = tokenizer if tokenizer is not None else native_engine.tokenizer
-        self.task_type = task_type
-        self.max_model_len = max_model_len or native_engine.max_model_len
-        self.llm = llm
-        self.model_path = model_path or (getattr(llm, "model_id_or_path", None) if llm is not None else None)
-        self.trust_remote_code = trust_remote_code
-        self.request_ids: set[str] = set()
+        super().__init__(native_engine, tokenizer, task_type, max_model_len, llm, model_path, trust_remote_code)
         self._queues: dict[str, asyncio.Queue] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-loop")
         self._input_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-input")

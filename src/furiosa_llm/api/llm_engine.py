@@ -19,26 +19,19 @@ from typing import Any
 from .engine_args import EngineArgs
 from .input_processor import PromptTooLongError  # noqa: F401 - public here
 from .inputs import PromptType
-from .native_engine import EngineDeadError, NativeEngine  # noqa: F401 - EngineDeadError is public here
+from .native_engine import EngineDeadError, NativeEngine, SeedEngine  # noqa: F401 - EngineDeadError is public here
 from .outputs import PoolingParams, RequestOutput
 from .sampling_params import SamplingParams
 
 
-class LLMEngine:
+class LLMEngine(SeedEngine):
     def __init__(self, native_engine: NativeEngine | EngineArgs, tokenizer: Any = None, task_type: str = "generate",
                  max_model_len: int | None = None, llm: Any = None, model_path: str | None = None,
                  trust_remote_code: bool = False, *, queue=None) -> None:
         if isinstance(native_engine, EngineArgs):
             model_path = model_path or native_engine.model
             native_engine = NativeEngine(native_engine, queue=queue)
-        self.native_engine = native_engine
-        self.tokenizer = tokenizer if tokenizer is not None else native_engine.tokenizer
-        self.task_type = task_type
-        self.max_model_len = max_model_len or native_engine.max_model_len
-        self.llm = llm
-        self.model_path = model_path or (getattr(llm, "model_id_or_path", None) if llm is not None else None)
-        self.trust_remote_code = trust_remote_code
-        self.request_ids: set[str] = set()
+        super().__init__(native_engine, tokenizer, task_type, max_model_len, llm, model_path, trust_remote_code)
 
     def __getattr__(self, name: str):
         if name == "native_engine":  # not set yet: construction failed

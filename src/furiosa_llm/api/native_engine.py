@@ -245,3 +245,23 @@ class NativeEngine:
             self.output_processor.pooling.clear()
         self._closed = True
         self.core.queue.close()
+
+
+class SeedEngine:
+    """What ``LLMEngine`` and ``AsyncLLMEngine`` keep from the seed's constructor:
+    ``native_engine, tokenizer, task_type, max_model_len, llm=None, model_path=None, trust_remote_code=False``.
+
+    ``tokenizer`` and ``max_model_len`` default to the native engine's; ``model_path`` to the ``LLM``'s model.
+    """
+
+    def __init__(self, native_engine: NativeEngine, tokenizer: Any = None, task_type: str = "generate",
+                 max_model_len: int | None = None, llm: Any = None, model_path: str | None = None,
+                 trust_remote_code: bool = False) -> None:
+        self.native_engine = native_engine
+        self.tokenizer = tokenizer if tokenizer is not None else native_engine.tokenizer
+        self.task_type = task_type
+        self.max_model_len = max_model_len or native_engine.max_model_len
+        self.llm = llm
+        self.model_path = model_path or (getattr(llm, "model_id_or_path", None) if llm is not None else None)
+        self.trust_remote_code = trust_remote_code
+        self.request_ids: set[str] = set()
