@@ -87,7 +87,3 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.finished
-
-    def append_output(self, token_id: int) -> None:
-        self.output_token_ids.append(token_id)
-        self.token_ids.append(token_id)
