@@ -225,3 +225,54 @@ async def test_openai_client_embeddings_equal_llm_embed(llm):
         r = await http.post("/v1/completions", json={"prompt": "hi"})
         assert r.status_code == 400
     _no_leak(llm)
+
+
+def test_score_is_cosine_of_embeddings(llm):
+    q, docs = "Where is Paris?", ["Paris is the capital of France.", "I love pizza.", "Berlin is in Germany."]
+    embs = [o.outputs.embedding for o in llm.embed([q, *docs])]
+    outs = llm.score(q, docs)  # 1:N
+    dots = [sum(a * b for a, b in zip(embs[0], e)) for e in embs[1:]]  # unit vectors: cosine = dot product
+    assert max(abs(o.outputs.score - d) for o, d in zip(outs, dots)) < 1e-5
+    assert outs[0].outputs.score > outs[1].outputs.score  # the relevant document scores higher
+    assert outs[0].prompt_token_ids == llm.tokenizer.encode(q) + llm.tokenizer.encode(docs[0])
+    pair = llm.score([q, docs[1]], [docs[0], docs[1]])  # N:N
+    assert abs(pair[0].outputs.score - outs[0].outputs.score) < 1e-6 and abs(pair[1].outputs.score - 1.0) < 1e-5
+    with pytest.raises(ValueError, match="text_1 has 2 items and text_2 3"):
+        llm.score([q, q], docs)
+    with pytest.raises(ValueError, match="text_2"):
+        llm.score(q, [])
+    _no_leak(llm)
+
+
+async def test_server_score_rerank_and_models(llm):
+    import httpx
+
+    from furiosa_llm.entrypoints.openai.api_server import create_app
+
+    engine = AsyncLLMEngine.from_llm(llm)
+    app = create_app(engine, served_model_name=MODEL, log_interval_s=0)
+    q, docs = "Where is Paris?", ["I love pizza.", "Paris is the capital of France.", "Berlin is in Germany."]
+    expected = [o.outputs.score for o in llm.score(q, docs)]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        r = await http.get("/v1/models")
+        assert r.json()["data"][0]["task"] == "embed"
+        r = await http.post("/score", json={"model": MODEL, "text_1": q, "text_2": docs})
+        body = r.json()
+        assert r.status_code == 200 and body["object"] == "list", r.text
+        assert [d["index"] for d in body["data"]] == [0, 1, 2]
+        assert max(abs(d["score"] - e) for d, e in zip(body["data"], expected)) < 1e-6
+        assert body["usage"]["prompt_tokens"] == sum(len(llm.tokenizer.encode(t)) for t in [q, *docs])
+        r = await http.post("/v1/score", json={"text_1": [q, q], "text_2": docs})
+        assert r.status_code == 400 and "text_1 has 2 items" in r.json()["error"]["message"]
+        r = await http.post("/rerank", json={"model": MODEL, "query": q, "documents": docs, "top_n": 2})
+        body = r.json()
+        assert r.status_code == 200, r.text
+        best = sorted(range(3), key=lambda i: -expected[i])[:2]
+        assert [x["index"] for x in body["results"]] == best and best[0] == 1
+        assert body["results"][0]["document"]["text"] == docs[1]
+        scores = [x["relevance_score"] for x in body["results"]]
+        assert scores == sorted(scores, reverse=True) and len(scores) == 2
+        assert abs(scores[0] - max(expected)) < 1e-6 and body["usage"]["total_tokens"] > 0
+        r = await http.post("/v1/rerank", json={"query": q, "documents": []})
+        assert r.status_code == 400 and "documents" in r.json()["error"]["message"]
+    _no_leak(llm)

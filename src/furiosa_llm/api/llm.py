@@ -20,7 +20,8 @@ from .engine_args import EngineArgs
 from .inputs import PromptType
 from .llm_engine import LLMEngine
 from .native_engine import NativeEngine
-from .outputs import EmbeddingRequestOutput, PoolingParams, PoolingRequestOutput, RequestOutput
+from .outputs import (EmbeddingRequestOutput, PoolingParams, PoolingRequestOutput, RequestOutput, ScoringOutput,
+                      ScoringRequestOutput)
 from .sampling_params import RequestOutputKind, SamplingParams
 from .scheduler_config import SchedulerConfig, engine_kwargs_from_scheduler_config
 
@@ -351,6 +352,31 @@ class LLM:
                                            task="embed")
         return [EmbeddingRequestOutput.from_base(o) for o in self.encode(
             prompts, pooling_params, use_tqdm=use_tqdm, truncate_prompt_tokens=truncate_prompt_tokens)]
+
+    def score(self, data_1: PromptType | Sequence[PromptType], data_2: PromptType | Sequence[PromptType], /, *,
+              truncate_prompt_tokens: int | None = None, use_tqdm: bool = False,
+              pooling_params: PoolingParams | None = None, **ignored: Any) -> list[ScoringRequestOutput]:
+        """Score text pairs (vLLM's ``LLM.score``): one ``ScoringRequestOutput`` per pair, ``outputs.score`` a float.
+
+        Pairs: ``data_1`` one text against each of ``data_2`` (1:N), or two lists of one length
+        pairwise (N:N). On an embedding model the score is the cosine similarity of the two
+        embeddings, in [-1, 1] (vLLM's embedding-similarity scoring); every text is one pooling
+        request, all through the engine at once. ``ValueError`` on a generative model, for lists
+        of different lengths, an empty list, or a bad prompt.
+        """
+        from . import score as scoring
+
+        if self.engine.task != "embed":
+            raise ValueError(f"score(): model {self.model_id_or_path!r} is a generative model (task 'generate'); "
+                             "scoring needs an embedding model (e.g. all-minilm-l6-v2)")
+        index = scoring.pairs(data_1, data_2)
+        a, b = scoring.as_list(data_1, "text_1"), scoring.as_list(data_2, "text_2")
+        embs = self.embed(a + b, pooling_params, truncate_prompt_tokens=truncate_prompt_tokens)
+        ea, eb = embs[:len(a)], embs[len(a):]
+        return [ScoringRequestOutput(f"{ea[i].request_id}_{eb[j].request_id}",
+                                     ScoringOutput(scoring.cosine(ea[i].outputs.embedding, eb[j].outputs.embedding)),
+                                     ea[i].prompt_token_ids + eb[j].prompt_token_ids)
+                for i, j in index]
 
     # ---- lifetime ---------------------------------------------------------------------------
     def shutdown(self) -> None:
