@@ -83,6 +83,7 @@ class NativeEngine:
             data_parallel_size=args.data_parallel_size, dtype=args.dtype, block_size=args.block_size,
             kv_cache_memory_bytes=args.kv_cache_memory_bytes, tokenizer=args.tokenizer,
             tokenizer_mode=args.tokenizer_mode, revision=args.revision, cache_dir=args.cache_dir, seed=args.seed,
+            task=args.requested_task, pooling_type=args.pooling_type,
         )
         self.backend = backend
         self.load_seconds = backend.load_seconds
@@ -90,7 +91,7 @@ class NativeEngine:
         self.tokenizer = tokenizer if tokenizer is not None else backend.tokenizer
         self.vocab_size = backend.model_config.vocab_size
         self.eos_token_ids = backend.eos_token_ids
-        self.task = backend.task  # "generate", or "embed" for an encoder (embedding) model
+        self.task = backend.task  # "generate", or "embed" for an encoder model or a decoder served as an embedder
         self.pooling_config = backend.pooling_config
         self.hidden_size = backend.model_config.hidden_size
         if self.task == "embed" and args.enable_jit_compilation:

@@ -1,5 +1,8 @@
 """The pooling runner: an encoder (BERT-family) model's forward over a batch of whole prompts, then pooling.
 
+A decoder model served as an embedder (``task="embed"``) runs here too: its base model (causal
+attention, right padding, so no real token attends a pad) and by default last-token pooling.
+
 Pooling requests are prefill-only and never chunked, so each ``SequenceChunk`` of a batch is one
 whole prompt. The encoder attends bidirectionally and keeps no K/V after the step: the scheduler
 allocates blocks for the request as for any other (they bound memory and are freed when the step
@@ -36,6 +39,7 @@ class PoolingRunner:
         self.pooling_type = pooling_type
         self.pad_token_id = pad_token_id
         self.hidden_size = hf_model.config.hidden_size
+        self.token_types = getattr(hf_model.config, "type_vocab_size", 0) > 0  # BERT takes token_type_ids
         # the padding-free packed forward where the architecture allows (BERT), else Hugging Face's padded one
         self.packed = PackedBertEncoder(self.model, self.device) if packed_supports(hf_model.config) else None
 
@@ -71,7 +75,8 @@ class PoolingRunner:
             ids[i, :n] = torch.tensor(s.token_ids, dtype=torch.long)
             mask[i, :n] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        hidden = self.model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)).last_hidden_state
+        extra = {"token_type_ids": torch.zeros_like(ids)} if self.token_types else {}
+        hidden = self.model(input_ids=ids, attention_mask=mask, **extra).last_hidden_state
         if self.pooling_type == "CLS":
             return hidden[:, 0]
         if self.pooling_type == "LAST":
