@@ -105,6 +105,8 @@ class Frontend:
         env, a, recorder, replicas, pool = self.env, self.arrivals, self.recorder, self.replicas, self.pool
         round_robin = self.dispatch == "round_robin"
         num_replicas, max_model_len = self.plan.num_replicas, self.plan.max_model_len
+        budget = self.plan.engine_config.scheduler_config.max_num_batched_tokens  # a pooling prompt runs whole
+        embed = a.pooling.tolist() if a.pooling is not None else None
         local = list(replicas.values())
         times, ins, outs, offsets = a.arrived_at.tolist(), a.input_lens.tolist(), a.output_lens.tolist(), self.offsets
         for i in range(len(times)):
@@ -114,13 +116,15 @@ class Frontend:
             if delay > 0:
                 yield env.timeout(delay)
             n_in, n_out = ins[i], outs[i]
-            if n_in + n_out > max_model_len:
+            is_embed = embed is not None and embed[i]
+            if (n_in > min(max_model_len, budget)) if is_embed else (n_in + n_out > max_model_len):
                 recorder.on_reject()
                 if self.on_done is not None:
                     self.on_done(1)
                 continue
             rid, off = f"r{i}", offsets[i]
-            req = Request(rid, pool[off : off + n_in], max_tokens=n_out, arrival_time=env.now, ignore_eos=True)
+            req = (Request(rid, pool[off : off + n_in], max_tokens=1, arrival_time=env.now, pooling=True) if is_embed else
+                   Request(rid, pool[off : off + n_in], max_tokens=n_out, arrival_time=env.now, ignore_eos=True))
             recorder.on_arrival(rid, env.now, n_in, index=i)
             target = replicas[i % num_replicas] if round_robin else min(local, key=lambda r: r.load)
             target.add(req)

@@ -21,6 +21,8 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--burstiness", type=float, default=1.0, help="Gamma shape of inter-arrival times (1.0 = Poisson).")
     g.add_argument("--input-len", default="lognormal:1024:0.5", help="Prompt lengths: fixed:N, uniform:LO:HI, lognormal:MEAN:SIGMA or trace.")
     g.add_argument("--output-len", default="lognormal:128:0.5", help="Output lengths, same forms as --input-len.")
+    g.add_argument("--embed-fraction", type=float, default=0.0, help="Share of requests that are embedding (pooling) "
+                   "requests: prefill only, no output tokens (default 0).")
     g.add_argument("--trace", default=None, help="CSV with columns arrived_at,num_prefill_tokens,num_decode_tokens.")
     g.add_argument("--workload-seed", type=int, default=None, help="Seed of the workload (default: --seed, else 0).")
     s = p.add_argument_group("SLOs")
@@ -94,7 +96,10 @@ def _sim_inputs(ns: argparse.Namespace):
     seed = ns.workload_seed if ns.workload_seed is not None else (ns.seed or 0)
     workload = Workload(num_requests=ns.num_requests, request_rate=ns.request_rate, arrival=ns.arrival,
                         burstiness=ns.burstiness, input_len=ns.input_len, output_len=ns.output_len, seed=seed,
-                        trace=ns.trace)
+                        trace=ns.trace, embed_fraction=getattr(ns, "embed_fraction", 0.0))
+    if workload.embed_fraction > 0 and tokens is not None:
+        raise ValueError(f"--embed-fraction {workload.embed_fraction:g}: needs --token-source synthetic (the model "
+                         "token source runs generation steps only)")
     slo = SLO(ttft_ms=ns.slo_ttft_ms, tpot_ms=ns.slo_tpot_ms, e2el_ms=ns.slo_e2el_ms, attainment=ns.slo_attainment)
     return config, workload, slo, tokens
 
