@@ -93,3 +93,21 @@ def test_task_flags_validation():
         ["--model", MODEL, "--convert", "embed", "--pooling-type", "mean"])
     args = EngineArgs.from_cli_args(ns)
     assert args.requested_task == "embed" and args.pooling_type == "MEAN"
+
+
+async def test_server_on_converted_model(llm):
+    import httpx
+
+    from furiosa_llm.api.async_llm_engine import AsyncLLMEngine
+    from furiosa_llm.entrypoints.openai.api_server import create_app
+
+    app = create_app(AsyncLLMEngine.from_llm(llm), served_model_name="smol-embed", log_interval_s=0)
+    (expected,) = llm.embed(SENTENCES[1])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        assert (await http.get("/v1/models")).json()["data"][0]["task"] == "embed"
+        r = await http.post("/v1/embeddings", json={"input": SENTENCES[1]})
+        assert r.status_code == 200, r.text
+        got = r.json()["data"][0]["embedding"]
+        assert max(abs(a - b) for a, b in zip(got, expected.outputs.embedding)) < 1e-5
+        r = await http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 400 and "embedding model" in r.json()["error"]["message"]
