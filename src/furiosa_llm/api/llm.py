@@ -319,6 +319,7 @@ class LLM:
         else:
             params = [pooling_params] * len(items)
         engine = self.engine
+        items = self._tokenize_texts(items)
         ids: list[str] = []
         try:
             for p, pp in zip(items, params):
@@ -341,6 +342,20 @@ class LLM:
         if failed:
             raise RequestFailedError(failed[0].request_id, failed[0].error)
         return [finals[r] for r in ids]
+
+    def _tokenize_texts(self, items: list) -> list:
+        """Text prompts tokenized in one batch call of a fast tokenizer (with the model's special tokens, as a
+        pooling request is), as ``{"prompt", "prompt_token_ids"}``; other prompts, and every prompt for a slow
+        tokenizer, as given."""
+        tok = self.tokenizer
+        texts = [i for i, p in enumerate(items) if isinstance(p, str)]
+        if len(texts) < 2 or not getattr(tok, "is_fast", False):
+            return items
+        ids = tok([items[i] for i in texts], add_special_tokens=True)["input_ids"]
+        out = list(items)
+        for i, t in zip(texts, ids):
+            out[i] = {"prompt": items[i], "prompt_token_ids": list(t)}
+        return out
 
     def embed(self, prompts: PromptType | Sequence[PromptType],
               pooling_params: PoolingParams | Sequence[PoolingParams] | None = None, *, use_tqdm: bool = False,
