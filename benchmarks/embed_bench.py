@@ -1,11 +1,14 @@
 """Embedding benchmark: embeddings per second through the engine vs plain ``transformers``, same model, same run.
 
 For N sentences of varied length (seeded; word counts log-normal, median ~14 words, 3 to 200), it
-measures, in one process and interleaved over ``--repeats`` rounds (the median is reported):
+measures, interleaved over ``--repeats`` rounds (each round runs the three paths one after the other; the
+median is reported):
 
 - ``transformers``: plain batched inference, the usual loop — the fast tokenizer on ``--hf-batch-size``
   sentences at a time (padding to the batch's longest), ``AutoModel`` under ``torch.inference_mode``,
   mean pooling over the attention mask, L2 normalisation (what sentence-transformers' card shows);
+- ``transformers_length_sorted``: the same, batches formed in order of length (as sentence-transformers'
+  ``encode`` does), so little padding: the stronger baseline;
 - ``engine``: ``LLM.embed(sentences)`` — every sentence a pooling request through the engine core
   (scheduler, token budget ``--max-num-batched-tokens``), the packed encoder forward of the pooling runner;
 - ``server`` (unless ``--no-server``): ``furiosa-llm serve`` in a subprocess, the sentences posted to
@@ -58,9 +61,18 @@ def make_sentences(n: int, seed: int = 0) -> list[str]:
     return out
 
 
-def hf_embed(model, tok, sentences: list[str], batch_size: int):
+def hf_embed(model, tok, sentences: list[str], batch_size: int, sort_by_length: bool = False):
+    """Embeddings ``[N, hidden]`` from plain batched ``transformers`` inference, in the order of ``sentences``.
+
+    ``sort_by_length``: batch the sentences in order of length (what sentence-transformers' ``encode`` does,
+    so each batch pads little), then put the vectors back in order.
+    """
     import torch
 
+    if sort_by_length:
+        order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+        out = hf_embed(model, tok, [sentences[i] for i in order], batch_size)
+        return out[torch.argsort(torch.tensor(order))]
     vecs = []
     with torch.inference_mode():
         for i in range(0, len(sentences), batch_size):
@@ -148,35 +160,38 @@ def main() -> None:
     hf_embed(hf, tok, sentences[:64], a.hf_batch_size)  # warm-up
     llm.embed(sentences[:64])
 
-    times: dict[str, list[float]] = {"transformers": [], "engine": []}
-    ref = got = None
-    for _ in range(a.repeats):
-        t0 = time.perf_counter()
-        ref = hf_embed(hf, tok, sentences, a.hf_batch_size)
-        times["transformers"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        got = [o.outputs.embedding for o in llm.embed(sentences)]
-        times["engine"].append(time.perf_counter() - t0)
-    engine_cos = min_cosine(got, ref)
-    llm.shutdown()
-    del hf
-
-    server_cos = None
-    if not a.no_server:
+    proc = base = None
+    if not a.no_server:  # started first, so that its rounds interleave with the others (same load on the machine)
         port = _free_port()
         proc = start_server(a, port)
-        try:
-            base = f"http://127.0.0.1:{port}"
+        base = f"http://127.0.0.1:{port}"
+    times: dict[str, list[float]] = {"transformers": [], "transformers_length_sorted": [], "engine": [],
+                                     **({} if proc is None else {"server": []})}
+    ref = got = vecs = None
+    try:
+        if proc is not None:
             asyncio.run(server_embed(base, sentences[:64], a.server_batch, a.server_concurrency))  # warm-up
-            times["server"] = []
-            for _ in range(a.repeats):
+        for _ in range(a.repeats):
+            t0 = time.perf_counter()
+            ref = hf_embed(hf, tok, sentences, a.hf_batch_size)
+            times["transformers"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            hf_embed(hf, tok, sentences, a.hf_batch_size, sort_by_length=True)
+            times["transformers_length_sorted"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            got = [o.outputs.embedding for o in llm.embed(sentences)]
+            times["engine"].append(time.perf_counter() - t0)
+            if proc is not None:
                 t0 = time.perf_counter()
                 vecs = asyncio.run(server_embed(base, sentences, a.server_batch, a.server_concurrency))
                 times["server"].append(time.perf_counter() - t0)
-            server_cos = min_cosine(vecs, ref)
-        finally:
+    finally:
+        if proc is not None:
             proc.terminate()
             proc.wait(30)
+        llm.shutdown()
+    engine_cos = min_cosine(got, ref)
+    server_cos = None if vecs is None else min_cosine(vecs, ref)
 
     med = {k: statistics.median(v) for k, v in times.items()}
     rate = {k: a.num_sentences / v for k, v in med.items()}
@@ -188,6 +203,7 @@ def main() -> None:
         "seconds": {k: [round(x, 4) for x in v] for k, v in times.items()},
         "embeddings_per_s": {k: round(v, 1) for k, v in rate.items()},
         "speedup_engine_vs_transformers": round(rate["engine"] / rate["transformers"], 3),
+        "speedup_engine_vs_transformers_length_sorted": round(rate["engine"] / rate["transformers_length_sorted"], 3),
         "min_cosine_engine_vs_transformers": round(engine_cos, 6),
     }
     if "server" in rate:
