@@ -294,3 +294,23 @@ async def test_server_score_rerank_and_models(llm):
         r = await http.post("/v1/rerank", json={"query": q, "documents": []})
         assert r.status_code == 400 and "documents" in r.json()["error"]["message"]
     _no_leak(llm)
+
+
+@pytest.mark.parametrize("pooling_type", ["CLS", "LAST", "MEAN"])
+def test_packed_forward_equals_padded_forward(llm, pooling_type):
+    """The padding-free packed BERT forward pools the same vectors as Hugging Face's padded forward."""
+    import torch
+
+    from furiosa_llm.hal import SamplingSettings, SequenceChunk
+    from furiosa_llm.model.packed_encoder import group_by_length
+    from furiosa_llm.model.pooling_runner import PoolingRunner
+
+    runner = PoolingRunner(llm.engine.runner.model, "cpu", pooling_type)
+    assert runner.packed is not None
+    seqs = [SequenceChunk(request_id=str(i), token_ids=llm.tokenizer.encode(s), start_pos=0, block_table=[],
+                          sample=False, sampling=SamplingSettings(), pool=True) for i, s in enumerate(SENTENCES)]
+    with torch.inference_mode():
+        packed, padded = runner._pool_packed(seqs), runner._pool_padded(seqs)
+    assert torch.nn.functional.cosine_similarity(packed, padded).min() >= 0.99999
+    groups = group_by_length([len(s.token_ids) for s in seqs])
+    assert sorted(i for g in groups for i in g) == list(range(len(seqs))) and len(groups) > 1
