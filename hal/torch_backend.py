@@ -125,6 +125,9 @@ class TorchBackend:
             raise ValueError(f"task='generate': model {model!r} is an encoder ({cfg.model_type}) model; it embeds "
                              "and cannot generate (use task 'embed' or 'auto')")
         self.task = "embed" if encoder or task == "embed" else "generate"
+        if self.task == "generate" and pooling_type is not None:
+            raise ValueError(f"pooling_type={pooling_type!r}: model {model!r} is served as a generative model; "
+                             "a pooling type needs an embedder (task='embed' or convert='embed')")
         self.is_encoder = encoder
         self.pooling_config = None
         if self.task == "embed":  # the folder's sentence-transformers pooling, else vLLM's default (MEAN / LAST)

@@ -85,6 +85,8 @@ def test_task_flags_validation():
         EngineArgs(model=MODEL, convert="embed", task="generate")
     with pytest.raises(ValueError, match="pooling_type='MAX'"):
         EngineArgs(model=MODEL, pooling_type="MAX")
+    with pytest.raises(ValueError, match="pooling_type='MEAN'.*generative"):
+        LLM(MODEL, cache_dir=CACHE_DIR, devices="cpu", pooling_type="MEAN")
     with pytest.raises(ValueError, match="encoder.*cannot generate"):
         LLM("all-minilm-l6-v2", devices="cpu", task="generate")
     import argparse

@@ -120,7 +120,7 @@ class EngineArgs:
 
     @property
     def requested_task(self) -> str:
-        """"generate", "embed", or "auto" (the model decides: an encoder embeds, a decoder generates)."""
+        """The task asked for: ``generate``, ``embed``, or ``auto`` (an encoder embeds, a decoder generates)."""
         return "embed" if self.convert == "embed" else self.task
 
     def parsed_devices(self) -> list[Device] | None:
