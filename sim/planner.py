@@ -2,13 +2,16 @@
 
 ``max_rate`` brackets the rate (doubling or halving from a start) and then bisects it in log
 space: each probe is one simulated run of the workload at that rate, and a rate passes when
-the share of requests that meet every SLO is at least ``slo.attainment``.
+the share of requests that meet every SLO is at least ``slo.attainment``. ``sweep`` runs
+``max_rate`` for every point of a grid, one after another or, given ``ray``, each point's
+search as a Ray task (``distributed.py``); the rows are the same either way.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import replace
+from typing import Callable
 
 from .config import SimConfig
 from .metrics import SLO
@@ -31,7 +34,9 @@ def max_rate(config: SimConfig, workload: Workload, slo: SLO, *, start: float = 
              max_probes: int = 24, **sim) -> dict:
     """The highest request rate (req/s) at which ``config`` meets ``slo`` on ``workload``'s length mix.
 
-    ``sim`` goes to ``simulate`` (``dispatch``, ``workers``).
+    ``sim`` goes to ``simulate`` (``dispatch``, ``workers``, and ``ray``: where ``workers`` > 1 runs
+    its replica groups). The probes depend on each other, so one search is sequential; ``sweep``
+    spreads many searches.
     """
     if slo.empty:
         raise ValueError("slo: give at least one of ttft_ms, tpot_ms, e2el_ms")
@@ -67,23 +72,57 @@ SWEEPABLE = ("devices", "tensor_parallel_size", "pipeline_parallel_size", "data_
              "max_processing_samples", "spare_blocks_ratio", "max_num_batched_tokens")
 
 
-def sweep(config: SimConfig, workload: Workload, slo: SLO, grid: dict[str, list], **kw) -> list[dict]:
+def _sweep_point(config: SimConfig, workload: Workload, slo: SLO, point: dict, kw: dict) -> dict:
+    """One row of a sweep: ``max_rate`` at ``point``, or the ``error`` that stopped it (a bad point)."""
+    cfg = replace(config, **point)  # SimConfig takes engine arguments and its own settings alike
+    try:
+        res = max_rate(cfg, workload, slo, **kw)
+        return {"point": point, "num_replicas": cfg.plan().num_replicas, **res}
+    except ValueError as e:  # e.g. the model does not fit this many PEs
+        return {"point": point, "error": str(e), "max_request_rate": None}
+
+
+def sweep(config: SimConfig, workload: Workload, slo: SLO, grid: dict[str, list], *, ray: str | None = None,
+          progress: bool = False, on_row: Callable[[int, dict], None] | None = None, **kw) -> list[dict]:
     """``max_rate`` for every combination of the values in ``grid`` (keys from ``SWEEPABLE``).
 
     Each row holds the ``point`` (the swept values), the replica count and ``max_rate``'s result,
-    or an ``error`` when the point cannot run (e.g. the model does not fit its PEs).
+    or an ``error`` when the point cannot run (e.g. the model does not fit its PEs). Rows are in
+    grid order.
+
+    ``ray`` (``"local"``, ``"auto"`` or a cluster address; off when None) runs each point's search as
+    a Ray task: rows are the same as without Ray, a point whose task fails (any exception, or its
+    worker dies) gets an ``error`` row and the others complete. ``on_row(i, row)`` hears of each
+    row as it is ready (in finishing order with Ray); ``progress`` shows a bar of finished points.
     """
     for k in grid:
         if k not in SWEEPABLE:
             raise ValueError(f"sweep key {k!r}: must be one of {', '.join(SWEEPABLE)}")
-    rows = []
     keys = list(grid)
-    for values in itertools.product(*(grid[k] for k in keys)):
-        point = dict(zip(keys, values))
-        cfg = replace(config, **point)  # SimConfig takes engine arguments and its own settings alike
-        try:
-            res = max_rate(cfg, workload, slo, **kw)
-            rows.append({"point": point, "num_replicas": cfg.plan().num_replicas, **res})
-        except ValueError as e:  # e.g. the model does not fit this many PEs
-            rows.append({"point": point, "error": str(e), "max_request_rate": None})
+    points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    rows: list[dict] = [{}] * len(points)
+    if ray is None:
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(points), unit="point", desc="sweep")
+        for i, point in enumerate(points):
+            rows[i] = _sweep_point(config, workload, slo, point, kw)
+            if bar is not None:
+                bar.update(1)
+            if on_row is not None:
+                on_row(i, rows[i])
+        if bar is not None:
+            bar.close()
+        return rows
+    from .distributed import run_tasks
+
+    tasks = [(config, workload, slo, point, kw) for point in points]
+    for i, row, error in run_tasks(_sweep_point, tasks, ray_address=ray, progress=progress, desc="sweep", unit="point"):
+        if error is not None:
+            row = {"point": points[i], "error": f"{type(error).__name__}: {error}", "max_request_rate": None}
+        rows[i] = row
+        if on_row is not None:
+            on_row(i, row)
     return rows
