@@ -100,6 +100,21 @@ def test_dp2_serves_64_concurrent_requests_on_both_replicas(dp_server):
             or f'replica="{i}"' in text
     assert "furiosa_llm_replica_generation_tokens_total" in text
 
+    # a client that disconnects mid-stream aborts its request on its replica, across the actor boundary
+    body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 100, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        for i, _line in enumerate(r.iter_lines()):
+            if i >= 4:
+                break
+    deadline = time.monotonic() + 30
+    while True:
+        st = front.replica_stats()
+        if sum(x["live"] for x in st) == 0 and front.stats().num_unfinished == 0:
+            break
+        assert time.monotonic() < deadline, st
+        time.sleep(0.2)
+    assert sum(x["stats"].num_generated_tokens for x in st) < 64 * 8 + 100  # it stopped well before 100 tokens
+
 
 def test_killing_a_replica_fails_only_its_requests_and_it_comes_back(dp_server):
     url, engine = dp_server

@@ -336,19 +336,26 @@ class DataParallelEngine:
 
     # ---- state ------------------------------------------------------------------------------
     def replica_stats(self) -> list[dict]:
-        """Per replica: its index, device, the last ``EngineStats`` it reported, requests routed/failed, restarts."""
+        """Per replica: its index, device, ``EngineStats``, requests routed/failed/live, outstanding tokens, restarts."""
+        self.stats()  # refreshes the idle replicas' snapshots
         with self._lock:
             return [{"replica": r.index, "device": r.device, "stats": r.stats, "routed": r.routed, "failed": r.failed,
                      "restarts": r.restarts, "available": r.available, "live": self.router.requests[r.index],
                      "outstanding_tokens": self.router.tokens[r.index]} for r in self.replicas]
 
     def stats(self) -> EngineStats:
-        """The replicas' last reported ``EngineStats`` summed (``jit``: None over several replicas)."""
+        """The replicas' ``EngineStats`` summed (``jit``: None over several replicas).
+
+        A replica that is stepping reports with its step; an idle one is asked now.
+        """
+        idle = [r for r in self.replicas if r.available and r.step_ref is None]  # no step will refresh these
+        if idle:
+            try:
+                for r, st in zip(idle, self.ray.get([r.actor.stats.remote() for r in idle], timeout=CALL_TIMEOUT_S)):
+                    r.stats = st
+            except self.ray.exceptions.RayError:  # a dying replica: its last report stands
+                pass
         snaps = [r.stats for r in self.replicas if r.stats is not None]
-        if not snaps:
-            snaps = self.ray.get([r.actor.stats.remote() for r in self.replicas])
-            for r, s in zip(self.replicas, snaps):
-                r.stats = s
         fields = [f.name for f in dataclasses.fields(EngineStats) if f.name != "jit"]
         return EngineStats(**{k: sum(getattr(s, k) for s in snaps) for k in fields}, jit=None)
 

@@ -50,7 +50,8 @@ IGNORED: list[tuple[tuple[str, ...], dict, str]] = [
     (("--min-batch-size",), dict(type=int), _BUCKETS),
     (("--device-mesh",), dict(type=str), "use --devices with -pp/-dp"),
     (("--data-parallel-routing-policy",), dict(type=str),
-     "the torch backend runs one replica (data_parallel_size=1), so there is nothing to route"),
+     "data-parallel replicas (--data-parallel-size > 1, Ray actors) are routed to the least outstanding work in "
+     "tokens (furiosa_llm.core.routing), the policy the simulator's --dispatch least_tokens models"),
     (("--speculative-model",), dict(type=str), _SPEC),
     (("--num-speculative-tokens",), dict(type=int), _SPEC),
     (("-draft-tp", "--speculative-draft-tensor-parallel-size"), dict(type=int), _SPEC),
