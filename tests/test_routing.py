@@ -46,3 +46,26 @@ def test_simulator_dispatches_with_the_same_policies():
     assert by["least_tokens"]["metrics"] != by["round_robin"]["metrics"]
     with pytest.raises(ValueError, match="dispatch='random'"):
         simulate(cfg, w, dispatch="random")
+
+
+def test_data_parallel_device_split():
+    from furiosa_llm import EngineArgs
+    from furiosa_llm.api.data_parallel import replica_devices
+
+    assert replica_devices(EngineArgs(model="m", devices="cpu", data_parallel_size=3)) == ["cpu"] * 3
+    assert replica_devices(EngineArgs(model="m", devices="cuda:0,cuda:1", data_parallel_size=2)) == ["cuda:0", "cuda:1"]
+    with pytest.raises(ValueError, match=r"devices='cuda:0' with data_parallel_size=2"):
+        replica_devices(EngineArgs(model="m", devices="cuda:0", data_parallel_size=2))
+
+
+def test_ray_is_not_imported_without_a_ray_flag():
+    import subprocess
+    import sys
+
+    code = ("import sys; from furiosa_llm.sim import SimConfig, Workload, simulate, sweep, SLO; "
+            "from furiosa_llm.entrypoints.cli import build_parser; build_parser(); "
+            "simulate(SimConfig(), Workload(num_requests=5, input_len='fixed:16', output_len='fixed:4')); "
+            "print('ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

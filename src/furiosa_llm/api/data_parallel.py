@@ -127,6 +127,7 @@ class DataParallelEngine:
                                               max_logprobs=args.max_logprobs, eos_token_ids=self.eos_token_ids)
         self._lock = threading.Lock()
         self._requests: dict[str, list] = {}  # request id -> [kind, prompt token ids, output kind, tokens seen]
+        self._ended_here: list = []  # final outputs made by the front (a failed replica), for the next step
         self._closed = False
         logger.info("data-parallel front: %d replicas (%s) on Ray, routing %s", n,
                     ", ".join(i["device"] for i in infos), self.router.name)
@@ -192,7 +193,7 @@ class DataParallelEngine:
                 raise (cause if isinstance(cause, Exception) else RuntimeError(str(e))) from None
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
                 self._forget(request_id)
-                self._replica_failed(r, e)
+                self._replica_failed(r, e)  # its other requests end with the next step
                 tried.add(i)
                 continue
             with self._lock:
@@ -230,7 +231,7 @@ class DataParallelEngine:
         return outs
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests)
+        return bool(self._requests or self._ended_here)
 
     def get_num_unfinished_requests(self) -> int:
         return len(self._requests)
@@ -239,27 +240,30 @@ class DataParallelEngine:
         """The outputs of the replicas whose step finished (waits up to ``WAIT_S``); failed replicas' requests end."""
         ray = self.ray
         with self._lock:
+            outs, self._ended_here = self._ended_here, []
             for r in self.replicas:
                 if r.step_ref is None and r.available and self.router.requests[r.index] > 0:
                     r.step_ref = r.actor.step.remote()
             refs = {r.step_ref: r for r in self.replicas if r.step_ref is not None}
         if not refs:
-            self._poll_restarts(WAIT_S)
-            return []
+            if not outs:
+                self._poll_restarts(WAIT_S)
+            return outs
         ready, rest = ray.wait(list(refs), num_returns=1, timeout=WAIT_S)
         if ready and rest:  # and whatever else is done by now
             ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
-        outs: list = []
         for ref in ready:
             r = refs[ref]
             r.step_ref = None
             try:
                 got, stats = ray.get(ref)
             except ray.exceptions.RayError as e:  # the actor died, or its engine is dead
-                outs.extend(self._replica_failed(r, e))
+                self._replica_failed(r, e)
                 continue
             r.stats = stats
             outs.extend(self._book(got))
+        with self._lock:
+            outs, self._ended_here = outs + self._ended_here, []
         return outs
 
     def _book(self, outputs: list) -> list:
@@ -279,13 +283,13 @@ class DataParallelEngine:
                     self._requests.pop(o.request_id, None)
         return outputs
 
-    def _replica_failed(self, r: _Replica, error: BaseException) -> list:
-        """End ``r``'s live requests with an error and wait for Ray to bring its actor back."""
+    def _replica_failed(self, r: _Replica, error: BaseException) -> None:
+        """End ``r``'s live requests with an error (outputs of the next ``step``); Ray brings its actor back."""
         ray = self.ray
         msg = f"data-parallel replica {r.index} failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}"
         with self._lock:
             if r.ready_ref is not None:
-                return []
+                return
             logger.error("%s; ending its %d live request(s) and restarting it", msg, self.router.requests[r.index])
             if not isinstance(error, ray.exceptions.RayActorError):  # alive but broken (e.g. engine dead): restart
                 try:
@@ -295,15 +299,13 @@ class DataParallelEngine:
             r.step_ref = None
             r.restarts += 1
             r.ready_ref = r.actor.ping.remote()
-            outs = []
             for rid in self.router.live_on(r.index):
                 out = self._ended(rid, "error", msg)
                 self.router.finish(rid)
                 self._requests.pop(rid, None)
                 r.failed += 1
                 if out is not None:
-                    outs.append(out)
-        return outs
+                    self._ended_here.append(out)
 
     def _poll_restarts(self, timeout: float) -> None:
         """Mark replicas whose restarted actor answers as available again."""
