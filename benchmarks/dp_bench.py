@@ -121,7 +121,11 @@ def main() -> None:
     t0 = time.perf_counter()
     cost, shape, args = _calibrate(a)
     calib_s = time.perf_counter() - t0
-    measured = {f"dp{dp}": {k: _measure(a, dp, prompts)[k] for k in KEYS} for dp in (1, 2)}
+    print(f"calibrated in {calib_s:.0f} s", file=sys.stderr)
+    measured = {}
+    for dp in (1, 2):
+        m = _measure(a, dp, prompts)
+        measured[f"dp{dp}"] = {k: m[k] for k in KEYS}
     predicted = {f"dp{dp}": _predict(cost, shape, args, dp, a) for dp in (1, 2)}
     ratio = lambda d: d["dp2"]["output_throughput"] / d["dp1"]["output_throughput"]  # noqa: E731
     print(json.dumps({

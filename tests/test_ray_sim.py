@@ -74,3 +74,13 @@ def test_simulate_workers_as_ray_tasks_equal_one_process(local_ray):
     one = simulate(cfg, w, dispatch="round_robin").report
     two = simulate(cfg, w, dispatch="round_robin", workers=2).report
     assert _dump(one) == _dump(two)
+
+
+def test_max_rate_probing_ahead_on_ray_equals_the_serial_search(local_ray):
+    from furiosa_llm.sim import max_rate
+
+    w = Workload(seed=4, **SMALL)
+    slo = SLO(ttft_ms=1000, tpot_ms=60)
+    serial = max_rate(SimConfig(devices="npu:0"), w, slo, rel_tol=0.1)
+    on_ray = max_rate(SimConfig(devices="npu:0"), w, slo, rel_tol=0.1, ray="local")
+    assert _dump(on_ray) == _dump(serial) and len(serial["probes"]) >= 4
