@@ -145,8 +145,9 @@ def sweep(config: SimConfig, workload: Workload, slo: SLO, grid: dict[str, list]
     grid order.
 
     ``ray`` (``"local"``, ``"auto"`` or a cluster address; off when None) runs each point's search as
-    a Ray task: rows are the same as without Ray, a point whose task fails (any exception, or its
-    worker dies) gets an ``error`` row and the others complete. ``on_row(i, row)`` hears of each
+    a Ray task (a grid of one point: its search probes ahead on Ray, see ``max_rate``); rows are the
+    same as without Ray, a point whose task fails (any exception, or its worker dies) gets an
+    ``error`` row and the others complete. ``on_row(i, row)`` hears of each
     row as it is ready (in finishing order with Ray); ``progress`` shows a bar of finished points.
     """
     for k in grid:
@@ -169,6 +170,11 @@ def sweep(config: SimConfig, workload: Workload, slo: SLO, grid: dict[str, list]
                 on_row(i, rows[i])
         if bar is not None:
             bar.close()
+        return rows
+    if len(points) == 1:  # one search: its probes go to Ray instead
+        rows[0] = _sweep_point(config, workload, slo, points[0], {**kw, "ray": ray})
+        if on_row is not None:
+            on_row(0, rows[0])
         return rows
     from .distributed import run_tasks
 
