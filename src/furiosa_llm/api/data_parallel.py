@@ -348,9 +348,9 @@ class DataParallelEngine:
     def stats(self) -> EngineStats:
         """The replicas' ``EngineStats`` summed (``jit``: None over several replicas).
 
-        A replica that is stepping reports with its step; an idle one is asked now.
+        Each serving replica is asked now; one that is restarting counts with its last report.
         """
-        idle = [r for r in self.replicas if r.available and r.step_ref is None]  # no step will refresh these
+        idle = [r for r in self.replicas if r.available]  # the actor is threaded: it answers while it steps
         if idle:
             try:
                 for r, st in zip(idle, self.ray.get([r.actor.stats.remote() for r in idle], timeout=CALL_TIMEOUT_S)):
