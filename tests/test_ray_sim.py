@@ -84,3 +84,14 @@ def test_max_rate_probing_ahead_on_ray_equals_the_serial_search(local_ray):
     serial = max_rate(SimConfig(devices="npu:0"), w, slo, rel_tol=0.1)
     on_ray = max_rate(SimConfig(devices="npu:0"), w, slo, rel_tol=0.1, ray="local")
     assert _dump(on_ray) == _dump(serial) and len(serial["probes"]) >= 4
+
+
+def test_cli_plan_with_ray_writes_the_serial_plan(local_ray, tmp_path):
+    from furiosa_llm.entrypoints.cli import main
+
+    args = ["plan", "--model", "llama-3.1-8b", "--num-requests", "40", "--slo-tpot-ms", "50", "--rel-tol", "0.3",
+            "--sweep", "max-processing-samples=16,256", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "serial.json")]) == 0
+    assert main(args + ["--ray", "local", "--out", str(tmp_path / "ray.json"), "--plot", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "ray.json").read_bytes() == (tmp_path / "serial.json").read_bytes()
+    assert (tmp_path / "p.png").stat().st_size > 10_000

@@ -153,12 +153,15 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     grid = _parse_sweep(ns.sweep or [])
     t0 = time.perf_counter()
     head = {"config": config.describe(), "workload": workload.describe(), "slo": dataclasses.asdict(slo)}
+    rows_expected = [None] * math.prod(len(v) for v in grid.values())
     done: dict[int, dict] = {}
 
-    def on_row(i: int, row: dict) -> None:  # --out holds the finished points while the others run
+    def on_row(i: int, row: dict) -> None:  # --out and --plot hold the finished points while the others run
         done[i] = row
         if ns.out:
             write_json({**head, "results": [done[j] for j in sorted(done)]}, ns.out)
+        if ns.plot and len(done) < len(rows_expected):
+            plot_plan({**head, "results": [done[j] for j in sorted(done)]}, ns.plot)
 
     rows = sweep(config, workload, slo, grid, start=ns.start_rate, rel_tol=ns.rel_tol, dispatch=ns.dispatch,
                  workers=ns.workers, ray=ns.ray, progress=not ns.no_progress, on_row=on_row)
