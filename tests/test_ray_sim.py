@@ -89,8 +89,8 @@ def test_max_rate_probing_ahead_on_ray_equals_the_serial_search(local_ray):
 def test_cli_plan_with_ray_writes_the_serial_plan(local_ray, tmp_path):
     from furiosa_llm.entrypoints.cli import main
 
-    args = ["plan", "--model", "llama-3.1-8b", "--num-requests", "40", "--slo-tpot-ms", "50", "--rel-tol", "0.3",
-            "--sweep", "max-processing-samples=16,256", "--no-progress"]
+    args = ["plan", "--model", "llama-3.1-8b", "--num-requests", "40", "--slo-ttft-ms", "1000", "--slo-tpot-ms", "50",
+            "--rel-tol", "1.0", "--start-rate", "8", "--sweep", "max-processing-samples=16,256", "--no-progress"]
     assert main(args + ["--out", str(tmp_path / "serial.json")]) == 0
     assert main(args + ["--ray", "local", "--out", str(tmp_path / "ray.json"), "--plot", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "ray.json").read_bytes() == (tmp_path / "serial.json").read_bytes()
