@@ -56,11 +56,6 @@ class Replica:
         self._wake: simpy.Event | None = None  # set while the replica sleeps with no work
         self.process = env.process(self.serve())
 
-    @property
-    def load(self) -> int:
-        """Live requests (running or waiting)."""
-        return self.core.num_unfinished
-
     def add(self, request: Request) -> None:
         self.core.add_request(request)
         wake, self._wake = self._wake, None
