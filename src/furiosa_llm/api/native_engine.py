@@ -66,6 +66,16 @@ def generation_defaults(generation_config: Any) -> dict[str, Any]:
     return out
 
 
+def uses_rngd(args: EngineArgs) -> bool:
+    """Whether ``args`` run on RNGD: NPU devices given, or none given and ``furiosa_smi`` finds free PEs."""
+    devices = args.parsed_devices()
+    if devices is not None:
+        return any(d.kind == "npu" for d in devices)
+    from furiosa_llm.hal.discovery import available_npu_devices
+
+    return bool(available_npu_devices())
+
+
 class NativeEngine:
     """The engine core, its backend and the two processors; the ``native_engine`` of both engines.
 
@@ -73,6 +83,15 @@ class NativeEngine:
     Furiosa-LLM's ``LLM(tokenizer=...)`` allows). ``queue``: an execution queue to use instead of
     the backend's (tests).
     """
+
+    def __new__(cls, args: EngineArgs | None = None, **kw: Any):
+        """On RNGD devices (``--devices npu:...``, or none given and ``furiosa_smi`` finds free PEs) the
+        native engine is the vendor's, through ``RngdEngine`` (``api/rngd_engine.py``); else this class."""
+        if cls is NativeEngine and args is not None and kw.get("queue") is None and uses_rngd(args):
+            from .rngd_engine import RngdEngine
+
+            return RngdEngine(args, tokenizer=kw.get("tokenizer"))
+        return super().__new__(cls)
 
     def __init__(self, args: EngineArgs, *, tokenizer: Any = None, queue: ExecutionQueue | None = None) -> None:
         from furiosa_llm.hal.torch_backend import TorchBackend

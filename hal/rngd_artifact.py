@@ -1,0 +1,129 @@
+"""A Furiosa model artifact: a model folder (Hugging Face ``config.json`` + tokenizer) and an FXB bundle.
+
+The FXB is a zip whose ``manifest.json`` describes the model (``model.architecture``), the parallel
+layout (``parallel_config{tensor_parallel_size, pipeline_parallel_size}``) and the compiled kernels
+(``kernels``, buckets with ``attention_size`` among their fields). We read it with ``zipfile`` and
+``json`` only, so every check here runs in milliseconds, before the vendor engine is touched.
+
+Where the bundle is found, first match wins: an explicit ``fxb`` (``--fxb``), the one ``*.fxb`` in
+the model folder, then the local FXB cache ``<cache_dir>/fxb/<model folder name>/*.fxb`` (our
+layout; the vendor's cache index is not part of its public wheel).
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(slots=True)
+class Artifact:
+    model_dir: Path
+    fxb_path: Path
+    manifest: dict[str, Any]
+    hf_config: dict[str, Any]
+
+    @property
+    def architecture(self) -> str | None:
+        m = self.manifest.get("model")
+        return m.get("architecture") if isinstance(m, dict) else None
+
+    @property
+    def max_bucket_len(self) -> int | None:
+        """The longest context a compiled attention bucket covers, or None when the manifest lists none."""
+        sizes = list(_values_of(self.manifest.get("kernels"), "attention_size"))
+        return max(sizes) if sizes else None
+
+
+def _values_of(node: Any, key: str):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key and isinstance(v, int) and not isinstance(v, bool):
+                yield v
+            else:
+                yield from _values_of(v, key)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _values_of(v, key)
+
+
+def find_fxb(model_dir: Path, fxb: str | None, cache_dir: str | None) -> Path:
+    """The FXB bundle for ``model_dir`` (see the module docstring); ``ValueError`` saying where it looked."""
+    if fxb is not None:
+        p = Path(fxb).expanduser()
+        if not p.is_file():
+            raise ValueError(f"fxb={fxb!r}: no such file; pass the path of the model's compiled .fxb bundle")
+        return p
+    local = sorted(model_dir.glob("*.fxb"))
+    if len(local) > 1:
+        raise ValueError(f"model={str(model_dir)!r}: {len(local)} .fxb bundles in the folder "
+                         f"({', '.join(p.name for p in local)}); choose one with --fxb")
+    if local:
+        return local[0]
+    looked = [f"{model_dir}/*.fxb"]
+    if cache_dir:
+        cache = Path(cache_dir).expanduser() / "fxb" / model_dir.name
+        cached = sorted(cache.glob("*.fxb"))
+        if cached:
+            return cached[-1]
+        looked.append(f"{cache}/*.fxb")
+    raise ValueError(f"model={str(model_dir)!r}: no FXB bundle found (looked in {', '.join(looked)}); RNGD runs a "
+                     "Furiosa model artifact: a model folder plus its compiled .fxb (pass it with --fxb)")
+
+
+def read_manifest(fxb_path: Path) -> dict[str, Any]:
+    """``manifest.json`` of the bundle; ``ValueError`` when it is not an FXB."""
+    try:
+        with zipfile.ZipFile(fxb_path) as z:
+            raw = z.read("manifest.json")
+    except zipfile.BadZipFile:
+        raise ValueError(f"fxb={str(fxb_path)!r}: not an FXB bundle (not a zip archive)") from None
+    except KeyError:
+        raise ValueError(f"fxb={str(fxb_path)!r}: not an FXB bundle (no manifest.json inside)") from None
+    try:
+        manifest = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"fxb={str(fxb_path)!r}: manifest.json is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"fxb={str(fxb_path)!r}: manifest.json is not a JSON object")
+    return manifest
+
+
+def load_artifact(model: str, *, fxb: str | None = None, cache_dir: str | None = None) -> Artifact:
+    """Resolve and check an artifact: the folder exists with a ``config.json``, the bundle is found and its
+    manifest's architecture is the folder's. Each failure is a ``ValueError`` saying what was found."""
+    model_dir = Path(model).expanduser()
+    if not model_dir.is_dir():
+        raise ValueError(f"model={model!r}: on RNGD the model is a Furiosa model artifact folder (config.json, "
+                         "tokenizer and an .fxb); no such folder")
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise ValueError(f"model={model!r}: no config.json in the folder; it is not a model artifact")
+    hf_config = json.loads(cfg_path.read_text())
+    fxb_path = find_fxb(model_dir, fxb, cache_dir)
+    art = Artifact(model_dir, fxb_path, read_manifest(fxb_path), hf_config)
+    folder_arch = (hf_config.get("architectures") or [None])[0]
+    if art.architecture and folder_arch and art.architecture != folder_arch:
+        raise ValueError(f"model={model!r}: the folder's config.json is a {folder_arch} but the FXB {fxb_path.name} "
+                         f"was compiled for {art.architecture}; use the model folder the bundle was built from")
+    return art
+
+
+def check_max_model_len(art: Artifact, max_model_len: int | None) -> int | None:
+    """The context length to run with: ``max_model_len`` if the buckets cover it; ``ValueError`` otherwise.
+
+    None given: the longest bucket (capped by the model's ``max_position_embeddings``), or None when
+    the manifest lists no buckets (the vendor engine then decides).
+    """
+    longest = art.max_bucket_len
+    if max_model_len is None:
+        mpe = art.hf_config.get("max_position_embeddings")
+        return min(longest, mpe) if longest and mpe else longest
+    if longest is not None and max_model_len > longest:
+        raise ValueError(f"max_model_len={max_model_len}: the FXB {art.fxb_path.name} compiles attention buckets up "
+                         f"to {longest} tokens; pass --max-model-len {longest} or less, or use a bundle compiled "
+                         "for longer contexts")
+    return max_model_len
