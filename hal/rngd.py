@@ -253,5 +253,15 @@ class RngdRunner:
         try:
             self.native.shutdown()
         finally:
+            async def cancel_all() -> None:  # let every pump see its cancellation before the loop stops
+                tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+            try:
+                asyncio.run_coroutine_threadsafe(cancel_all(), self._loop).result(timeout=5)
+            except Exception as e:  # noqa: BLE001 - shutting down regardless
+                logger.debug("rngd pump shutdown: %r", e)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)

@@ -331,3 +331,115 @@ def test_server_streams_from_the_fake_engine(artifact):
             assert r.json()["choices"][0]["text"] == " this is a " and r.json()["choices"][0]["finish_reason"] == "stop"
     finally:
         engine.shutdown()
+
+
+# ---- through the public entry points (LLM, the calibrate command) with the fakes patched in ----------
+
+@pytest.fixture
+def fake_wheels(monkeypatch):
+    """``furiosa_smi`` and ``NativeLLMEngine`` replaced by the fakes where the backend looks them up."""
+    import furiosa_llm.hal.rngd as rngd_mod
+
+    state = {"kw": {}}
+    monkeypatch.setattr(discovery, "_smi", smi_1_3)
+    monkeypatch.setattr(rngd_mod, "native_factory", lambda: FakeNativeEngine.factory(**state["kw"]))
+    return state
+
+
+def test_llm_runs_on_rngd_through_the_seam(artifact, fake_wheels):
+    from furiosa_llm import LLM
+
+    llm = LLM(str(artifact), devices="npu:3:4-7", fxb=str(artifact / "model.fxb"))
+    try:
+        assert type(llm.engine).__name__ == "RngdEngine"
+        out = llm.generate("hello", SamplingParams(max_tokens=4), use_tqdm=False)
+        assert out.outputs[0].text == " this is a test"
+        assert FakeNativeEngine.instances[-1].ctor["devices"] == "npu:3:4-7"
+    finally:
+        llm.shutdown() if hasattr(llm, "shutdown") else llm.engine.shutdown()
+
+
+def test_fxb_on_cpu_is_refused():
+    from furiosa_llm.api.native_engine import NativeEngine
+
+    with pytest.raises(ValueError, match="fxb='x.fxb': an FXB bundle runs only on RNGD"):
+        NativeEngine(EngineArgs(model="smollm2-135m-instruct", devices="cpu", fxb="x.fxb"))
+
+
+def test_calibrate_command_fits_the_cost_model_from_the_stream(artifact, fake_wheels, tmp_path):
+    """The fake's step costs 4 ms + 1 ms per request in flight: the fitted profile must see decode time grow with
+    the batch and put a batch of 8 near 12 ms (machine shared and noisy: a wide band)."""
+    from furiosa_llm.entrypoints.cli import main
+
+    fake_wheels["kw"] = {"step_s": lambda active: 0.004 + 0.001 * active}
+    out = tmp_path / "rngd.json"
+    rc = main(["calibrate", "--model", str(artifact), "--devices", "npu:1", "--batch-sizes", "1,4,8",
+               "--prompt-lens", "16,64", "--decode-tokens", "6", "--out", str(out)])
+    assert rc == 0
+    from furiosa_llm.hal.cost_model import load_profile
+    from furiosa_llm.sim.calibrate import _decode_shape
+
+    cost, shape = load_profile(out)
+    assert cost.name.startswith("rngd-npu:1") and cost.notes["furiosa_llm_native"] == NATIVE_VERSION
+    t1, t8 = cost.device_time(shape, _decode_shape(1, 20)), cost.device_time(shape, _decode_shape(8, 20))
+    assert t8 > t1 and 0.006 < t8 < 0.03, (t1, t8)
+
+
+def test_server_client_disconnect_aborts_the_native_request(artifact):
+    """A real HTTP server (uvicorn in a thread) over the fake engine: a client that leaves mid-stream
+    aborts its native request; the others finish."""
+    import socket
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from furiosa_llm.entrypoints.openai.api_server import create_app
+
+    engine = AsyncLLMEngine(rngd(artifact, step_s=lambda n: 0.01), model_path=str(artifact))
+    fake = FakeNativeEngine.instances[-1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, served_model_name="tiny", log_interval_s=0),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.05)
+
+        async def one(leave: bool):
+            body = {"model": "tiny", "prompt": "hi", "max_tokens": 300 if leave else 6, "stream": True}
+            text, events = "", 0
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                async with client.stream("POST", "/v1/completions", json=body) as r:
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        events += 1
+                        text += json.loads(line[6:])["choices"][0]["text"]
+                        if leave and events >= 2:
+                            return None
+            return text
+
+        results = asyncio.run(_gather([one(True), one(False), one(False)]))
+        assert results[0] is None and results[1] == results[2] == " this is a test. this"
+        for _ in range(100):
+            if not fake.active and not engine.native_engine.has_unfinished_requests():
+                break
+            time.sleep(0.05)
+        assert not fake.active and not engine.native_engine.has_unfinished_requests()
+        assert sum(1 for c in fake.calls if c[0] == "abort_request") == 1
+        assert fake.tokens_out < 100  # the leaver did not run to its 300 tokens
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        engine.shutdown()
+
+
+async def _gather(coros):
+    return await asyncio.gather(*coros)

@@ -96,6 +96,9 @@ class NativeEngine:
     def __init__(self, args: EngineArgs, *, tokenizer: Any = None, queue: ExecutionQueue | None = None) -> None:
         from furiosa_llm.hal.torch_backend import TorchBackend
 
+        if getattr(args, "fxb", None) is not None:
+            raise ValueError(f"fxb={args.fxb!r}: an FXB bundle runs only on RNGD (--devices npu:...); "
+                             f"devices={args.devices!r} run the model folder itself")
         self.args = args
         backend = TorchBackend(
             args.model, devices=args.parsed_devices(), pipeline_parallel_size=args.pipeline_parallel_size,

@@ -12,6 +12,7 @@ Furiosa-LLM does. The vendor engine (``hal/rngd.py``) schedules, batches and hol
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -83,9 +84,11 @@ class RngdEngine:
                                               max_logprobs=args.max_logprobs, eos_token_ids=self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._first: set[str] = set()  # live requests that have not had an output yet
+        self._lock = threading.Lock()  # add/abort (caller threads) against step (the engine loop's thread)
         self._counts = {"prompt": 0, "generated": 0, "cached": 0, "steps": 0}
         self._closed = False
         self._dead: EngineDeadError | None = None
+        self.token_log: list[tuple[str, int, float]] | None = None  # (request id, new tokens, arrival): calibration
         self.load_seconds = time.monotonic() - t0
         logger.info("RNGD engine ready on %s (furiosa-llm-native %s, FXB %s, max_model_len=%d) in %.2f s",
                     plan.config.ctor["devices"], NATIVE_VERSION, plan.artifact.fxb_path.name, self.max_model_len,
@@ -107,8 +110,6 @@ class RngdEngine:
         if isinstance(params, PoolingParams):
             raise ValueError("params=PoolingParams(...): pooling on RNGD is not supported by this backend yet; "
                              "pass a SamplingParams")
-        if request_id in self.output_processor.states:
-            raise ValueError(f"request_id={request_id!r}: a live request already has this id")
         text, params, req = self.input_processor.process(request_id, prompt, params, arrival_time)
         check_sampling(params)
         if params.n != 1 or params.use_beam_search:
@@ -120,26 +121,30 @@ class RngdEngine:
             stop_token_ids=list(params.stop_token_ids or ()), min_tokens=params.min_tokens, logprobs=params.logprobs,
         )
         metrics = RequestMetrics(arrival_time=req.arrival_time)
-        self.output_processor.add(request_id, text, ids, params, metrics)
-        self._first.add(request_id)
-        self._counts["prompt"] += len(ids)
-        try:
-            self.runner.start(request_id, NativeEncoding(ids, [1] * len(ids)), native_params)
-        except BaseException:
-            self.output_processor.states.pop(request_id, None)
-            self._first.discard(request_id)
-            raise
+        with self._lock:
+            if request_id in self.output_processor.states:
+                raise ValueError(f"request_id={request_id!r}: a live request already has this id")
+            self.output_processor.add(request_id, text, ids, params, metrics)
+            self._first.add(request_id)
+            self._counts["prompt"] += len(ids)
+            try:
+                self.runner.start(request_id, NativeEncoding(ids, [1] * len(ids)), native_params)
+            except BaseException:
+                self.output_processor.states.pop(request_id, None)
+                self._first.discard(request_id)
+                raise
 
     def abort_request(self, request_id: str | list[str]) -> list[RequestOutput]:
         """End live requests now (the vendor engine frees their KV blocks); their final outputs."""
         outs = []
-        for rid in [request_id] if isinstance(request_id, str) else list(request_id):
-            if rid in self.output_processor.states:
-                self.runner.abort(rid)
-                self._first.discard(rid)
-                out = self.output_processor.abort(rid)
-                if out is not None:
-                    outs.append(out)
+        with self._lock:
+            for rid in [request_id] if isinstance(request_id, str) else list(request_id):
+                if rid in self.output_processor.states:
+                    self.runner.abort(rid)
+                    self._first.discard(rid)
+                    out = self.output_processor.abort(rid)
+                    if out is not None:
+                        outs.append(out)
         return outs
 
     def has_unfinished_requests(self) -> bool:
@@ -159,7 +164,13 @@ class RngdEngine:
             raise self._dead
         deltas = self.runner.poll(POLL_S)
         if not deltas and not self.runner.is_alive():
-            return self._die()
+            with self._lock:
+                return self._die()
+        with self._lock:
+            return self._fold(deltas)
+
+    def _fold(self, deltas) -> list[RequestOutput]:
+        """The native deltas as ``RequestOutput``s (under ``_lock``); stop-string matches are aborted natively."""
         now = time.monotonic()
         core_outputs = []
         for d in deltas:
@@ -173,6 +184,8 @@ class RngdEngine:
                 m.first_scheduled_time = m.first_scheduled_time or d.at
                 self._counts["cached"] += d.num_cached_tokens or 0
             if d.new_token_ids:
+                if self.token_log is not None:
+                    self.token_log.append((d.request_id, len(d.new_token_ids), d.at))
                 m.first_token_time = m.first_token_time or d.at
                 m.last_token_time = d.at
                 self._counts["generated"] += len(d.new_token_ids)
@@ -234,7 +247,8 @@ class RngdEngine:
         if self._closed:
             return
         self._closed = True
-        for rid in list(self.output_processor.states):
-            self.runner.abort(rid)
-        self.output_processor.states.clear()
+        with self._lock:
+            for rid in list(self.output_processor.states):
+                self.runner.abort(rid)
+            self.output_processor.states.clear()
         self.runner.shutdown()
