@@ -154,7 +154,7 @@ def test_real_wheel_reaches_device_open_and_says_no_driver(tmp_path):
     t0 = time.monotonic()
     with pytest.raises(RngdUnavailableError) as e:
         RngdEngine(EngineArgs(model=str(art), devices="npu:0"), smi=smi)
-    assert time.monotonic() - t0 < 1.0 + 5.0  # tokenizer load included; the checks alone are timed below
+    assert time.monotonic() - t0 < 1.0  # the vendor engine is opened before any slow loading (tokenizer)
     assert str(e.value).startswith("no RNGD driver") and "librenegade.so" in str(e.value)
 
 

@@ -67,19 +67,13 @@ class RngdEngine:
         plan = prepare(args, smi=smi)  # every check that needs no card: milliseconds
         self.artifact = plan.artifact
         self.native_config = plan.config
-        hf = plan.artifact.hf_config
-        self.model_config = hf
-        self.tokenizer = _load_tokenizer(args, plan.artifact.model_dir, tokenizer)
-        self.vocab_size = int(hf.get("vocab_size") or len(self.tokenizer))
-        eos = hf.get("eos_token_id")
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        if self.tokenizer.eos_token_id is not None:
-            eos.append(self.tokenizer.eos_token_id)
-        self.eos_token_ids = frozenset(eos)
-        self.max_model_len = plan.max_model_len or int(hf.get("max_position_embeddings") or 2048)
-        gen = _generation_config(plan.artifact.model_dir)
-        self.default_sampling_kwargs = generation_defaults(gen)
-        self.runner = RngdRunner.open(plan, native_factory)
+        self.device = plan.config.ctor["devices"].split(",")[0]  # the leader device (server metrics label)
+        self.runner = RngdRunner.open(plan, native_factory)  # the driver's error comes before any slow loading
+        try:
+            self._load(args, plan, tokenizer)
+        except BaseException:
+            self.runner.shutdown()
+            raise
         self.input_processor = InputProcessor(self.tokenizer, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
                                               max_logprobs=args.max_logprobs, eos_token_ids=self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -93,6 +87,21 @@ class RngdEngine:
         logger.info("RNGD engine ready on %s (furiosa-llm-native %s, FXB %s, max_model_len=%d) in %.2f s",
                     plan.config.ctor["devices"], NATIVE_VERSION, plan.artifact.fxb_path.name, self.max_model_len,
                     self.load_seconds)
+
+    def _load(self, args: EngineArgs, plan, tokenizer: Any) -> None:
+        """Our side of the model: tokenizer, vocabulary, EOS ids, context length, sampling defaults."""
+        hf = plan.artifact.hf_config
+        self.model_config = hf
+        self.tokenizer = _load_tokenizer(args, plan.artifact.model_dir, tokenizer)
+        self.vocab_size = int(hf.get("vocab_size") or len(self.tokenizer))
+        eos = hf.get("eos_token_id")
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if self.tokenizer.eos_token_id is not None:
+            eos.append(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self.max_model_len = plan.max_model_len or int(hf.get("max_position_embeddings") or 2048)
+        gen = _generation_config(plan.artifact.model_dir)
+        self.default_sampling_kwargs = generation_defaults(gen)
 
     # ---- sampling defaults --------------------------------------------------------------------
     def get_default_sampling_params(self) -> SamplingParams:
