@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from fakes_rngd import MANIFEST, FakeNativeEngine, FakeSmi, FakeSmiDevice, make_artifact, write_fxb
+from fakes_rngd import MANIFEST, TINY_LLAMA_CONFIG, FakeNativeEngine, FakeSmi, FakeSmiDevice, make_artifact, write_fxb
 from furiosa_llm import AsyncLLMEngine, EngineArgs, SamplingParams
 from furiosa_llm.api.llm_engine import LLMEngine
 from furiosa_llm.api.rngd_engine import RngdEngine
@@ -177,7 +177,6 @@ def test_real_smi_on_a_host_without_a_card(artifact):
     ("no_folder", "no such folder"),
 ])
 def test_artifact_errors_are_actionable_and_fast(tmp_path, case, needle):
-    from fakes_rngd import TINY_LLAMA_CONFIG
 
     kw = {}
     if case == "no_fxb":
@@ -383,6 +382,15 @@ def test_calibrate_command_fits_the_cost_model_from_the_stream(artifact, fake_wh
     assert cost.name.startswith("rngd-npu:1") and cost.notes["furiosa_llm_native"] == NATIVE_VERSION
     t1, t8 = cost.device_time(shape, _decode_shape(1, 20)), cost.device_time(shape, _decode_shape(8, 20))
     assert t8 > t1 and 0.006 < t8 < 0.03, (t1, t8)
+    # the simulator on that profile (the KV capacity is the vendor's: given by hand) predicts the fake's
+    # decode time: 4 ms + 1 ms per request in flight, a few in flight at this rate
+    sim = tmp_path / "sim.json"
+    (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA_CONFIG))
+    assert main(["simulate", "--model", str(tmp_path / "config.json"), "--profile", str(out), "--devices", "npu:0",
+                 "--num-kv-blocks", "4096", "--num-requests", "100", "--request-rate", "20", "--input-len", "fixed:32",
+                 "--output-len", "fixed:16", "--no-progress", "--out", str(sim)]) == 0
+    tpot = json.loads(sim.read_text())["metrics"]["median_tpot_ms"]
+    assert 4.0 < tpot < 15.0, tpot
 
 
 def test_server_client_disconnect_aborts_the_native_request(artifact):
