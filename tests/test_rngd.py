@@ -255,6 +255,23 @@ def test_stop_token_id_and_logprobs(artifact):
         eng.shutdown()
 
 
+def test_what_the_rngd_engine_refuses_per_request(artifact):
+    from furiosa_llm import PoolingParams
+
+    eng = rngd(artifact)
+    try:
+        with pytest.raises(ValueError, match="PoolingParams"):
+            eng.add_request("p", "hi", PoolingParams())
+        with pytest.raises(ValueError, match="exceeds max_model_len=2048"):
+            eng.add_request("long", "hi", SamplingParams(max_tokens=4000))
+        eng.add_request("dup", "hi", SamplingParams(max_tokens=3))
+        with pytest.raises(ValueError, match="already has this id"):
+            eng.add_request("dup", "hi", SamplingParams(max_tokens=3))
+        assert eng.get_num_unfinished_requests() == 1 and drain(eng)["dup"][-1].finished
+    finally:
+        eng.shutdown()
+
+
 def test_abort_fault_isolation_and_engine_death(artifact):
     eng = LLMEngine(rngd(artifact, fail_ids={"bad"}, step_s=lambda n: 0.005))
     try:
@@ -328,6 +345,9 @@ def test_server_streams_from_the_fake_engine(artifact):
             r = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 50,
                                                      "stop": ["test"]})
             assert r.json()["choices"][0]["text"] == " this is a " and r.json()["choices"][0]["finish_reason"] == "stop"
+            metrics = client.get("/metrics").text
+            assert 'leader_device="npu:1"' in metrics and "furiosa_llm_generation_tokens_total" in metrics
+            assert client.get("/health").status_code == 200
     finally:
         engine.shutdown()
 

@@ -121,8 +121,6 @@ class RngdEngine:
                              "pass a SamplingParams")
         text, params, req = self.input_processor.process(request_id, prompt, params, arrival_time)
         check_sampling(params)
-        if params.n != 1 or params.use_beam_search:
-            raise ValueError(f"n={params.n}: one sequence per request on RNGD (furiosa-llm-native {NATIVE_VERSION})")
         ids = list(req.prompt_token_ids)
         native_params = NativeSamplingParams(
             max_tokens=req.max_tokens, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
