@@ -127,7 +127,7 @@ def prepare(args: Any, *, smi=None) -> RngdPlan:
     """The off-card checks, in order: refused knobs, the devices, the artifact and its buckets. Milliseconds."""
     translate(args, devices="", fxb_path="")  # a refused knob is the first error
     devices = resolve_devices(args.devices, smi)
-    art = load_artifact(args.model, fxb=getattr(args, "fxb", None), cache_dir=args.cache_dir)
+    art = load_artifact(args.model, fxb=getattr(args, "fxb", None))
     max_model_len = check_max_model_len(art, args.max_model_len)
     cfg = translate(args, devices=devices, fxb_path=str(art.fxb_path))
     cfg.ctor["max_model_len"] = max_model_len

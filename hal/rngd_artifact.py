@@ -6,8 +6,9 @@ layout (``parallel_config{tensor_parallel_size, pipeline_parallel_size}``) and t
 ``json`` only, so every check here runs in milliseconds, before the vendor engine is touched.
 
 Where the bundle is found, first match wins: an explicit ``fxb`` (``--fxb``), the one ``*.fxb`` in
-the model folder, then the local FXB cache ``<cache_dir>/fxb/<model folder name>/*.fxb`` (our
-layout; the vendor's cache index is not part of its public wheel).
+the model folder, then the vendor's local FXB cache (``furiosa.llm_native.fxb.cache_ls()``: entries
+with ``repo_id``, ``architecture``, ``path``, ``missing``), an entry whose ``repo_id`` is the
+folder's ``_name_or_path`` or ends with the folder's name, else the only entry of its architecture.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass(slots=True)
@@ -50,7 +51,30 @@ def _values_of(node: Any, key: str):
             yield from _values_of(v, key)
 
 
-def find_fxb(model_dir: Path, fxb: str | None, cache_dir: str | None) -> Path:
+def vendor_cache_ls() -> list[Any]:
+    """The vendor's FXB cache entries, [] without ``furiosa-llm-native`` or when listing fails."""
+    try:
+        from furiosa.llm_native import fxb  # type: ignore[import-not-found]
+
+        return list(fxb.cache_ls())
+    except Exception:  # noqa: BLE001 - no wheel, or an unreadable cache: nothing cached
+        return []
+
+
+def from_cache(model_dir: Path, hf_config: dict[str, Any], entries: list[Any]) -> Path | None:
+    """The cached bundle for ``model_dir`` among ``entries`` (see the module docstring), or None."""
+    live = [e for e in entries if not getattr(e, "missing", False) and getattr(e, "path", None)]
+    name = str(hf_config.get("_name_or_path") or "")
+    by_repo = [e for e in live if e.repo_id and (e.repo_id == name or str(e.repo_id).split("/")[-1] == model_dir.name)]
+    if by_repo:
+        return Path(by_repo[-1].path)
+    arch = (hf_config.get("architectures") or [None])[0]
+    by_arch = [e for e in live if arch and getattr(e, "architecture", None) == arch]
+    return Path(by_arch[0].path) if len(by_arch) == 1 else None
+
+
+def find_fxb(model_dir: Path, fxb: str | None, hf_config: dict[str, Any],
+             cache_ls: Callable[[], list[Any]] = vendor_cache_ls) -> Path:
     """The FXB bundle for ``model_dir`` (see the module docstring); ``ValueError`` saying where it looked."""
     if fxb is not None:
         p = Path(fxb).expanduser()
@@ -63,15 +87,13 @@ def find_fxb(model_dir: Path, fxb: str | None, cache_dir: str | None) -> Path:
                          f"({', '.join(p.name for p in local)}); choose one with --fxb")
     if local:
         return local[0]
-    looked = [f"{model_dir}/*.fxb"]
-    if cache_dir:
-        cache = Path(cache_dir).expanduser() / "fxb" / model_dir.name
-        cached = sorted(cache.glob("*.fxb"))
-        if cached:
-            return cached[-1]
-        looked.append(f"{cache}/*.fxb")
-    raise ValueError(f"model={str(model_dir)!r}: no FXB bundle found (looked in {', '.join(looked)}); RNGD runs a "
-                     "Furiosa model artifact: a model folder plus its compiled .fxb (pass it with --fxb)")
+    entries = cache_ls()
+    cached = from_cache(model_dir, hf_config, entries)
+    if cached is not None:
+        return cached
+    raise ValueError(f"model={str(model_dir)!r}: no FXB bundle found (no *.fxb in the folder; the local FXB cache has "
+                     f"{len(entries)} bundle(s), none for this model); RNGD runs a Furiosa model artifact: a model "
+                     "folder plus its compiled .fxb (pass it with --fxb, or add it to the cache)")
 
 
 def read_manifest(fxb_path: Path) -> dict[str, Any]:
@@ -92,7 +114,7 @@ def read_manifest(fxb_path: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_artifact(model: str, *, fxb: str | None = None, cache_dir: str | None = None) -> Artifact:
+def load_artifact(model: str, *, fxb: str | None = None, cache_ls: Callable[[], list[Any]] = vendor_cache_ls) -> Artifact:
     """Resolve and check an artifact: the folder exists with a ``config.json``, the bundle is found and its
     manifest's architecture is the folder's. Each failure is a ``ValueError`` saying what was found."""
     model_dir = Path(model).expanduser()
@@ -103,7 +125,7 @@ def load_artifact(model: str, *, fxb: str | None = None, cache_dir: str | None =
     if not cfg_path.is_file():
         raise ValueError(f"model={model!r}: no config.json in the folder; it is not a model artifact")
     hf_config = json.loads(cfg_path.read_text())
-    fxb_path = find_fxb(model_dir, fxb, cache_dir)
+    fxb_path = find_fxb(model_dir, fxb, hf_config, cache_ls)
     art = Artifact(model_dir, fxb_path, read_manifest(fxb_path), hf_config)
     folder_arch = (hf_config.get("architectures") or [None])[0]
     if art.architecture and folder_arch and art.architecture != folder_arch:

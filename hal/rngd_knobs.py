@@ -65,7 +65,7 @@ ENGINE_KNOBS: tuple[Knob, ...] = (
     Knob("revision", "ours"),
     Knob("tokenizer", "ours"),
     Knob("tokenizer_mode", "ours"),
-    Knob("cache_dir", "ours"),  # where the FXB cache is looked up
+    Knob("cache_dir", "ours"),  # converted weights of the torch backend; the FXB cache is the vendor's default
     Knob("max_logprobs", "ours"),
     Knob("fxb", "ours"),  # an explicit FXB bundle; passed as fxb_path after artifact resolution
 )

@@ -202,6 +202,27 @@ def test_artifact_errors_are_actionable_and_fast(tmp_path, case, needle):
     assert time.monotonic() - t0 < 0.5
 
 
+def test_the_bundle_is_found_in_the_vendor_cache(tmp_path):
+    from types import SimpleNamespace
+
+    from furiosa_llm.hal.rngd_artifact import find_fxb, from_cache
+
+    art = make_artifact(tmp_path / "tiny-llama", fxb_name=None)
+    cached = write_fxb(tmp_path / "cached.fxb")
+
+    def entry(repo, arch="LlamaForCausalLM", missing=False, path=cached):
+        return SimpleNamespace(repo_id=repo, architecture=arch, path=str(path), missing=missing)
+
+    cfg = dict(TINY_LLAMA_CONFIG)
+    assert find_fxb(art, None, cfg, lambda: [entry("org/other", "Qwen3ForCausalLM"), entry("org/tiny-llama")]) == cached
+    assert from_cache(art, cfg, [entry("org/x"), entry("org/y", "Qwen3ForCausalLM")]) == cached  # the only Llama
+    assert from_cache(art, cfg, [entry("org/x"), entry("org/y")]) is None  # ambiguous
+    assert from_cache(art, cfg, [entry("org/tiny-llama", missing=True)]) is None
+    with pytest.raises(ValueError, match=r"the local FXB cache has 1 bundle\(s\), none for this model"):
+        find_fxb(art, None, cfg, lambda: [entry("org/y", "Qwen3ForCausalLM")])
+    assert find_fxb(art, str(cached), cfg, lambda: []) == cached
+
+
 # ---- the API over the fake native engine --------------------------------------------------------
 
 def drain(eng):
