@@ -14,6 +14,7 @@ folder's ``_name_or_path`` or ends with the folder's name, else the only entry o
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,21 +35,32 @@ class Artifact:
 
     @property
     def max_bucket_len(self) -> int | None:
-        """The longest context a compiled attention bucket covers, or None when the manifest lists none."""
-        sizes = list(_values_of(self.manifest.get("kernels"), "attention_size"))
+        """The longest context a compiled attention bucket covers, or None when the manifest lists none.
+
+        Read from ``attention_size`` fields and from bucket names of the vendor's form
+        ``b<batch>_a<attention_size>_kv<kv_cache_size>`` (as its builder logs them) under ``kernels``.
+        """
+        sizes = list(_attention_sizes(self.manifest.get("kernels")))
         return max(sizes) if sizes else None
 
 
-def _values_of(node: Any, key: str):
+_BUCKET_NAME = re.compile(r"(?:^|[^a-z0-9])b\d+_a(\d+)_kv\d+(?:$|[^0-9])")
+
+
+def _attention_sizes(node: Any):
     if isinstance(node, dict):
         for k, v in node.items():
-            if k == key and isinstance(v, int) and not isinstance(v, bool):
+            yield from _attention_sizes(k)
+            if k == "attention_size" and isinstance(v, int) and not isinstance(v, bool):
                 yield v
             else:
-                yield from _values_of(v, key)
+                yield from _attention_sizes(v)
     elif isinstance(node, list):
         for v in node:
-            yield from _values_of(v, key)
+            yield from _attention_sizes(v)
+    elif isinstance(node, str):
+        for m in _BUCKET_NAME.finditer(node):
+            yield int(m.group(1))
 
 
 def vendor_cache_ls() -> list[Any]:

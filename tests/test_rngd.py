@@ -174,6 +174,7 @@ def test_real_smi_on_a_host_without_a_card(artifact):
     ("not_zip", "not an FXB bundle (not a zip archive)"),
     ("arch", "config.json is a MistralForCausalLM but the FXB model.fxb was compiled for LlamaForCausalLM"),
     ("buckets", "compiles attention buckets up to 1024 tokens"),
+    ("bucket_names", "compiles attention buckets up to 1024 tokens"),
     ("no_folder", "no such folder"),
 ])
 def test_artifact_errors_are_actionable_and_fast(tmp_path, case, needle):
@@ -191,6 +192,10 @@ def test_artifact_errors_are_actionable_and_fast(tmp_path, case, needle):
         art = make_artifact(tmp_path / "m", config={**TINY_LLAMA_CONFIG, "architectures": ["MistralForCausalLM"]})
     elif case == "buckets":
         kernels = {"attn": {"bucket": {"attention": {"batch_size": 1, "attention_size": 1024, "kv_cache_size": 0}}}}
+        art = make_artifact(tmp_path / "m", manifest={**MANIFEST, "kernels": kernels})
+        kw["max_model_len"] = 2048
+    elif case == "bucket_names":  # the vendor builder's bucket names: b<batch>_a<attention>_kv<kv>
+        kernels = {"b1_a1024_kv0": {}, "b8_a512_kv0": {}}
         art = make_artifact(tmp_path / "m", manifest={**MANIFEST, "kernels": kernels})
         kw["max_model_len"] = 2048
     else:
