@@ -497,3 +497,22 @@ def test_server_client_disconnect_aborts_the_native_request(artifact):
 
 async def _gather(coros):
     return await asyncio.gather(*coros)
+
+
+async def test_from_engine_args_builds_the_rngd_engine(artifact, fake_wheels):
+    """``AsyncLLMEngine.from_engine_args`` (what ``furiosa-llm serve`` calls) and ``LLMEngine(args)`` on RNGD devices."""
+    from furiosa_llm import AsyncEngineArgs
+
+    engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(model=str(artifact), devices="npu:1"))
+    try:
+        assert type(engine.native_engine).__name__ == "RngdEngine" and engine.max_model_len == 2048
+        last = await _final(engine, "x", SamplingParams(max_tokens=3))
+        assert last.outputs[0].text == " this is a"
+    finally:
+        engine.shutdown()
+    sync = LLMEngine(EngineArgs(model=str(artifact), devices="npu:3:4-7"))
+    try:
+        sync.add_request("y", "hi", SamplingParams(max_tokens=2))
+        assert drain(sync)["y"][-1].outputs[0].text == " this is"
+    finally:
+        sync.shutdown()
