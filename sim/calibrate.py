@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from furiosa_llm.hal.cost_model import CostModel, ModelShape, StepSample, fit_cost_model
+from furiosa_llm.hal.cost_model import BatchShape, CostModel, ModelShape, StepSample, fit_cost_model
 
 from .real import install_recorder, synthetic_prompt
 
@@ -106,15 +106,11 @@ def calibrate(engine, sweep: Sweep | None = None, *, progress: bool = False) -> 
 # separable from the stream (the vendor's host work is inside each gap), so it is recorded as 0 and
 # the device terms absorb it.
 
-def _prefill_shape(b: int, p: int):
-    from furiosa_llm.hal.cost_model import BatchShape
-
+def _prefill_shape(b: int, p: int) -> BatchShape:
     return BatchShape(num_tokens=b * p, num_seqs=b, num_sampled=b, attended=b * p * (p + 1) // 2, kv_read_tokens=b * p)
 
 
-def _decode_shape(b: int, start: int):
-    from furiosa_llm.hal.cost_model import BatchShape
-
+def _decode_shape(b: int, start: int) -> BatchShape:
     return BatchShape(num_tokens=b, num_seqs=b, num_sampled=b, attended=b * (start + 1), kv_read_tokens=b * (start + 1))
 
 
