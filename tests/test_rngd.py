@@ -75,14 +75,25 @@ def test_omitted_devices_mean_the_available_pes(artifact):
 
 # ---- knobs: one table, each field accepted by the real parser; refusals first -------------------
 
-native = pytest.importorskip("furiosa.llm_native.llm", reason="needs the [rngd] extra (furiosa-llm-native)")
+def _has_native() -> bool:
+    try:
+        import furiosa.llm_native.llm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# the real-wheel checks; CI installs the [rngd] extra (scripts/install.sh), so there they always run
+needs_native = pytest.mark.skipif(not _has_native(), reason="needs the [rngd] extra (furiosa-llm-native)")
 
 
 def real_open(cfg):
     """The real vendor constructor on ``cfg``: the error it ends with (there is no card here)."""
+    from furiosa.llm_native.llm import NativeLLMEngine
+
     t0 = time.monotonic()
     with pytest.raises(ValueError) as e:
-        open_native(native.NativeLLMEngine, cfg)
+        open_native(NativeLLMEngine, cfg)
     return str(e.value), time.monotonic() - t0
 
 
@@ -94,6 +105,7 @@ def test_every_knob_has_one_row_and_the_table_covers_engine_args():
     assert set(names) == {f.name for f in dataclasses.fields(EngineArgs)}
 
 
+@needs_native
 @pytest.mark.parametrize("field,value", [
     ("max_processing_samples", 7), ("enable_prefix_caching", False), ("max_num_batched_tokens", 512),
     ("npu_queue_limit", 1), ("data_parallel_size", 1), ("pipeline_parallel_size", 1), ("max_model_len", 1024),
@@ -108,6 +120,7 @@ def test_each_translated_field_is_accepted_by_the_real_parser(tmp_path, field, v
     assert "librenegade.so" in msg, msg
 
 
+@needs_native
 def test_the_real_parser_refuses_what_the_table_guards(tmp_path):
     """The facts behind the table: the parser's own errors for the values we refuse or must fix."""
     args = EngineArgs(model=str(tmp_path))
@@ -148,6 +161,7 @@ def test_refused_sampling_knobs(artifact, field, value):
 
 # ---- construction errors ----------------------------------------------------------------------
 
+@needs_native
 def test_real_wheel_reaches_device_open_and_says_no_driver(tmp_path):
     art = make_artifact(tmp_path / "m")
     smi = FakeSmi(FakeSmiDevice(0))  # a card as furiosa_smi would list it; the driver library is absent here
