@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="Write the plan's plot (PNG) here.")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("calibrate", help="Measure the torch backend over a sweep of batch shapes and fit a simulator profile.")
+    p = sub.add_parser("calibrate", help="Measure the torch backend, or the vendor engine on an RNGD card (--devices npu:X), over a sweep of batch shapes and fit a simulator profile.")
     EngineArgs.add_cli_args(p)
     p.add_argument("--batch-sizes", default="1,4,8,16,32", help="Comma-separated batch sizes of the sweep.")
     p.add_argument("--prompt-lens", default="32,128,384", help="Comma-separated prompt lengths of the sweep.")

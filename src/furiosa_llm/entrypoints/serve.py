@@ -43,7 +43,6 @@ IGNORED: list[tuple[tuple[str, ...], dict, str]] = [
      "the engine loop already overlaps host work with the device's queue (--npu-queue-limit)"),
     (("--max-io-memory-mb",), dict(type=int), _NPU),
     (("--npu-io-cpus",), dict(type=str), _NPU),
-    (("--fxb",), dict(type=str), "FXB bundles are RNGD artifacts; models load from Hugging Face folders or GGUF here"),
     (("-pb", "--prefill-buckets"), dict(type=str, nargs="+"), _BUCKETS),
     (("-db", "--decode-buckets"), dict(type=str, nargs="+"), _BUCKETS),
     (("--max-prompt-len",), dict(type=int), _BUCKETS + "; a prompt may use max_model_len - 1 tokens"),
