@@ -71,6 +71,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     dtype: str = "auto"
     max_logprobs: int = 20
+    fxb: str | None = None  # RNGD: the compiled FXB bundle of the model artifact (default: found beside it)
     # pooling (vLLM's names): serve a generative (decoder) model as an embedder with task="embed" or convert="embed"
     task: str = "auto"
     convert: str = "auto"
@@ -212,6 +213,8 @@ class EngineArgs:
         a("--max-logprobs", type=int, default=20, help="Maximum number of log probabilities a request may ask for "
           "(logprobs, prompt_logprobs); default 20, as OpenAI's API. -1 means no cap: the whole vocabulary, "
           "which may cost a lot of memory and time.")
+        a("--fxb", type=str, default=None, help="RNGD: path of the model artifact's compiled .fxb bundle. Default: "
+          "the *.fxb in the model folder, else the local FXB cache.")
         a("--task", type=str, default="auto", choices=list(TASKS), help="What the model serves (vLLM's name): "
           "'auto' (an encoder embeds, a decoder generates), 'generate', or 'embed' (a decoder model as an embedder).")
         a("--convert", type=str, default="auto", choices=list(CONVERTS), help="vLLM's name for the same: 'embed' "
