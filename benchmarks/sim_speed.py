@@ -30,7 +30,7 @@ def main() -> None:
     wl = Workload(num_requests=a.num_requests, request_rate=a.request_rate, input_len=a.input_len,
                   output_len=a.output_len, seed=a.seed)
     runs = {}
-    from furiosa_llm.distributed import connect
+    from furiosa_llm.api.distributed import connect
 
     connect("local")  # the round-robin groups run as Ray tasks: Ray's start (~20 s here) stays outside the timing
     for name, kw in (("least_loaded_1_process", {}), ("round_robin_2_ray_tasks", {"dispatch": "round_robin", "workers": 2})):

@@ -1,14 +1,14 @@
 """Ray for the simulator: independent pieces of work (sweep points, replica groups) as Ray tasks.
 
 Ray is imported only when a caller asks for it (``ray=`` not None, or ``simulate(workers > 1)``);
-``ray_address`` is as in ``furiosa_llm.distributed.connect`` (``local``, ``auto`` or an address).
+``ray_address`` is as in ``furiosa_llm.api.distributed.connect`` (``local``, ``auto`` or an address).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Iterator, Sequence
 
-from furiosa_llm.distributed import connect, import_ray  # noqa: F401 - one place for Ray's connection
+from furiosa_llm.api.distributed import connect, import_ray  # noqa: F401 - one place for Ray's connection
 
 
 def _call(fn: Callable, args: tuple) -> Any:

@@ -20,7 +20,7 @@ own KV cache. The front has the native engine's methods (``add_request``, ``step
 - Devices: ``cpu`` (every replica on the CPU, ``cpu_count // N`` torch threads each, 1 CPU of Ray's
   each) or one ``cuda`` device per replica (each actor asks Ray for one GPU and runs on the one Ray
   gives it, so ``cuda:0,cuda:1`` means "two GPUs").
-- Ray: connected with ``furiosa_llm.distributed.connect(None)``: ``RAY_ADDRESS`` when set, else a
+- Ray: connected with ``furiosa_llm.api.distributed.connect(None)``: ``RAY_ADDRESS`` when set, else a
   local Ray; an existing connection is reused.
 """
 
@@ -90,7 +90,7 @@ class DataParallelEngine:
     """
 
     def __init__(self, args: EngineArgs, *, routing: str = "least_tokens", num_threads: int | None = None) -> None:
-        from furiosa_llm.distributed import connect
+        from furiosa_llm.api.distributed import connect
 
         n = args.data_parallel_size or 1
         if n < 2:
