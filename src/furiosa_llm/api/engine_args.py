@@ -66,6 +66,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     dtype: str = "auto"
     max_logprobs: int = 20
+    structured_outputs_backend: str = "auto"  # auto | xgrammar | guidance (llguidance)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -99,6 +100,9 @@ class EngineArgs:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r}: must be one of auto, float32, bfloat16, float16")
         _int_at_least("max_logprobs", self.max_logprobs, -1)  # -1: the vocabulary size
+        if self.structured_outputs_backend not in ("auto", "xgrammar", "guidance"):
+            raise ValueError(f"structured_outputs_backend={self.structured_outputs_backend!r}: "
+                             "must be one of auto, xgrammar, guidance")
 
     def parsed_devices(self) -> list[Device] | None:
         return None if self.devices is None else parse_devices(self.devices)
@@ -189,6 +193,9 @@ class EngineArgs:
         a("--max-logprobs", type=int, default=20, help="Maximum number of log probabilities a request may ask for "
           "(logprobs, prompt_logprobs); default 20, as OpenAI's API. -1 means no cap: the whole vocabulary, "
           "which may cost a lot of memory and time.")
+        a("--structured-outputs-backend", type=str, default="auto", choices=["auto", "xgrammar", "guidance"],
+          help="Grammar engine of structured outputs: xgrammar, guidance (llguidance), or auto (xgrammar, "
+               "llguidance for what only it supports). Default: auto.")
         return parser
 
     @classmethod

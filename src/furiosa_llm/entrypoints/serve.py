@@ -21,7 +21,6 @@ logger = logging.getLogger("furiosa_llm.server")
 
 _TOOLS = "tool calling is not implemented by this engine (requests with tools are refused)"
 _REASONING = "reasoning parsers are not implemented by this engine"
-_GUIDED = "structured (guided) decoding is not implemented by this engine"
 _BUCKETS = "this engine runs every batch shape; there are no compiled buckets to choose"
 _SCHED = "the scheduler here has one policy (see --max-processing-samples, --spare-blocks-ratio, --npu-queue-limit)"
 _SPEC = "speculative decoding is not implemented by this engine"
@@ -35,7 +34,6 @@ IGNORED: list[tuple[tuple[str, ...], dict, str]] = [
     (("--enable-auto-tool-choice",), dict(action="store_true"), _TOOLS),
     (("--tool-call-parser",), dict(type=str), _TOOLS),
     (("--reasoning-parser",), dict(type=str), _REASONING),
-    (("--structured-outputs-backend",), dict(type=str), _GUIDED),
     (("--scheduler-kind",), dict(type=str), _SCHED),
     (("--estimation-time-limit-ms",), dict(type=int), _SCHED),
     (("--prefix-cache-lookahead-requests",), dict(type=int), _SCHED),
