@@ -230,7 +230,7 @@ class GrammarBackend:
                     self._cache.popitem(last=False)
             return engine, compiled
         spec = getattr(p, p.kind)
-        raise ValueError(f"structured_outputs.{p.kind}={spec!r:.200}: does not compile ({'; '.join(errors)})")
+        raise ValueError(f"structured_outputs: {p.kind}={spec!r:.200} does not compile ({'; '.join(errors)})")
 
     def new_state(self, p) -> "GrammarState":
         """A fresh matcher for one request (``ValueError`` if ``p`` does not compile)."""
