@@ -171,9 +171,10 @@ def test_bad_constraint_is_a_value_error_for_that_request_only(async_engine):
 
 
 def test_compiled_grammars_are_cached(async_engine):
-    backend = async_engine.native_engine.input_processor._grammars
     schema = {"type": "object", "properties": {"k": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["k"]}
-    _run(async_engine, [("x", _so(json=schema)), ("y", _so(json=json.dumps(schema)))])
+    _run(async_engine, [("x", _so(max_tokens=30, json=schema, disable_any_whitespace=True)),
+                        ("y", _so(max_tokens=30, json=json.dumps(schema), disable_any_whitespace=True))])
+    backend = async_engine.native_engine.input_processor._grammars
     p = StructuredOutputsParams(json=schema)
     assert backend.compile(p)[1] is backend.compile(StructuredOutputsParams(json=dict(schema)))[1]
 
@@ -203,13 +204,13 @@ def test_preemption_rebuilds_or_keeps_the_matcher(tmp_path):
 
     from furiosa_llm import LLMEngine
 
-    engine = LLMEngine.from_engine_args(engine_args(num_kv_blocks=12, block_size=16, max_num_batched_tokens=64, seed=1))
+    engine = LLMEngine.from_engine_args(engine_args(num_kv_blocks=8, block_size=16, max_num_batched_tokens=64, seed=1))
     schema = {"type": "object", "properties": {"xs": {"type": "array", "items": {"type": "integer", "minimum": 0,
-                                                                                   "maximum": 9}, "maxItems": 20}},
+                                                                                   "maximum": 9}, "minItems": 12, "maxItems": 20}},
               "required": ["xs"]}
     try:
         for i in range(4):
-            engine.add_request(str(i), "List numbers as JSON: " * 4,
+            engine.add_request(str(i), f"Request {i}: list numbers as JSON. " * 3,
                                SamplingParams(temperature=1.0, max_tokens=60, structured_outputs=StructuredOutputsParams(
                                    json=schema, disable_any_whitespace=True)))
         done = {}
