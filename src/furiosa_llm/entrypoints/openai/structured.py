@@ -7,7 +7,8 @@ Sources of a constraint (at most one per request, else a 400 naming both):
 - ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` (+ ``guided_decoding_backend``,
   ``guided_whitespace_pattern``): vLLM's older fields;
 - ``tools`` with ``tool_choice="required"`` (a JSON array of one or more calls, each a tool's name and
-  arguments valid for its schema) or a named function (its arguments' schema), as vLLM does.
+  arguments valid for its schema) or a named function (its arguments' schema), as vLLM does, in
+  compact JSON (``disable_any_whitespace``).
 
 Every failure is a ``ValueError`` whose message starts with the field it names.
 """
@@ -145,10 +146,12 @@ def structured_outputs_of(req, mode: str = "none", named: dict | None = None) ->
     guided = _from_guided(req)
     if guided is not None:
         found.append(guided)
+    # tool arguments are compact JSON (no free whitespace, which a sampled model may pad up to max_tokens)
     if mode == "required":
-        found.append(("tools", _make("tools", json=_tools_schema(req.tools))))
+        found.append(("tools", _make("tools", json=_tools_schema(req.tools), disable_any_whitespace=True)))
     elif mode == "named":
-        found.append(("tool_choice", _make("tool_choice", json=named["function"].get("parameters") or {"type": "object"})))
+        schema = named["function"].get("parameters") or {"type": "object"}
+        found.append(("tool_choice", _make("tool_choice", json=schema, disable_any_whitespace=True)))
     if len(found) > 1:
         raise ValueError(f"{found[1][0]}: only one output constraint per request; got {found[0][0]} and {found[1][0]}")
     return found[0] if found else (None, None)
