@@ -93,14 +93,23 @@ def place_replicas(devices: list[Device], tensor_parallel_size: int = PES_PER_CA
 
 
 class SyntheticTokens:
-    """Token source for planning: every sampled token is ``token_id`` (never an EOS of the run)."""
+    """Token source for planning: every sampled token is ``token_id`` (never an EOS of the run).
+
+    A request with structured outputs (``sampling.structured``, a grammar state) gets tokens its
+    grammar allows instead (``synthetic_token``), so its matcher does the work it does when serving.
+    """
 
     def __init__(self, token_id: int = 1) -> None:
         self.token_id = token_id
 
     def execute(self, batch: Batch) -> StepResult:
         tok = self.token_id
-        return StepResult(batch.step_id, {s.request_id: tok for s in batch.sequences if s.sample})
+        out = {}
+        for s in batch.sequences:
+            if s.sample:
+                g = s.sampling.structured
+                out[s.request_id] = tok if g is None else g.synthetic_token(s.num_output_tokens, s.output_token_ids)
+        return StepResult(batch.step_id, out)
 
 
 class SimQueue(ExecutionQueue):

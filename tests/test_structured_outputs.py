@@ -229,3 +229,43 @@ def test_preemption_rebuilds_or_keeps_the_matcher(tmp_path):
         else:
             assert c.finish_reason == "length"
     assert stats.num_preemptions > 0
+
+
+# ---- the simulator: synthetic tokens follow the grammar; its work is host time ----------------------
+def test_simulator_synthetic_tokens_follow_the_grammar_and_cost_host_time():
+    import simpy
+    from transformers import AutoTokenizer
+
+    from conftest import CACHE_DIR
+    from furiosa_llm.hal import Batch, SamplingSettings, SequenceChunk
+    from furiosa_llm.hal.cost_model import BatchShape, load_model_shape, rngd_cost_model
+    from furiosa_llm.hal.simulator import SimQueue, SyntheticTokens
+    from furiosa_llm.model.loader import _gguf_cache_folder, resolve_model
+    from furiosa_llm.model.structured_outputs import GrammarBackend
+
+    from conftest import MODEL
+
+    tok = AutoTokenizer.from_pretrained(_gguf_cache_folder(resolve_model(MODEL), CACHE_DIR))
+    grammars = GrammarBackend(tok, 49152, {2}, "xgrammar")
+    state = grammars.new_state(StructuredOutputsParams(regex=r"(ab|cd){2,4}x"))
+    env = simpy.Environment()
+    m = load_model_shape("llama-3.1-8b")
+    cost = rngd_cost_model(8, model=m)
+    q = SimQueue(env, m, cost, SyntheticTokens(), limit=1)
+    constrained = SamplingSettings(structured=state, stop_token_ids=frozenset({2}))
+    out: list[int] = []
+    for step in range(12):
+        batch = Batch(step, [SequenceChunk("g", [1], 10 + step, [0], True, constrained, len(out), (), list(out)),
+                             SequenceChunk("u", [1], 10 + step, [0], True, SamplingSettings())])
+        q.submit(batch)
+        res = q.wait()
+        assert res.sampled["u"] == 1
+        assert res.host_s == cost.host_time(BatchShape.of(batch))
+        assert BatchShape.of(batch).num_grammar_rows == 1
+        out.append(res.sampled["g"])
+        if out[-1] == 2:
+            break
+    text = tok.decode(out[:-1])
+    assert out[-1] == 2 and re.fullmatch(r"(ab|cd){2,4}x", text), text
+    plain = Batch(0, [SequenceChunk("u", [1], 5, [0], True, SamplingSettings())])
+    assert cost.host_time(BatchShape.of(batch)) - cost.host_time(BatchShape.of(plain)) >= cost.host_s_per_grammar_row

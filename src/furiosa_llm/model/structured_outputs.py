@@ -10,8 +10,9 @@ A constraint that does not compile is a ``ValueError`` naming the field and the 
 ``GrammarState`` is one request's matcher; it travels to the backend in
 ``SamplingSettings.structured`` (so it lives and dies with the request). The sampler calls
 ``apply_grammar_masks`` on the logits of the rows it samples (each constrained row's allowed
-tokens as a packed 32-bit bitmask ``[rows, ceil(vocab / 32)]``, expanded and applied with one
-``masked_fill`` for all rows), then ``accept_tokens`` with the sampled ids. A matcher that drifts
+tokens as a packed 32-bit bitmask ``[rows, ceil(vocab / 32)]``, applied to all rows at once by
+xgrammar's kernel), then ``accept_tokens`` with the sampled ids. The simulator's synthetic
+tokens use ``GrammarState.synthetic_token`` (a token the grammar allows, so the matcher's work is real). A matcher that drifts
 from the request (its count of accepted tokens differs from the request's output count, e.g.
 after a preemption that recomputes) is rebuilt from the request's output tokens.
 
@@ -235,15 +236,16 @@ class GrammarBackend:
     def new_state(self, p) -> "GrammarState":
         """A fresh matcher for one request (``ValueError`` if ``p`` does not compile)."""
         engine, compiled = self.compile(p)
-        return GrammarState(engine, compiled, self.stop_token_ids)
+        return GrammarState(engine, compiled, self.stop_token_ids, self.vocab_size)
 
 
 class GrammarState:
     """One request's matcher and the number of its output tokens it has accepted."""
 
-    __slots__ = ("engine", "compiled", "matcher", "num_accepted", "stop_token_ids", "failed")
+    __slots__ = ("engine", "compiled", "matcher", "num_accepted", "stop_token_ids", "failed", "vocab_size")
 
-    def __init__(self, engine, compiled, stop_token_ids: list[int]) -> None:
+    def __init__(self, engine, compiled, stop_token_ids: list[int], vocab_size: int) -> None:
+        self.vocab_size = vocab_size
         self.engine = engine
         self.compiled = compiled
         self.stop_token_ids = stop_token_ids
@@ -281,28 +283,44 @@ class GrammarState:
                          self.engine.name, token)
 
 
+    def synthetic_token(self, num_output_tokens: int, output_token_ids) -> int:
+        """A token the grammar allows next, chosen deterministically, and accepted (the simulator's tokens).
+
+        A stop token only when the grammar allows nothing else. Costs what a sampled row's grammar
+        work costs (fill the bitmask, accept), without the logits.
+        """
+        self.sync(num_output_tokens, output_token_ids)
+        bitmask = torch.zeros(1, (self.vocab_size + 31) // 32, dtype=torch.int32)
+        self.fill(bitmask, 0)
+        shifts = torch.arange(32, dtype=torch.int32)
+        allowed = torch.nonzero(((bitmask[0, :, None] >> shifts) & 1).flatten()[: self.vocab_size]).flatten().tolist()
+        stops = set(self.stop_token_ids)
+        choices = [t for t in allowed if t not in stops] or allowed or self.stop_token_ids
+        token = choices[(self.num_accepted * 2654435761) % len(choices)]
+        self.accept(token)
+        return token
+
+
 def _bit(i: int) -> int:
     """Bit ``i`` of a packed int32 bitmask word, as a Python int in int32's range."""
     return -(2**31) if i == 31 else 1 << i
 
 
-def _unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
-    """``[rows, ceil(vocab/32)]`` int32 packed bits -> ``[rows, vocab]`` bool (True: allowed)."""
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
-    return bits.view(bitmask.shape[0], -1)[:, :vocab].bool()
-
-
 def apply_grammar_masks(scores: torch.Tensor, logits: torch.Tensor, chunks) -> torch.Tensor:
-    """``scores`` with every token a constrained row's grammar forbids at -inf (a copy when any row is constrained).
+    """``scores`` with every token a constrained row's grammar forbids at -inf.
 
-    ``scores``: ``[len(chunks), vocab]`` float32 after the other masks (``min_tokens``);
-    ``logits``: the same rows unmasked, used for a row whose other masks leave none of the
-    grammar's tokens. Rows without ``sampling.structured`` pass unchanged.
+    ``scores``: ``[len(chunks), vocab]`` float32 after the other masks (``min_tokens``); it is
+    changed in place unless it is ``logits`` (then a copy is returned: the logprobs read the
+    unmasked logits). ``logits``: the same rows unmasked, used for a row whose ``min_tokens``
+    mask leaves none of the grammar's tokens. Rows without ``sampling.structured`` pass
+    unchanged. The rows' bitmasks ``[rows, ceil(vocab/32)]`` are filled by the grammar engine (one
+    C++ call per row) and applied together by xgrammar's kernel (CPU, CUDA or Triton).
     """
     rows = [i for i, c in enumerate(chunks) if c.sampling.structured is not None]
     if not rows:
         return scores
+    import xgrammar as xgr
+
     vocab = scores.shape[-1]
     bitmask = torch.zeros(len(rows), (vocab + 31) // 32, dtype=torch.int32)
     for j, i in enumerate(rows):
@@ -310,14 +328,16 @@ def apply_grammar_masks(scores: torch.Tensor, logits: torch.Tensor, chunks) -> t
         state = c.sampling.structured
         state.sync(c.num_output_tokens, c.output_token_ids)
         state.fill(bitmask, j)
-    allowed = _unpack(bitmask.to(scores.device), vocab)
-    idx = torch.tensor(rows, device=scores.device)
-    masked = scores.index_select(0, idx).masked_fill(~allowed, float("-inf"))
-    dead = torch.isneginf(masked).all(dim=-1)
-    if bool(dead.any()):  # min_tokens forbids all the grammar allows (it is complete): the grammar wins
-        masked[dead] = logits.index_select(0, idx)[dead].masked_fill(~allowed[dead], float("-inf"))
-    out = scores.clone()
-    out.index_copy_(0, idx, masked)
+    bitmask = bitmask.to(scores.device)
+    out = scores.clone() if scores is logits else scores
+    xgr.apply_token_bitmask_inplace(out, bitmask, indices=rows)
+    # min_tokens may forbid all the grammar allows (the grammar is complete): the grammar wins
+    for j, i in enumerate(rows):
+        c = chunks[i]
+        if c.num_output_tokens < c.sampling.min_tokens and bool(torch.isneginf(out[i]).all()):
+            row = logits[i : i + 1].clone()
+            xgr.apply_token_bitmask_inplace(row, bitmask[j : j + 1])
+            out[i] = row[0]
     return out
 
 
