@@ -178,10 +178,8 @@ class GrammarBackend:
     """
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids, backend: str = "auto") -> None:
-        from furiosa_llm.api.structured_outputs import BACKENDS
-
-        if backend not in BACKENDS:
-            raise ValueError(f"structured_outputs_backend={backend!r}: must be one of {', '.join(BACKENDS)}")
+        if backend != "auto" and backend not in _ENGINES:
+            raise ValueError(f"structured_outputs_backend={backend!r}: must be one of auto, {', '.join(_ENGINES)}")
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.stop_token_ids = sorted(stop_token_ids)
