@@ -269,3 +269,32 @@ def test_simulator_synthetic_tokens_follow_the_grammar_and_cost_host_time():
     assert out[-1] == 2 and re.fullmatch(r"(ab|cd){2,4}x", text), text
     plain = Batch(0, [SequenceChunk("u", [1], 5, [0], True, SamplingSettings())])
     assert cost.host_time(BatchShape.of(batch)) - cost.host_time(BatchShape.of(plain)) >= cost.host_s_per_grammar_row
+
+
+def test_masks_of_interleaved_constrained_rows():
+    """Constrained rows anywhere in the batch get their own grammar's mask; the others are untouched."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from conftest import CACHE_DIR, MODEL
+    from furiosa_llm.hal import SamplingSettings, SequenceChunk
+    from furiosa_llm.model.loader import _gguf_cache_folder, resolve_model
+    from furiosa_llm.model.structured_outputs import GrammarBackend, accept_tokens, apply_grammar_masks
+
+    tok = AutoTokenizer.from_pretrained(_gguf_cache_folder(resolve_model(MODEL), CACHE_DIR))
+    grammars = GrammarBackend(tok, 49152, {2}, "auto")
+    digits = grammars.new_state(StructuredOutputsParams(regex="[0-9]+"))
+    word = grammars.new_state(StructuredOutputsParams(choice=["hello"]))
+    settings = [SamplingSettings(), SamplingSettings(structured=digits), SamplingSettings(),
+                SamplingSettings(structured=word), SamplingSettings()]
+    chunks = [SequenceChunk(str(i), [1], 3, [0], True, s) for i, s in enumerate(settings)]
+    logits = torch.randn(5, 49152)
+    scores = apply_grammar_masks(logits, logits, chunks)
+    assert scores is not logits and torch.equal(scores[[0, 2, 4]], logits[[0, 2, 4]])
+    allowed1 = torch.nonzero(~torch.isneginf(scores[1])).flatten().tolist()
+    assert allowed1 and all(tok.decode([t]).isdigit() for t in allowed1)
+    allowed3 = torch.nonzero(~torch.isneginf(scores[3])).flatten().tolist()
+    assert allowed3 and all("hello".startswith(tok.decode([t])) for t in allowed3)
+    tokens = [0, allowed1[0], 0, allowed3[0], 0]
+    accept_tokens(tokens, chunks)
+    assert digits.num_accepted == 1 and word.num_accepted == 1 and not digits.failed and not word.failed

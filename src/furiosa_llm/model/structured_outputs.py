@@ -320,21 +320,22 @@ def apply_grammar_masks(scores: torch.Tensor, logits: torch.Tensor, chunks) -> t
     import xgrammar as xgr
 
     vocab = scores.shape[-1]
-    bitmask = torch.zeros(len(rows), (vocab + 31) // 32, dtype=torch.int32)
-    for j, i in enumerate(rows):
+    # one bitmask row per logits row (xgrammar's kernel reads bitmask[i] for logits[i], i in rows)
+    bitmask = torch.full((scores.shape[0], (vocab + 31) // 32), -1, dtype=torch.int32)
+    for i in rows:
         c = chunks[i]
         state = c.sampling.structured
         state.sync(c.num_output_tokens, c.output_token_ids)
-        state.fill(bitmask, j)
+        state.fill(bitmask, i)
     bitmask = bitmask.to(scores.device)
     out = scores.clone() if scores is logits else scores
     xgr.apply_token_bitmask_inplace(out, bitmask, indices=rows)
     # min_tokens may forbid all the grammar allows (the grammar is complete): the grammar wins
-    for j, i in enumerate(rows):
+    for i in rows:
         c = chunks[i]
         if c.num_output_tokens < c.sampling.min_tokens and bool(torch.isneginf(out[i]).all()):
             row = logits[i : i + 1].clone()
-            xgr.apply_token_bitmask_inplace(row, bitmask[j : j + 1])
+            xgr.apply_token_bitmask_inplace(row, bitmask[i : i + 1])
             out[i] = row[0]
     return out
 
