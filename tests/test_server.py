@@ -579,7 +579,8 @@ POISON = [  # (path, JSON body as text or object); each must be a 4xx in OpenAI'
     (C, {"prompt": "Hi", "guided_json": {"type": "objectx"}}),
     (C, {"prompt": "Hi", "structured_outputs": {"choice": []}}),
     (C, {"prompt": "Hi", "guided_regex": "a(b"}),
-    (CC, {"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"schema": {"minimum": "x"}}}}),
+    (CC, {"messages": CHAT,
+          "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "integer", "minimum": "x"}}}}),
     (CC, {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}),  # auto: not enabled
     (C, {"prompt": "Hi", "n": 4}),
     (C, {"prompt": "Hi", "best_of": 4}),
