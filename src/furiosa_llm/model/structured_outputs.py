@@ -280,7 +280,6 @@ class GrammarState:
             logger.error("structured outputs: the %s matcher refused token %d; the rest of this output is unconstrained",
                          self.engine.name, token)
 
-
     def synthetic_token(self, num_output_tokens: int, output_token_ids) -> int:
         """A token the grammar allows next, chosen deterministically, and accepted (the simulator's tokens).
 
