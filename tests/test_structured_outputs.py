@@ -156,8 +156,8 @@ def test_regex_choice_grammar_json_object_with_unconstrained_mates(async_engine)
     assert outs[1].text in ("positive", "negative", "neutral") and outs[2].text in ("yes", "no")
     for c in outs[3:5]:  # the grammar can go on forever: a complete expression, or a prefix cut by max_tokens
         assert c.finish_reason == "length" or _arith_ok(c.text), c.text
-    for c in outs[5:7]:
-        assert isinstance(json.loads(c.text), dict) and c.finish_reason == "stop"
+    for c in outs[5:7]:  # any JSON object: a sampled string may run to max_tokens; a complete one parses
+        assert c.text.startswith("{") and (c.finish_reason == "length" or isinstance(json.loads(c.text), dict)), c.text
     assert outs[7].token_ids
 
 
