@@ -298,3 +298,24 @@ def test_masks_of_interleaved_constrained_rows():
     tokens = [0, allowed1[0], 0, allowed3[0], 0]
     accept_tokens(tokens, chunks)
     assert digits.num_accepted == 1 and word.num_accepted == 1 and not digits.failed and not word.failed
+
+
+def test_structural_tag_constrains_only_inside_its_tags():
+    from transformers import AutoTokenizer
+
+    from conftest import CACHE_DIR, MODEL
+    from furiosa_llm.model.loader import _gguf_cache_folder, resolve_model
+    from furiosa_llm.model.structured_outputs import GrammarBackend
+
+    tok = AutoTokenizer.from_pretrained(_gguf_cache_folder(resolve_model(MODEL), CACHE_DIR))
+    grammars = GrammarBackend(tok, 49152, {2}, "auto")
+    tag = json.dumps({"type": "structural_tag", "triggers": ["<function="], "structures": [
+        {"begin": "<function=f>", "end": "</function>",
+         "schema": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}]})
+    good = grammars.new_state(StructuredOutputsParams(structural_tag=tag))
+    for t in tok.encode('Hi <function=f>{"a": 1}</function> bye'):
+        good.accept(t)
+    bad = grammars.new_state(StructuredOutputsParams(structural_tag=tag))
+    for t in tok.encode('Hi <function=f>{"b": 1}'):
+        bad.accept(t)
+    assert not good.failed and bad.failed
