@@ -35,8 +35,8 @@ def select_device(devices: list[Device] | None, pipeline_parallel_size: int | No
     listed = ",".join(map(str, devices))
     if any(d.kind == "npu" for d in devices):
         raise ValueError(
-            f"devices={listed!r}: RNGD NPUs need the driver backend, which this build does not include; "
-            "use --devices cpu or cuda:N (or the simulator)"
+            f"devices={listed!r}: RNGD NPUs run on the vendor engine (RngdEngine, the [rngd] extra), not the "
+            "torch backend; use --devices cpu or cuda:N here (or the simulator)"
         )
     pp, dp = pipeline_parallel_size or 1, data_parallel_size or 1
     if pp * dp > len(devices):

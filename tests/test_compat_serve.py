@@ -52,8 +52,8 @@ HONOURED_WITHOUT_WARNING = {"--revision", "--host", "--port", "--served-model-na
                             "--spare-blocks-ratio", "--enable-prefix-caching", "--no-enable-prefix-caching",
                             "--max-concurrency", "--max-num-batched-tokens", "--uvicorn-log-level",
                             "--disable-uvicorn-access-log", "--enable-jit-compilation", "--jit-threshold",
-                            "--jit-max-workers", "--jit-unit-size", "--enable-auto-tool-choice", "--tool-call-parser",
-                            "--structured-outputs-backend"}
+                            "--jit-max-workers", "--jit-unit-size", "--fxb", "--enable-auto-tool-choice",
+                            "--tool-call-parser", "--structured-outputs-backend"}
 
 
 def serve_ns(*argv):

@@ -66,6 +66,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     dtype: str = "auto"
     max_logprobs: int = 20
+    fxb: str | None = None  # RNGD: the compiled FXB bundle of the model artifact (default: found beside it)
     structured_outputs_backend: str = "auto"  # auto | xgrammar | guidance (llguidance)
 
     def __post_init__(self) -> None:
@@ -193,6 +194,8 @@ class EngineArgs:
         a("--max-logprobs", type=int, default=20, help="Maximum number of log probabilities a request may ask for "
           "(logprobs, prompt_logprobs); default 20, as OpenAI's API. -1 means no cap: the whole vocabulary, "
           "which may cost a lot of memory and time.")
+        a("--fxb", type=str, default=None, help="RNGD: path of the model artifact's compiled .fxb bundle. Default: "
+          "the *.fxb in the model folder, else the local FXB cache.")
         a("--structured-outputs-backend", type=str, default="auto", choices=["auto", "xgrammar", "guidance"],
           help="Grammar engine of structured outputs: xgrammar, guidance (llguidance), or auto (xgrammar, "
                "llguidance for what only it supports). Default: auto.")

@@ -4,8 +4,9 @@
 Furiosa-LLM's keywords (2026.4, plus the 2026.2 ones: ``cache_dir``, ``enable_jit_compilation``,
 ``jit_*``, ``num_blocks_per_pp_stage``) and any ``EngineArgs`` field. Its placeholders
 (``max_io_memory_mb``, ``logger_config``, ``trust_remote_code``) are accepted and ignored as
-Furiosa-LLM does; a keyword for a feature this engine does not have (``fxb``, speculative decoding,
-``kv_transfer_config``) is a ``ValueError`` when given a value.
+Furiosa-LLM does; ``fxb`` is the RNGD artifact's bundle (a ``ValueError`` on cpu/cuda); a keyword for a
+feature this engine does not have (speculative decoding, ``kv_transfer_config``) is a ``ValueError`` when
+given a value.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ STRUCTURED_OUTPUTS_BACKENDS = ("auto", "guidance", "xgrammar")
 PLACEHOLDERS = ("max_io_memory_mb", "logger_config", "trust_remote_code")
 # Furiosa-LLM features this engine does not have: None (the default) only
 UNSUPPORTED = {
-    "fxb": "Furiosa executable bundles run on RNGD cards, which this build does not drive",
     "draft_model_id_or_path": "speculative decoding is not supported",
     "draft_fxb_path": "speculative decoding is not supported",
     "num_speculative_tokens": "speculative decoding is not supported",
@@ -68,7 +68,7 @@ class LLM:
         if model_id_or_path is None:
             raise ValueError("model_id_or_path: required (a model folder, a .gguf file, a cached Hugging Face id "
                              "or 'smollm2-135m-instruct')")
-        given = dict(fxb=fxb, draft_model_id_or_path=draft_model_id_or_path, draft_fxb_path=draft_fxb_path,
+        given = dict(draft_model_id_or_path=draft_model_id_or_path, draft_fxb_path=draft_fxb_path,
                      num_speculative_tokens=num_speculative_tokens, kv_transfer_config=kv_transfer_config)
         for name, value in given.items():
             if value is not None:
@@ -99,7 +99,7 @@ class LLM:
         args = EngineArgs(model=str(model_id_or_path), revision=revision, devices=devices,
                           data_parallel_size=data_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
                           max_model_len=max_model_len, tokenizer=tokenizer_name, tokenizer_mode=tokenizer_mode,
-                          seed=seed, **kwargs)
+                          seed=seed, fxb=None if fxb is None else str(fxb), **kwargs)
         self.model_id_or_path = str(model_id_or_path)
         self.served_model_name = served_model_name or self.model_id_or_path
         self.structured_outputs_backend = structured_outputs_backend
