@@ -13,7 +13,8 @@ class SamplingSettings:
     The fields of ``SamplingParams`` with the same names (``SamplingParams.settings`` copies
     them by name), except ``stop_token_ids``: every token that may not be sampled before
     ``min_tokens`` output tokens exist (the request's stop token ids, and the model's EOS
-    ids unless ``ignore_eos``).
+    ids unless ``ignore_eos``). ``structured``: the request's own grammar state (opaque here; see
+    ``furiosa_llm.model.structured_outputs.GrammarState``) when its output is constrained, else None.
     """
 
     temperature: float = 1.0
@@ -28,6 +29,7 @@ class SamplingSettings:
     prompt_logprobs: int | None = None
     min_tokens: int = 0
     stop_token_ids: frozenset[int] = frozenset()
+    structured: object = field(default=None, compare=False)
 
     @property
     def greedy(self) -> bool:
@@ -35,7 +37,8 @@ class SamplingSettings:
 
     @property
     def needs_history(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        """The sampler reads the request's earlier tokens: penalties, or a grammar state to rebuild if it drifted."""
+        return self.structured is not None or self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 @dataclass(slots=True)

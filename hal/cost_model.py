@@ -131,6 +131,7 @@ class BatchShape:
     num_sampled: int  # sequences that sample a token (LM head rows)
     attended: int  # sum over computed tokens of the positions each attends to
     kv_read_tokens: int  # sum of context lengths: K/V positions read
+    num_grammar_rows: int = 0  # sampled rows with structured outputs (a grammar bitmask each)
 
     @property
     def kv_tokens(self) -> int:
@@ -139,7 +140,7 @@ class BatchShape:
 
     @classmethod
     def of(cls, batch: Batch) -> "BatchShape":
-        tokens = attended = kv = sampled = 0
+        tokens = attended = kv = sampled = grammar = 0
         for s in batch.sequences:
             n = len(s.token_ids)
             start = s.start_pos
@@ -147,7 +148,8 @@ class BatchShape:
             attended += n * start + n * (n + 1) // 2
             kv += start + n
             sampled += s.sample
-        return cls(tokens, len(batch.sequences), sampled, attended, kv)
+            grammar += s.sample and s.sampling.structured is not None
+        return cls(tokens, len(batch.sequences), sampled, attended, kv, grammar)
 
 
 @dataclass(slots=True)
@@ -169,6 +171,10 @@ class CostModel:
     kv_dtype_bytes: float | None = None  # bytes per KV-cache element; None: as a weight
     host_overhead_s: float = 0.0  # per step, on the host
     host_s_per_seq: float = 0.0
+    # host seconds per sampled row with structured outputs: its grammar bitmask filled (xgrammar, C++) and
+    # applied; about 6 us fill + 1-2 us apply per row of a 49k vocabulary, measured on this project's CPU
+    # (README "Structured outputs"); 20 us leaves room for larger grammars and vocabularies
+    host_s_per_grammar_row: float = 20e-6
     memory_bytes: float | None = None  # device memory of the stage (weights + KV); None = not modelled
     jit_compile_s_per_unit: float = 0.0  # JIT: seconds to compile one unit of a bucket
     jit_slow_factor: float = 1.0  # JIT: a decode step whose bucket is not compiled takes this many times longer
@@ -179,7 +185,7 @@ class CostModel:
             raise ValueError(f"combine={self.combine!r}: must be 'max' or 'sum'")
         for k in ("overhead_s", "s_per_flop", "s_per_weight_byte", "s_per_kv_byte", "s_per_seq", "s_per_token_comm",
                   "comm_latency_s", "s_per_token_stage_transfer", "stage_transfer_latency_s",
-                  "host_overhead_s", "host_s_per_seq", "jit_compile_s_per_unit"):
+                  "host_overhead_s", "host_s_per_seq", "host_s_per_grammar_row", "jit_compile_s_per_unit"):
             v = getattr(self, k)
             if not isinstance(v, (int, float)) or v < 0 or math.isnan(v):
                 raise ValueError(f"{k}={v!r}: must be a number >= 0")
@@ -211,7 +217,7 @@ class CostModel:
         return self.stage_transfer_latency_s + self.s_per_token_stage_transfer * b.num_tokens
 
     def host_time(self, b: BatchShape) -> float:
-        return self.host_overhead_s + self.host_s_per_seq * b.num_seqs
+        return self.host_overhead_s + self.host_s_per_seq * b.num_seqs + self.host_s_per_grammar_row * b.num_grammar_rows
 
     # ---- persistence -------------------------------------------------------------------------
     def to_dict(self) -> dict:

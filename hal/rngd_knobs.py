@@ -68,6 +68,7 @@ ENGINE_KNOBS: tuple[Knob, ...] = (
     Knob("cache_dir", "ours"),  # converted weights of the torch backend; the FXB cache is the vendor's default
     Knob("max_logprobs", "ours"),
     Knob("fxb", "ours"),  # an explicit FXB bundle; passed as fxb_path after artifact resolution
+    Knob("structured_outputs_backend", "ours"),  # used only by requests with structured_outputs, refused on RNGD
 )
 
 # scheduler-JSON keys we always write with these values (no EngineArgs field maps to them)
@@ -84,6 +85,8 @@ SAMPLING_KNOBS: tuple[Knob, ...] = (
     Knob("seed", "refused", default=None, why="per-request seeds are not supported by the vendor sampler"),
     Knob("presence_penalty", "refused", default=0.0, why="not supported by the vendor sampler"),
     Knob("frequency_penalty", "refused", default=0.0, why="not supported by the vendor sampler"),
+    Knob("structured_outputs", "refused", default=None,
+         why="this project does not pass output constraints to the vendor engine (use the torch backend)"),
 )
 
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from furiosa_llm import EngineArgs, RequestOutputKind, SamplingParams
+from furiosa_llm import EngineArgs, RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 from conftest import CACHE_DIR, MODEL
 
@@ -79,6 +79,9 @@ RULES = [
     (dict(output_kind=RequestOutputKind.DELTA), True), (dict(output_kind=1), False), (dict(output_kind="DELTA"), False),
     # extra_args: None or a dict
     (dict(extra_args=None), True), (dict(extra_args={"a": 1}), True), (dict(extra_args=[1]), False),
+    # structured_outputs: None or a StructuredOutputsParams
+    (dict(structured_outputs=None), True), (dict(structured_outputs=StructuredOutputsParams(regex="a+")), True),
+    (dict(structured_outputs={"regex": "a+"}), False),
     # the 2026.2-era beam-search fields: accepted with their rules; beam search itself is refused
     (dict(best_of=None), True), (dict(best_of=1), True), (dict(best_of=2), False), (dict(best_of=0), False),
     (dict(best_of=True), False), (dict(use_beam_search=False), True), (dict(use_beam_search=True), False),

@@ -24,6 +24,7 @@ _EXPORTS = {
     "AsyncEngineArgs": "furiosa_llm.api.engine_args",
     "SamplingParams": "furiosa_llm.api.sampling_params",
     "SamplingType": "furiosa_llm.api.sampling_params",
+    "StructuredOutputsParams": "furiosa_llm.api.structured_outputs",
     "RequestOutputKind": "furiosa_llm.api.sampling_params",
     "SchedulerConfig": "furiosa_llm.api.scheduler_config",
     "RequestOutput": "furiosa_llm.api.outputs",
@@ -68,3 +69,4 @@ if TYPE_CHECKING:  # pragma: no cover
                               PoolingParams, PoolingRequestOutput, RequestMetrics, RequestOutput)
     from .api.sampling_params import RequestOutputKind, SamplingParams, SamplingType
     from .api.scheduler_config import SchedulerConfig
+    from .api.structured_outputs import StructuredOutputsParams

@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from .api.sampling_params import RequestOutputKind, SamplingParams, SamplingType
+from .api.structured_outputs import StructuredOutputsParams
 
-__all__ = ["RequestOutputKind", "SamplingParams", "SamplingType"]
+__all__ = ["RequestOutputKind", "SamplingParams", "SamplingType", "StructuredOutputsParams"]

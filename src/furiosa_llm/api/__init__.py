@@ -19,6 +19,7 @@ _EXPORTS = {
     "AsyncEngineArgs": "furiosa_llm.api.engine_args",
     "SamplingParams": "furiosa_llm.api.sampling_params",
     "SamplingType": "furiosa_llm.api.sampling_params",
+    "StructuredOutputsParams": "furiosa_llm.api.structured_outputs",
     "RequestOutputKind": "furiosa_llm.api.sampling_params",
     "RequestOutput": "furiosa_llm.api.outputs",
     "CompletionOutput": "furiosa_llm.api.outputs",

@@ -124,7 +124,8 @@ class DataParallelEngine:
         self.device = info["device"]
         self.load_seconds = max(i["load_seconds"] for i in infos)
         self.input_processor = InputProcessor(self.tokenizer, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
-                                              max_logprobs=args.max_logprobs, eos_token_ids=self.eos_token_ids)
+                                              max_logprobs=args.max_logprobs, eos_token_ids=self.eos_token_ids,
+                                              structured_outputs_backend=args.structured_outputs_backend)
         self._lock = threading.Lock()
         self._requests: dict[str, list] = {}  # request id -> [kind, prompt token ids, output kind, tokens seen]
         self._ended_here: list = []  # final outputs made by the front (a failed replica), for the next step

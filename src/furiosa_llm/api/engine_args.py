@@ -76,6 +76,7 @@ class EngineArgs:
     task: str = "auto"
     convert: str = "auto"
     pooling_type: str | None = None
+    structured_outputs_backend: str = "auto"  # auto | xgrammar | guidance (llguidance)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -118,6 +119,9 @@ class EngineArgs:
                              "drop one of them")
         if self.pooling_type is not None and self.pooling_type not in POOLING_TYPES:
             raise ValueError(f"pooling_type={self.pooling_type!r}: must be one of {', '.join(POOLING_TYPES)}")
+        if self.structured_outputs_backend not in ("auto", "xgrammar", "guidance"):
+            raise ValueError(f"structured_outputs_backend={self.structured_outputs_backend!r}: "
+                             "must be one of auto, xgrammar, guidance")
 
     @property
     def requested_task(self) -> str:
@@ -222,6 +226,9 @@ class EngineArgs:
         a("--pooling-type", type=str.upper, default=None, choices=list(POOLING_TYPES), help="Pooling of an embedder: "
           "MEAN, CLS or LAST. Default: the model folder's sentence-transformers config, else MEAN for an encoder, "
           "LAST for a decoder (vLLM's defaults).")
+        a("--structured-outputs-backend", type=str, default="auto", choices=["auto", "xgrammar", "guidance"],
+          help="Grammar engine of structured outputs: xgrammar, guidance (llguidance), or auto (xgrammar, "
+               "llguidance for what only it supports). Default: auto.")
         return parser
 
     @classmethod

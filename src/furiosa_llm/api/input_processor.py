@@ -23,8 +23,10 @@ class PromptTooLongError(ValueError):
 
 class InputProcessor:
     def __init__(self, tokenizer, *, vocab_size: int, max_model_len: int, max_logprobs: int,
-                 eos_token_ids: frozenset[int]) -> None:
+                 eos_token_ids: frozenset[int], structured_outputs_backend: str = "auto") -> None:
         self.tokenizer = tokenizer
+        self.structured_outputs_backend = structured_outputs_backend
+        self._grammars = None  # model.structured_outputs.GrammarBackend, made on the first constrained request
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.max_logprobs = max_logprobs
@@ -50,6 +52,7 @@ class InputProcessor:
                 f"prompt: {len(ids)} prompt tokens + max(max_tokens={params.max_tokens}, min_tokens={params.min_tokens}, 1) "
                 f"= {need} exceeds max_model_len={self.max_model_len}"
             )
+        structured = self._grammar_state(params) if params.structured_outputs is not None else None
         if text is None:  # token ids alone: RequestOutput.prompt is their text, as in Furiosa-LLM
             text = self.tokenizer.decode(ids)
         req = Request(
@@ -57,12 +60,22 @@ class InputProcessor:
             prompt_token_ids=ids,
             max_tokens=params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids),
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
-            sampling=params.settings(self.eos_token_ids),
+            sampling=params.settings(self.eos_token_ids, structured),
             min_tokens=params.min_tokens,
             stop_token_ids=frozenset(params.stop_token_ids or ()),
             ignore_eos=params.ignore_eos,
         )
         return text, params, req
+
+    def _grammar_state(self, params: SamplingParams):
+        """The request's own matcher over its compiled grammar (cached per constraint); ``ValueError`` if it
+        does not compile."""
+        if self._grammars is None:
+            from furiosa_llm.model.structured_outputs import GrammarBackend
+
+            self._grammars = GrammarBackend(self.tokenizer, self.vocab_size, self.eos_token_ids,
+                                            self.structured_outputs_backend)
+        return self._grammars.new_state(params.structured_outputs)
 
     def process_pooling(self, request_id: str, prompt: PromptType, params: PoolingParams | None, *, hidden_size: int,
                         pooling_type: str = "MEAN", truncate_prompt_tokens: int | None = None,

@@ -127,7 +127,8 @@ class NativeEngine:
         self.core = EngineCore.from_config(config, queue, time.monotonic, eos_token_ids=self.eos_token_ids,
                                            num_layers=backend.num_layers)
         self.input_processor = InputProcessor(self.tokenizer, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
-                                              max_logprobs=args.max_logprobs, eos_token_ids=self.eos_token_ids)
+                                              max_logprobs=args.max_logprobs, eos_token_ids=self.eos_token_ids,
+                                              structured_outputs_backend=args.structured_outputs_backend)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._closed = False
         if config.jit_config.enabled:

@@ -11,6 +11,8 @@ from typing import Any
 
 from furiosa_llm.hal import SamplingSettings
 
+from .structured_outputs import StructuredOutputsParams
+
 
 class RequestOutputKind(enum.Enum):
     CUMULATIVE = 0  # the whole output so far, every step
@@ -112,6 +114,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     extra_args: dict[str, Any] | None = field(default_factory=dict)
+    structured_outputs: StructuredOutputsParams | None = None
     # the 2026.2-era beam-search fields (vLLM <= 0.6): accepted with their validation; beam search
     # itself is not supported (one sequence per request), so use_beam_search=True is a ValueError
     best_of: int | None = None
@@ -209,6 +212,8 @@ class SamplingParams:
             self.extra_args = {}
         elif not isinstance(self.extra_args, dict):
             raise ValueError(f"extra_args={_show(self.extra_args)}: expected a dict or None")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs={_show(self.structured_outputs)}: expected a StructuredOutputsParams or None")
         self._check_beam_fields()
 
     def _check_beam_fields(self) -> None:
@@ -275,17 +280,19 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < _SAMPLING_EPS
 
-    def settings(self, eos_token_ids: frozenset[int] = frozenset()) -> SamplingSettings:
+    def settings(self, eos_token_ids: frozenset[int] = frozenset(), structured: object = None) -> SamplingSettings:
         """The backend's view of these parameters: the fields ``SamplingSettings`` shares with them, by name.
 
         ``stop_token_ids`` becomes every id masked until ``min_tokens`` outputs exist: these
-        ``stop_token_ids`` and, unless ``ignore_eos``, the model's ``eos_token_ids``.
+        ``stop_token_ids`` and, unless ``ignore_eos``, the model's ``eos_token_ids``. ``structured``:
+        the request's own grammar state (``model.structured_outputs.GrammarState``) when
+        ``structured_outputs`` is set.
         """
         kw = {name: getattr(self, name) for name in _SHARED_FIELDS}
         kw["stop_token_ids"] = frozenset(self.stop_token_ids or ()) | (frozenset() if self.ignore_eos else eos_token_ids)
-        return SamplingSettings(**kw)
+        return SamplingSettings(**kw, structured=structured)
 
 
-_SHARED_FIELDS = tuple(f.name for f in fields(SamplingSettings) if f.name != "stop_token_ids")
+_SHARED_FIELDS = tuple(f.name for f in fields(SamplingSettings) if f.name not in ("stop_token_ids", "structured"))
 _NONE_IS_A_VALUE = frozenset({"max_tokens"})
 """``from_optional`` keeps None for these: ``max_tokens=None`` fills the context."""

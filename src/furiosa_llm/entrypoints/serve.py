@@ -3,7 +3,7 @@
 ``furiosa-llm serve MODEL [options]`` (``--model MODEL`` is still accepted). Every option of
 Furiosa-LLM's ``serve`` is recognised: those with a meaning on this engine are honoured (the
 engine flags of ``EngineArgs``, ``-tp/-pp/-dp``, ``--allowed-origins``, ``--response-role``,
-``--max-concurrency``, ...); the others (``IGNORED``: buckets, tool and reasoning parsers,
+``--max-concurrency``, ``--tool-call-parser``, ...); the others (``IGNORED``: buckets, reasoning parsers,
 speculative decoding, multimodal inputs, ...) are accepted, and each one given is named in a
 warning at start. Booleans are bare switches with ``--no-`` forms (``true``/``false`` values
 still work).
@@ -19,9 +19,7 @@ from pathlib import Path
 
 logger = logging.getLogger("furiosa_llm.server")
 
-_TOOLS = "tool calling is not implemented by this engine (requests with tools are refused)"
 _REASONING = "reasoning parsers are not implemented by this engine"
-_GUIDED = "structured (guided) decoding is not implemented by this engine"
 _BUCKETS = "this engine runs every batch shape; there are no compiled buckets to choose"
 _SCHED = "the scheduler here has one policy (see --max-processing-samples, --spare-blocks-ratio, --npu-queue-limit)"
 _SPEC = "speculative decoding is not implemented by this engine"
@@ -32,10 +30,7 @@ _NPU = "an RNGD runtime setting; this engine's backends do not use it"
 # Options of Furiosa-LLM's `serve` (2025.x-2026.4) without a meaning here: (flags, argparse kwargs, why).
 # Every default is None, so "given" is "not None".
 IGNORED: list[tuple[tuple[str, ...], dict, str]] = [
-    (("--enable-auto-tool-choice",), dict(action="store_true"), _TOOLS),
-    (("--tool-call-parser",), dict(type=str), _TOOLS),
     (("--reasoning-parser",), dict(type=str), _REASONING),
-    (("--structured-outputs-backend",), dict(type=str), _GUIDED),
     (("--scheduler-kind",), dict(type=str), _SCHED),
     (("--estimation-time-limit-ms",), dict(type=int), _SCHED),
     (("--prefix-cache-lookahead-requests",), dict(type=int), _SCHED),
@@ -139,6 +134,11 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="The most requests in one batch (caps --max-processing-samples).")
     g.add_argument("-tp", "--tensor-parallel-size", type=_positive("tensor_parallel_size"), default=None,
                    help="PEs per pipeline stage. The torch backend runs each replica on one device: only 1 applies.")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='Let the model choose to call tools (tool_choice="auto"); needs --tool-call-parser.')
+    g.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+                   help="How tool calls are read from the output with tool_choice=\"auto\": hermes (<tool_call> JSON, "
+                        "Hermes/Qwen) or llama3_json (Llama 3.1/3.2 JSON).")
     g.add_argument("--disable-log-stats", action="store_true", help="Disable the periodic stats log line.")
     g.add_argument("--log-interval", type=float, default=10.0,
                    help="Seconds between stats log lines (0 turns them off; default %(default)s).")
@@ -212,6 +212,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from .openai.api_server import create_app
 
     resolve_serve_args(ns)
+    if ns.enable_auto_tool_choice and ns.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
     for message in ignored_flag_warnings(ns):
         logger.warning(message)
     template = load_chat_template(ns.chat_template)
@@ -222,7 +224,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                      chat_template_content_format=ns.chat_template_content_format,
                      allowed_origins=ns.allowed_origins, allowed_methods=ns.allowed_methods,
                      allowed_headers=ns.allowed_headers, allow_credentials=ns.allow_credentials,
-                     enable_payload_logging=ns.enable_payload_logging)
+                     enable_payload_logging=ns.enable_payload_logging,
+                     tool_call_parser=ns.tool_call_parser, enable_auto_tool_choice=ns.enable_auto_tool_choice)
     logger.info("serving %s on http://%s:%d", name, ns.host, ns.port)
     try:
         uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,

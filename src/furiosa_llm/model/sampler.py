@@ -7,6 +7,8 @@ import torch
 
 from furiosa_llm.hal import SequenceChunk, TokenLogprob
 
+from . import structured_outputs
+
 _SEED_MIX = 0x9E3779B97F4A7C15
 
 
@@ -86,6 +88,8 @@ class Sampler:
         """``logits``: [len(chunks), vocab] float32. Returns token ids and optional logprob lists."""
         logits = logits.float()
         scores = _mask_stops_before_min_tokens(logits, chunks)
+        # ---- structured outputs (1/2): each constrained row's grammar bitmask ----
+        scores = structured_outputs.apply_grammar_masks(scores, logits, chunks)
         simple = [i for i, c in enumerate(chunks) if c.sampling.greedy and not c.sampling.needs_history]
         tokens = [0] * len(chunks)
         if simple:
@@ -102,6 +106,8 @@ class Sampler:
             row = _filter(row, c)
             probs = torch.softmax(row, dim=-1).cpu()
             tokens[i] = int(torch.multinomial(probs, 1, generator=self._generator_for(c)))
+        # ---- structured outputs (2/2): the matchers accept the sampled tokens ----
+        structured_outputs.accept_tokens(tokens, chunks)
         logprobs: list[list[TokenLogprob] | None] = [None] * len(chunks)
         want = [i for i, c in enumerate(chunks) if c.sampling.logprobs is not None]
         if want:

@@ -39,6 +39,8 @@ from furiosa_llm.api.outputs import PoolingParams, RequestOutput
 from furiosa_llm.api.sampling_params import RequestOutputKind, SamplingParams
 
 from .metrics import ServerMetrics
+from .structured import required_calls, structured_outputs_of, tool_mode
+from .tool_parsers import ToolCall, get_tool_parser
 from .protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -150,7 +152,12 @@ class ServerState:
 
     def __init__(self, engine: AsyncLLMEngine, model_name: str, chat_template: str | None, *,
                  api_key: str | None = None, log_interval_s: float = 10.0, response_role: str = "assistant",
-                 chat_template_content_format: str = "auto", enable_payload_logging: bool = False) -> None:
+                 chat_template_content_format: str = "auto", enable_payload_logging: bool = False,
+                 tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False) -> None:
+        if enable_auto_tool_choice and tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice=True: needs --tool-call-parser (hermes or llama3_json)")
+        self.tool_parser = get_tool_parser(tool_call_parser) if tool_call_parser is not None else None
+        self.enable_auto_tool_choice = enable_auto_tool_choice
         if chat_template_content_format not in CONTENT_FORMATS:
             raise ValueError(f"chat_template_content_format={chat_template_content_format!r}: must be one of "
                              f"{', '.join(CONTENT_FORMATS)}")
@@ -234,7 +241,7 @@ _API_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "r
 
 
 def _sampling_params(state: ServerState, req: SamplingFields, max_tokens: int | None, kind: RequestOutputKind,
-                     logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+                     logprobs: int | None, prompt_logprobs: int | None = None, structured=None) -> SamplingParams:
     """The request's sampling fields; one it leaves out takes the model's default (its
     generation_config, as Furiosa-LLM and vLLM do), else the API's."""
     picked = {}
@@ -255,9 +262,18 @@ def _sampling_params(state: ServerState, req: SamplingFields, max_tokens: int | 
         prompt_logprobs=prompt_logprobs,
         skip_special_tokens=True if req.skip_special_tokens is None else req.skip_special_tokens,
         output_kind=kind,
+        structured_outputs=structured,
     )
     try:
         return SamplingParams(**kw)
+    except ValueError as e:
+        raise APIError(400, str(e), param=_param_of(str(e))) from None
+
+
+def _constraint(req, mode: str = "none", named: dict | None = None):
+    """``(source field, StructuredOutputsParams | None)`` of the request (structured.py); a 400 naming the field."""
+    try:
+        return structured_outputs_of(req, mode, named)
     except ValueError as e:
         raise APIError(400, str(e), param=_param_of(str(e))) from None
 
@@ -508,12 +524,14 @@ async def completions(req: CompletionRequest, raw: Request, state: State):
     # is generated, because a request always samples one, and dropped from the response
     score_only = bool(req.echo) and max_tokens == 0
     prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
-    params = _sampling_params(state, req, 1 if score_only else max_tokens, kind, req.logprobs, prompt_logprobs)
+    source, structured = _constraint(req)
+    params = _sampling_params(state, req, 1 if score_only else max_tokens, kind, req.logprobs, prompt_logprobs,
+                              structured)
     rid = f"cmpl-{uuid.uuid4().hex}"
     gens = [state.engine.generate(p, params, f"{rid}-{i}") for i, p in enumerate(prompts)]
 
     async def respond():
-        first = await _start(gens)
+        first = await _start(gens, {"structured_outputs": source} if source else None)
         if stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return EventStream(_stream_completion(state, req, rid, gens, first, include_usage, score_only))
@@ -528,8 +546,13 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: Stat
     _check_model(state, req.model)
     _check_generative(state)
     _check_supported(req)
+    try:
+        mode, named = tool_mode(req, state.enable_auto_tool_choice and state.tool_parser is not None)
+    except ValueError as e:
+        raise APIError(400, str(e), param=_param_of(str(e))) from None
+    source, structured = _constraint(req, mode, named)
     ids = _chat_prompt_ids(state, req.messages, bool(req.add_generation_prompt), bool(req.continue_final_message),
-                           req.chat_template, req.chat_template_kwargs)
+                           req.chat_template, req.chat_template_kwargs, req.tools if mode != "none" else None)
     stream = bool(req.stream)
     kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -540,16 +563,18 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: Stat
     top = req.top_logprobs or 0
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-    params = _sampling_params(state, req, max_tokens, kind, top if req.logprobs else None)
+    params = _sampling_params(state, req, max_tokens, kind, top if req.logprobs else None, structured=structured)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     gens = [state.engine.generate({"prompt_token_ids": ids}, params, rid)]
+    tools = _ChatTools(state, mode, named)
 
     async def respond():
-        first = await _start(gens, {"logprobs": "top_logprobs"})
+        renames = {"logprobs": "top_logprobs", **({"structured_outputs": source} if source else {})}
+        first = await _start(gens, renames)
         if stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return EventStream(_stream_chat(state, req, rid, gens, first, include_usage, max_tokens))
-        return await _full_chat(state, req, rid, gens[0], first[0], max_tokens)
+            return EventStream(_stream_chat(state, req, rid, gens, first, include_usage, max_tokens, tools))
+        return await _full_chat(state, req, rid, gens[0], first[0], max_tokens, tools)
 
     return await _unless_disconnected(raw, respond(), state.metrics.aborted)
 
@@ -738,7 +763,8 @@ def create_app(engine: AsyncLLMEngine, *, served_model_name: str, api_key: str |
                chat_template: str | None = None, log_interval_s: float = 10.0, response_role: str = "assistant",
                chat_template_content_format: str = "auto", allowed_origins: list[str] | None = None,
                allowed_methods: list[str] | None = None, allowed_headers: list[str] | None = None,
-               allow_credentials: bool = False, enable_payload_logging: bool = False) -> FastAPI:
+               allow_credentials: bool = False, enable_payload_logging: bool = False,
+               tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False) -> FastAPI:
     """The server: ``router``'s endpoints over ``engine``, OpenAI's error shapes, the API key check.
 
     ``allowed_origins`` (``furiosa-llm serve`` gives ``["*"]`` unless told otherwise) adds CORS
@@ -749,7 +775,8 @@ def create_app(engine: AsyncLLMEngine, *, served_model_name: str, api_key: str |
     app.state.server = ServerState(engine, served_model_name, chat_template, api_key=api_key,
                                    log_interval_s=log_interval_s, response_role=response_role,
                                    chat_template_content_format=chat_template_content_format,
-                                   enable_payload_logging=enable_payload_logging)
+                                   enable_payload_logging=enable_payload_logging,
+                                   tool_call_parser=tool_call_parser, enable_auto_tool_choice=enable_auto_tool_choice)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -793,7 +820,7 @@ def _completion_prompts(prompt) -> list:
 
 
 def _chat_prompt_ids(state: ServerState, messages, add_generation_prompt: bool, continue_final: bool,
-                     template: str | None, template_kwargs: dict | None) -> list[int]:
+                     template: str | None, template_kwargs: dict | None, tools: list | None = None) -> list[int]:
     if not messages:
         raise APIError(400, "messages: must not be empty", param="messages")
     template = template or state.chat_template
@@ -814,7 +841,14 @@ def _chat_prompt_ids(state: ServerState, messages, add_generation_prompt: bool, 
             content = [{"type": "text", "text": t} for t in texts] if fmt == "openai" else "\n".join(texts)
         elif fmt == "openai":
             content = [{"type": "text", "text": content}] if content else []
-        conv.append({"role": m.role, "content": content if content is not None else ""})
+        msg = {"role": m.role, "content": content if content is not None else ""}
+        if m.tool_calls is not None:
+            msg["tool_calls"] = m.tool_calls
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        conv.append(msg)
+    if tools:
+        template_kwargs = {**(template_kwargs or {}), "tools": tools}
     try:
         ids = state.tokenizer.apply_chat_template(
             conv, tokenize=True, add_generation_prompt=add_generation_prompt and not continue_final,
@@ -952,28 +986,111 @@ async def _stream_completion(state: ServerState, req: CompletionRequest, rid: st
             state.metrics.aborted(len(gens) - num_finished)
 
 
+class _ChatTools:
+    """How a chat output becomes a message: plain content (mode none), or content and tool calls.
+
+    ``named``: the output is the function's arguments; ``required``: a JSON array of
+    ``{"name", "parameters"}``; ``auto``: the server's ``--tool-call-parser`` finds the calls.
+    A finished output with calls ends with ``finish_reason="tool_calls"`` (a named function: "stop",
+    as OpenAI does).
+    """
+
+    def __init__(self, state: ServerState, mode: str, named: dict | None) -> None:
+        self.mode = mode
+        self.name = named["function"]["name"] if named else None
+        self.parser = state.tool_parser if mode == "auto" else None
+        self.call_id = ToolCall("", "").id
+
+    def split(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        if self.mode == "named":
+            return None, [ToolCall(self.name, text, self.call_id)]
+        if self.mode == "required":
+            calls = required_calls(text)
+            return (None, calls) if calls else (text, [])
+        if self.mode == "auto":
+            return self.parser.extract(text)
+        return text, []
+
+    def finish_reason(self, reason: str | None, calls: list[ToolCall]) -> str | None:
+        return "tool_calls" if calls and reason == "stop" and self.mode in ("auto", "required") else reason
+
+
 async def _full_chat(state: ServerState, req: ChatCompletionRequest, rid: str, gen, first,
-                     max_tokens: int | None = None) -> ChatCompletionResponse:
+                     max_tokens: int | None = None, tools: _ChatTools | None = None) -> ChatCompletionResponse:
     out = first
     async for out in _rest(gen, first):
         pass
     c = out.outputs[0]
     lp = _chat_logprobs(state.tokenizer, c.token_ids, c.logprobs, req.top_logprobs or 0) if req.logprobs else None
     _observe(state, out, len(c.token_ids), max_tokens=max_tokens)
+    content, calls = tools.split(c.text) if tools is not None else (c.text, [])
+    finish = tools.finish_reason(c.finish_reason, calls) if tools is not None else c.finish_reason
+    message = ChatResponseMessage(role=state.response_role, content=content, tool_calls=[t.to_openai() for t in calls])
     return ChatCompletionResponse(
         id=rid, model=state.model_name,
-        choices=[ChatChoice(index=0, message=ChatResponseMessage(role=state.response_role, content=c.text), logprobs=lp,
-                            finish_reason=c.finish_reason, stop_reason=c.stop_reason)],
+        choices=[ChatChoice(index=0, message=message, logprobs=lp, finish_reason=finish, stop_reason=c.stop_reason)],
         usage=_usage(len(out.prompt_token_ids), len(c.token_ids)))
 
 
+class _ToolStream:
+    """The deltas of a streamed chat with tools, in OpenAI's shape.
+
+    A named function streams its arguments as they come (the first delta carries the call's id
+    and name). ``required`` and ``auto`` hold back what may be a call (``auto``: content streams
+    until the parser sees a call may start) and send each call whole when the output ends.
+    """
+
+    def __init__(self, tools: _ChatTools) -> None:
+        self.tools = tools
+        self.text = ""
+        self.sent = 0  # characters of text already sent (as content, or as a named call's arguments)
+        self.started = False
+
+    def add(self, delta: str) -> dict:
+        self.text += delta
+        t = self.tools
+        if t.mode == "named":
+            if not delta and self.started:
+                return {}
+            call = {"index": 0, "function": {"arguments": delta}}
+            if not self.started:
+                self.started = True
+                call = {"index": 0, "id": t.call_id, "type": "function", "function": {"name": t.name, "arguments": delta}}
+            return {"tool_calls": [call]}
+        if t.mode == "required":
+            return {}
+        hold = t.parser.may_start_call(self.text[self.sent:])
+        end = len(self.text) if hold is None else self.sent + hold
+        out = self.text[self.sent:end]
+        self.sent = end
+        return {"content": out} if out else {}
+
+    def finish(self, reason: str | None) -> tuple[list[dict], str | None]:
+        """The last deltas (held content, whole calls) and the finish reason."""
+        t = self.tools
+        if t.mode == "named":
+            return [], reason
+        content, calls = t.split(self.text)
+        deltas = []
+        if calls:
+            start = t.parser.may_start_call(self.text[self.sent:]) if t.mode == "auto" else 0
+            rest = self.text[self.sent:self.sent + (start or 0)]
+            if rest.strip():
+                deltas.append({"content": rest})
+            deltas += [{"tool_calls": [call.to_openai(i)]} for i, call in enumerate(calls)]
+        elif self.sent < len(self.text):
+            deltas.append({"content": self.text[self.sent:]})
+        return deltas, t.finish_reason(reason, calls)
+
+
 async def _stream_chat(state: ServerState, req: ChatCompletionRequest, rid: str, gens, first, include_usage: bool,
-                       max_tokens: int | None = None):
+                       max_tokens: int | None = None, tools: _ChatTools | None = None):
     created = int(time.time())
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name}
     n_out = 0
     out = first[0]
     finished = False
+    ts = _ToolStream(tools) if tools is not None and tools.mode != "none" else None
     try:
         yield _sse({**base, "choices": [{"index": 0, "delta": {"role": state.response_role, "content": ""},
                                          "logprobs": None, "finish_reason": None}]})
@@ -983,9 +1100,16 @@ async def _stream_chat(state: ServerState, req: ChatCompletionRequest, rid: str,
             lp = None
             if req.logprobs:
                 lp = _chat_logprobs(state.tokenizer, c.token_ids, c.logprobs, req.top_logprobs or 0).model_dump()
-            if c.text or c.finish_reason is not None or lp:
-                yield _sse({**base, "choices": [{"index": 0, "delta": {"content": c.text} if c.text else {},
-                                                 "logprobs": lp, "finish_reason": c.finish_reason,
+            finish = c.finish_reason
+            delta = {"content": c.text} if c.text else {}
+            if ts is not None:
+                delta = ts.add(c.text)
+                if finish is not None:
+                    last, finish = ts.finish(finish)
+                    for d in last:
+                        yield _sse({**base, "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": None}]})
+            if delta or finish is not None or lp:
+                yield _sse({**base, "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish,
                                                  "stop_reason": c.stop_reason}]})
         finished = out.finished
         _observe(state, out, n_out, max_tokens=max_tokens)

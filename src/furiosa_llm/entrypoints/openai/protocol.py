@@ -9,9 +9,10 @@ Validation of a request body, before anything reaches the engine:
   in vLLM; counts such as ``logprobs`` are bounded by the engine (``max_logprobs``) when the
   request is added. A failed check is a 400 naming the field.
 - Fields of OpenAI's or vLLM's API that name a feature this engine does not implement
-  (``UNSUPPORTED`` below: guided/structured decoding, tools, beam search, ``logit_bias``,
-  ``suffix`` ...) are a 400 naming the field unless they hold their no-op value; they are
+  (``UNSUPPORTED`` below: beam search, ``logit_bias``, ``suffix``, legacy ``functions`` ...) are a 400 naming the field unless they hold their no-op value; they are
   never silently ignored.
+- Structured outputs (``response_format``, ``structured_outputs``, ``guided_*``) and ``tools`` /
+  ``tool_choice`` are honoured (``structured.py``); a constraint that does not compile is a 400.
 - Other unknown fields (``user``, ``metadata``, ``service_tier`` ...) change nothing the engine
   does and are ignored. vLLM's extra sampling fields (``top_k``, ``min_p``,
   ``repetition_penalty``, ``ignore_eos`` ...) are honoured.
@@ -49,26 +50,13 @@ def _one(v: Any) -> bool:
     return v is None or (type(v) in (int, float) and v == 1)
 
 
-def _text_format(v: Any) -> bool:
-    return v is None or v == {"type": "text"}
-
-
 def _no_tool_choice(v: Any) -> bool:
     return v is None or v == "none"
 
 
-_GUIDED = "guided (structured) decoding is not supported by this engine"
 # Request fields that name a feature the engine does not implement: field -> (the test of its
 # no-op value, why). A request whose field fails the test is a 400 naming the field.
 UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "structured_outputs": (_unset, _GUIDED),
-    "guided_json": (_unset, _GUIDED),
-    "guided_regex": (_unset, _GUIDED),
-    "guided_choice": (_unset, _GUIDED),
-    "guided_grammar": (_unset, _GUIDED),
-    "guided_decoding_backend": (_unset, _GUIDED),
-    "guided_whitespace_pattern": (_unset, _GUIDED),
-    "response_format": (_text_format, 'only {"type": "text"} is supported (no JSON mode or schema)'),
     "logit_bias": (_empty, "logit_bias is not supported"),
     "best_of": (_one, "only best_of=1 is supported"),
     "use_beam_search": (_off, "beam search is not supported"),
@@ -84,8 +72,6 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     # completions only
     "suffix": (_empty, "suffix (insertion) is not supported"),
     # chat only
-    "tools": (_empty, 'tools are not supported (tool_choice="none" is accepted)'),
-    "tool_choice": (_no_tool_choice, 'tool calling is not supported; only tool_choice="none" is accepted'),
     "functions": (_empty, "function calling is not supported"),
     "function_call": (_no_tool_choice, 'function calling is not supported; only "none" is accepted'),
     "echo": (_off, "echo is not supported on chat completions"),
@@ -106,8 +92,6 @@ def unsupported_field(req: BaseModel) -> tuple[str, str] | None:
         if check is None or (name == "echo" and isinstance(req, CompletionRequest)):
             continue
         ok, why = check
-        if name == "tools" and values.get("tool_choice") == "none":
-            continue  # tools the model is told not to call
         if not ok(value):
             return name, f"{name}={value!r:.100}: {why}"
     opts = values.get("stream_options")
@@ -157,15 +141,16 @@ class SamplingFields(OpenAIModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = False
     skip_special_tokens: bool | None = True
+    # structured outputs (structured.py): at most one source of a constraint per request
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
     # named features this engine does not implement (UNSUPPORTED): a 400 unless left at the no-op value
-    response_format: dict[str, Any] | None = _unsupported_field()
-    structured_outputs: Any = _unsupported_field()
-    guided_json: Any = _unsupported_field()
-    guided_regex: Any = _unsupported_field()
-    guided_choice: Any = _unsupported_field()
-    guided_grammar: Any = _unsupported_field()
-    guided_decoding_backend: Any = _unsupported_field()
-    guided_whitespace_pattern: Any = _unsupported_field()
     best_of: int | None = _unsupported_field()
     use_beam_search: bool | None = _unsupported_field()
     length_penalty: float | None = _unsupported_field()
@@ -191,6 +176,8 @@ class ChatMessage(OpenAIModel):
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant message's calls (passed to the chat template)
+    tool_call_id: str | None = None  # a "tool" message: the call it answers
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -202,8 +189,9 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: bool | None = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = _unsupported_field()
-    tool_choice: str | dict[str, Any] | None = _unsupported_field()
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = True
     functions: Any = _unsupported_field()
     function_call: Any = _unsupported_field()
     echo: bool | None = _unsupported_field()
@@ -256,6 +244,7 @@ class ChatLogProbs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
