@@ -69,6 +69,9 @@ ENGINE_KNOBS: tuple[Knob, ...] = (
     Knob("max_logprobs", "ours"),
     Knob("fxb", "ours"),  # an explicit FXB bundle; passed as fxb_path after artifact resolution
     Knob("structured_outputs_backend", "ours"),  # used only by requests with structured_outputs, refused on RNGD
+    Knob("task", "refused", default="auto", why="this backend serves generation only on RNGD (no pooling path yet)"),
+    Knob("convert", "refused", default="auto", why="this backend serves generation only on RNGD (no pooling path yet)"),
+    Knob("pooling_type", "refused", default=None, why="this backend serves generation only on RNGD (no pooling path yet)"),
 )
 
 # scheduler-JSON keys we always write with these values (no EngineArgs field maps to them)
