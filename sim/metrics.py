@@ -139,13 +139,13 @@ class MetricsRecorder:
             rec[3] += num_tokens
         return self._end(request_id, aborted) if finished else False
 
-    def on_step(self, replica: int, now: float, stats: EngineStats) -> None:
-        """A replica folded a step in: sample its KV usage."""
+    def on_step(self, replica: int, now: float, num_kv_blocks_used: int) -> None:
+        """A replica folded a step in: sample its KV usage (blocks in use)."""
         kv = self.kv.get(replica)
         if kv is None:
             kv = self.kv[replica] = (array("d"), array("q"))
         kv[0].append(now)
-        kv[1].append(stats.num_kv_blocks_used)
+        kv[1].append(num_kv_blocks_used)
 
     def on_replica_end(self, replica: int, devices: str, stats: EngineStats, device_busy_s: float,
                        device_time: dict | None = None) -> None:

@@ -77,7 +77,7 @@ class Replica:
             if result.host_s > 0:  # outputs reach users after the host time: the core stamps them then
                 yield env.timeout(result.host_s)
             done = recorder.on_outputs(core.process(result))
-            recorder.on_step(self.index, env.now, core.stats())
+            recorder.on_step(self.index, env.now, core.num_kv_blocks_used)
             if done and self.on_done is not None:
                 self.on_done(done)
 
