@@ -48,6 +48,13 @@ def _add_sim_args(p: argparse.ArgumentParser) -> None:
                    help="rngd profile: number format of the KV cache (auto = BF16).")
     g.add_argument("--link-latency-s", type=float, default=5e-6,
                    help="rngd profile: seconds per message between cards over PCIe (all-reduces, pipeline sends; assumed).")
+    g.add_argument("--step-overhead-s", type=float, default=0.5e-3,
+                   help="rngd profile: fixed device seconds per step (launch, synchronisation; assumed).")
+    g.add_argument("--host-overhead-s", type=float, default=0.2e-3,
+                   help="rngd profile: host seconds per step (scheduling, sampling, detokenizing; assumed).")
+    g.add_argument("--host-s-per-seq", type=float, default=2e-6, help="rngd profile: host seconds per sequence of a step (assumed).")
+    g.add_argument("--kv-memory-utilization", type=float, default=0.9,
+                   help="Share of a stage's device memory for weights + KV cache (assumed).")
     g.add_argument("--dispatch", choices=["least_loaded", "round_robin"], default="least_loaded", help="How requests are spread over data-parallel replicas.")
     g.add_argument("--workers", type=int, default=1, help="Processes that simulate replicas in parallel (needs --dispatch round_robin).")
     g.add_argument("--token-source", choices=["synthetic", "model"], default="synthetic",
@@ -78,7 +85,10 @@ def _sim_inputs(ns: argparse.Namespace):
                                         bandwidth_efficiency=ns.bandwidth_efficiency,
                                         jit_compile_s_per_unit=ns.jit_compile_s_per_unit,
                                         jit_slow_factor=ns.jit_slow_factor, quantization=ns.quantization,
-                                        kv_cache_dtype=ns.kv_cache_dtype, link_latency_s=ns.link_latency_s, **sim)
+                                        kv_cache_dtype=ns.kv_cache_dtype, link_latency_s=ns.link_latency_s,
+                                        step_overhead_s=ns.step_overhead_s, host_overhead_s=ns.host_overhead_s,
+                                        host_s_per_seq=ns.host_s_per_seq,
+                                        kv_memory_utilization=ns.kv_memory_utilization, **sim)
     tokens = None
     if hf_model is not None:
         import torch
