@@ -1,4 +1,4 @@
-"""Capacity planning: the highest request rate that meets SLOs, and sweeps over configurations.
+"""Capacity planning: the highest request rate that meets SLOs, offline throughput, and sweeps over configurations.
 
 ``max_rate`` brackets the rate (doubling or halving from a start) and then bisects it in log
 space: each probe is one simulated run of the workload at that rate, and a rate passes when
@@ -8,6 +8,7 @@ the share of requests that meet every SLO is at least ``slo.attainment``.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import replace
 
 from .config import SimConfig
@@ -67,12 +68,28 @@ SWEEPABLE = ("devices", "tensor_parallel_size", "pipeline_parallel_size", "data_
              "max_processing_samples", "spare_blocks_ratio", "max_num_batched_tokens")
 
 
-def sweep(config: SimConfig, workload: Workload, slo: SLO, grid: dict[str, list], **kw) -> list[dict]:
-    """``max_rate`` for every combination of the values in ``grid`` (keys from ``SWEEPABLE``).
+OBJECTIVES = ("max_rate", "offline_throughput")
 
-    Each row holds the ``point`` (the swept values), the replica count and ``max_rate``'s result,
+
+def offline_throughput(config: SimConfig, workload: Workload, **sim) -> dict:
+    """Every request of ``workload`` at t=0 (offline serving): the throughput ``config`` reaches and the run's figures."""
+    m = simulate(config, workload.with_rate(math.inf), **sim).report["metrics"]
+    return {"output_throughput": m["output_throughput"], "request_throughput": m["request_throughput"],
+            "median_ttft_ms": m["median_ttft_ms"], "median_tpot_ms": m["median_tpot_ms"], "duration": m["duration"],
+            "device_time": m.get("device_time")}
+
+
+def sweep(config: SimConfig, workload: Workload, slo: SLO | None, grid: dict[str, list], *,
+          objective: str = "max_rate", **kw) -> list[dict]:
+    """``objective`` for every combination of the values in ``grid`` (keys from ``SWEEPABLE``).
+
+    ``max_rate``: the highest request rate within ``slo`` (``kw`` goes to ``max_rate``);
+    ``offline_throughput``: the output throughput with every request at t=0 (``slo`` unused).
+    Each row holds the ``point`` (the swept values), the replica count and the objective's result,
     or an ``error`` when the point cannot run (e.g. the model does not fit its PEs).
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r}: must be one of {', '.join(OBJECTIVES)}")
     for k in grid:
         if k not in SWEEPABLE:
             raise ValueError(f"sweep key {k!r}: must be one of {', '.join(SWEEPABLE)}")
@@ -82,8 +99,17 @@ def sweep(config: SimConfig, workload: Workload, slo: SLO, grid: dict[str, list]
         point = dict(zip(keys, values))
         cfg = replace(config, **point)  # SimConfig takes engine arguments and its own settings alike
         try:
-            res = max_rate(cfg, workload, slo, **kw)
+            if objective == "max_rate":
+                res = max_rate(cfg, workload, slo, **kw)
+            else:
+                res = offline_throughput(cfg, workload, **{k: v for k, v in kw.items() if k in ("dispatch", "workers")})
             rows.append({"point": point, "num_replicas": cfg.plan().num_replicas, **res})
         except ValueError as e:  # e.g. the model does not fit this many PEs
-            rows.append({"point": point, "error": str(e), "max_request_rate": None})
+            rows.append({"point": point, "error": str(e), "max_request_rate": None, "output_throughput": None})
     return rows
+
+
+def best(rows: list[dict], objective: str = "max_rate") -> dict | None:
+    """The row of ``sweep`` that does best on ``objective`` (None when no point could run)."""
+    key = "max_request_rate" if objective == "max_rate" else "output_throughput"
+    return max((r for r in rows if r.get(key)), key=lambda r: r[key], default=None)

@@ -154,19 +154,20 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     config, workload, slo, tokens = _sim_inputs(ns)
     if tokens is not None:
         raise ValueError("plan: --token-source model is for functional simulate runs; plans use synthetic tokens")
-    if slo.empty:
+    if slo.empty and ns.objective == "max_rate":
         raise ValueError("plan: give at least one of --slo-ttft-ms, --slo-tpot-ms, --slo-e2el-ms")
     grid = _parse_sweep(ns.sweep or [])
     t0 = time.perf_counter()
-    rows = sweep(config, workload, slo, grid, start=ns.start_rate, rel_tol=ns.rel_tol, dispatch=ns.dispatch,
-                 workers=ns.workers)
-    plan = {"config": config.describe(), "workload": workload.describe(), "slo": dataclasses.asdict(slo), "results": rows}
+    rows = sweep(config, workload, slo, grid, objective=ns.objective, start=ns.start_rate, rel_tol=ns.rel_tol,
+                 dispatch=ns.dispatch, workers=ns.workers)
+    plan = {"config": config.describe(), "workload": workload.describe(), "slo": dataclasses.asdict(slo),
+            "objective": ns.objective, "results": rows}
     if ns.out:
         write_json(plan, ns.out)
     if ns.plot:
         plot_plan(plan, ns.plot)
-    table = [{**r["point"], "max_request_rate": r.get("max_request_rate"), **({"error": r["error"]} if "error" in r else {})}
-             for r in rows]
+    key = "max_request_rate" if ns.objective == "max_rate" else "output_throughput"
+    table = [{**r["point"], key: r.get(key), **({"error": r["error"]} if "error" in r else {})} for r in rows]
     print(json.dumps(jsonable(table), indent=2))
     print(f"planned {len(rows)} configuration(s) in {time.perf_counter() - t0:.1f} wall s", file=sys.stderr)
     if rows and all("error" in r for r in rows):
@@ -296,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sim_args(p)
     p.add_argument("--sweep", action="append", default=None, metavar="KEY=V1,V2",
                    help="Values to sweep (repeatable); devices are separated by '|', e.g. 'devices=npu:0|npu:0,npu:1'.")
+    p.add_argument("--objective", choices=["max_rate", "offline_throughput"], default="max_rate",
+                   help="max_rate: the highest request rate within the SLOs; offline_throughput: output tok/s with "
+                        "every request at t=0 (no SLO needed).")
     p.add_argument("--start-rate", type=float, default=1.0, help="First request rate probed (req/s).")
     p.add_argument("--rel-tol", type=float, default=0.05, help="Stop when the bracket is this tight (relative).")
     p.add_argument("--out", default=None, help="Write the plan as JSON here.")
