@@ -368,3 +368,21 @@ def test_every_rngd_assumption_is_a_named_overridable_setting(capsys):
     assert main(["simulate", "--model", "llama-3.1-8b", "--num-requests", "4", "--no-progress", "--step-overhead-s", "0.002",
                  "--host-overhead-s", "0", "--host-s-per-seq", "0", "--kv-memory-utilization", "0.85"]) == 0
     assert "median_tpot_ms" in capsys.readouterr().out
+
+
+def test_plan_ranks_layouts_by_offline_throughput(capsys):
+    from furiosa_llm.entrypoints.cli import main
+    from furiosa_llm.sim.planner import best
+
+    w = Workload(num_requests=24, request_rate=1.0, input_len="fixed:128", output_len="fixed:64")
+    rows = sweep(SimConfig(model="llama-3.1-8b"), w, None, {"tensor_parallel_size": [1, 4, 8]},
+                 objective="offline_throughput")
+    assert "error" in rows[0] and rows[0]["output_throughput"] is None  # 8B in BF16 does not fit one PE
+    ok = [r for r in rows if r["output_throughput"]]
+    assert len(ok) == 2 and all(r["device_time"]["mean_batch_size"] >= 1 for r in ok)
+    assert best(rows, "offline_throughput") is max(ok, key=lambda r: r["output_throughput"])
+    with pytest.raises(ValueError, match="objective"):
+        sweep(SimConfig(), w, None, {}, objective="fastest")
+    assert main(["plan", "--model", "llama-3.1-8b", "--num-requests", "8", "--objective", "offline_throughput",
+                 "--sweep", "tensor-parallel-size=4,8"]) == 0  # no SLO needed offline
+    assert "output_throughput" in capsys.readouterr().out
