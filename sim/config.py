@@ -54,6 +54,9 @@ class SimConfig:
     quantization: str = "none"  # rngd profile: none (BF16), fp8 (W8A8) or w8a16
     kv_cache_dtype: str = "auto"  # rngd profile: auto (BF16), bf16 or fp8
     link_latency_s: float = LINK_LATENCY_S  # rngd profile: one message between cards over PCIe (assumed)
+    step_overhead_s: float = 0.5e-3  # rngd profile: fixed device seconds per step (launch, sync; assumed)
+    host_overhead_s: float = 0.2e-3  # rngd profile: host seconds per step (scheduling, sampling; assumed)
+    host_s_per_seq: float = 2e-6  # rngd profile: host seconds per sequence of a step (assumed)
 
     def __init__(self, model: ModelShape | str | None = None, *, engine_args: EngineArgs | None = None,
                  **knobs: Any) -> None:
@@ -77,6 +80,10 @@ class SimConfig:
         elif knobs:
             engine_args = dataclasses.replace(engine_args, **knobs)
         self.engine_args = engine_args
+        for k in ("step_overhead_s", "host_overhead_s", "host_s_per_seq", "link_latency_s"):
+            v = getattr(self, k)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
+                raise ValueError(f"{k}={v!r}: must be a number >= 0 (seconds)")
         if not 0 < self.kv_memory_utilization <= 1:
             raise ValueError(f"kv_memory_utilization={self.kv_memory_utilization!r}: must be in (0, 1]")
 
@@ -143,7 +150,8 @@ class SimConfig:
                                bandwidth_efficiency=self.bandwidth_efficiency, model=self.model,
                                jit_compile_s_per_unit=self.jit_compile_s_per_unit, jit_slow_factor=self.jit_slow_factor,
                                quantization=self.quantization, kv_cache_dtype=self.kv_cache_dtype,
-                               link_latency_s=self.link_latency_s)
+                               link_latency_s=self.link_latency_s, overhead_s=self.step_overhead_s,
+                               host_overhead_s=self.host_overhead_s, host_s_per_seq=self.host_s_per_seq)
 
     def _kv_blocks_in_memory(self, cost: CostModel) -> int:
         """KV blocks of one replica: what is left of each stage's memory after its share of the weights."""

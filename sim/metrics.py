@@ -103,20 +103,24 @@ class MetricsRecorder:
         Times come from each request's timing record (the core stamped its tokens when it
         folded the step in).
         """
-        live, itl = self._live, self.itl
+        live_get, itl_append = self._live.get, self.itl.append
         done = 0
         for o in outputs:
-            rec = live.get(o.request_id)
+            rec = live_get(o.request_id)
             if rec is None:
                 continue
-            if o.metrics is not None:  # the request's first output carries its record
-                rec[0] = o.metrics
-            if o.new_token_ids:
-                t = rec[0].last_token_time
+            m = o.metrics
+            if m is not None:  # the request's first output carries its record
+                rec[0] = m
+            else:
+                m = rec[0]
+            new = o.new_token_ids
+            if new:
+                t = m.last_token_time
                 if rec[3]:
-                    itl.append(t - rec[4])
+                    itl_append(t - rec[4])
                 rec[4] = t
-                rec[3] += len(o.new_token_ids)
+                rec[3] += len(new)
             if o.finish_reason is not None:  # a pooling request completes with its vector and no tokens
                 done += self._end(o.request_id, o.finish_reason == "abort", pooled=o.pooled is not None)
         return done
@@ -139,13 +143,13 @@ class MetricsRecorder:
             rec[3] += num_tokens
         return self._end(request_id, aborted) if finished else False
 
-    def on_step(self, replica: int, now: float, stats: EngineStats) -> None:
-        """A replica folded a step in: sample its KV usage."""
+    def on_step(self, replica: int, now: float, num_kv_blocks_used: int) -> None:
+        """A replica folded a step in: sample its KV usage (blocks in use)."""
         kv = self.kv.get(replica)
         if kv is None:
             kv = self.kv[replica] = (array("d"), array("q"))
         kv[0].append(now)
-        kv[1].append(stats.num_kv_blocks_used)
+        kv[1].append(num_kv_blocks_used)
 
     def on_replica_end(self, replica: int, devices: str, stats: EngineStats, device_busy_s: float,
                        device_time: dict | None = None) -> None:

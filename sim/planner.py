@@ -1,4 +1,4 @@
-"""Capacity planning: the highest request rate that meets SLOs, and sweeps over configurations.
+"""Capacity planning: the highest request rate that meets SLOs, offline throughput, and sweeps over configurations.
 
 ``max_rate`` brackets the rate (doubling or halving from a start) and then bisects it in log
 space: each probe is one simulated run of the workload at that rate, and a rate passes when
@@ -11,6 +11,7 @@ grid, one after another or, given ``ray``, each point's search as a Ray task
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import replace
 from typing import Callable
 
@@ -126,21 +127,41 @@ SWEEPABLE = ("devices", "tensor_parallel_size", "pipeline_parallel_size", "data_
              "max_processing_samples", "spare_blocks_ratio", "max_num_batched_tokens")
 
 
-def _sweep_point(config: SimConfig, workload: Workload, slo: SLO, point: dict, kw: dict) -> dict:
-    """One row of a sweep: ``max_rate`` at ``point``, or the ``error`` that stopped it (a bad point)."""
+OBJECTIVES = ("max_rate", "offline_throughput")
+
+
+def offline_throughput(config: SimConfig, workload: Workload, **sim) -> dict:
+    """Every request of ``workload`` at t=0 (offline serving): the throughput ``config`` reaches and the run's figures."""
+    m = simulate(config, workload.with_rate(math.inf), **sim).report["metrics"]
+    return {"output_throughput": m["output_throughput"], "request_throughput": m["request_throughput"],
+            "median_ttft_ms": m["median_ttft_ms"], "median_tpot_ms": m["median_tpot_ms"], "duration": m["duration"],
+            "device_time": m.get("device_time")}
+
+
+def _sweep_point(config: SimConfig, workload: Workload, slo: SLO | None, point: dict, kw: dict) -> dict:
+    """One row of a sweep: the objective (``kw["objective"]``, default ``max_rate``) at ``point``, or the
+    ``error`` that stopped it (a bad point)."""
     cfg = replace(config, **point)  # SimConfig takes engine arguments and its own settings alike
+    kw = dict(kw)
+    objective = kw.pop("objective", "max_rate")
     try:
-        res = max_rate(cfg, workload, slo, **kw)
+        if objective == "offline_throughput":
+            res = offline_throughput(cfg, workload, **{k: v for k, v in kw.items() if k in ("dispatch", "workers")})
+        else:
+            res = max_rate(cfg, workload, slo, **kw)
         return {"point": point, "num_replicas": cfg.plan().num_replicas, **res}
     except ValueError as e:  # e.g. the model does not fit this many PEs
-        return {"point": point, "error": str(e), "max_request_rate": None}
+        return {"point": point, "error": str(e), "max_request_rate": None, "output_throughput": None}
 
 
-def sweep(config: SimConfig, workload: Workload, slo: SLO, grid: dict[str, list], *, ray: str | None = None,
-          progress: bool = False, on_row: Callable[[int, dict], None] | None = None, **kw) -> list[dict]:
-    """``max_rate`` for every combination of the values in ``grid`` (keys from ``SWEEPABLE``).
+def sweep(config: SimConfig, workload: Workload, slo: SLO | None, grid: dict[str, list], *, ray: str | None = None,
+          progress: bool = False, on_row: Callable[[int, dict], None] | None = None, objective: str = "max_rate",
+          **kw) -> list[dict]:
+    """``objective`` for every combination of the values in ``grid`` (keys from ``SWEEPABLE``).
 
-    Each row holds the ``point`` (the swept values), the replica count and ``max_rate``'s result,
+    ``max_rate``: the highest request rate within ``slo`` (``kw`` goes to ``max_rate``);
+    ``offline_throughput``: the output throughput with every request at t=0 (``slo`` unused).
+    Each row holds the ``point`` (the swept values), the replica count and the objective's result,
     or an ``error`` when the point cannot run (e.g. the model does not fit its PEs). Rows are in
     grid order.
 
@@ -150,9 +171,12 @@ def sweep(config: SimConfig, workload: Workload, slo: SLO, grid: dict[str, list]
     ``error`` row and the others complete. ``on_row(i, row)`` hears of each
     row as it is ready (in finishing order with Ray); ``progress`` shows a bar of finished points.
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r}: must be one of {', '.join(OBJECTIVES)}")
     for k in grid:
         if k not in SWEEPABLE:
             raise ValueError(f"sweep key {k!r}: must be one of {', '.join(SWEEPABLE)}")
+    kw = {**kw, "objective": objective}
     keys = list(grid)
     points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
     rows: list[dict] = [{}] * len(points)
@@ -181,8 +205,15 @@ def sweep(config: SimConfig, workload: Workload, slo: SLO, grid: dict[str, list]
     tasks = [(config, workload, slo, point, kw) for point in points]
     for i, row, error in run_tasks(_sweep_point, tasks, ray_address=ray, progress=progress, desc="sweep", unit="point"):
         if error is not None:
-            row = {"point": points[i], "error": f"{type(error).__name__}: {error}", "max_request_rate": None}
+            row = {"point": points[i], "error": f"{type(error).__name__}: {error}", "max_request_rate": None,
+                   "output_throughput": None}
         rows[i] = row
         if on_row is not None:
             on_row(i, row)
     return rows
+
+
+def best(rows: list[dict], objective: str = "max_rate") -> dict | None:
+    """The row of ``sweep`` that does best on ``objective`` (None when no point could run)."""
+    key = "max_request_rate" if objective == "max_rate" else "output_throughput"
+    return max((r for r in rows if r.get(key)), key=lambda r: r[key], default=None)

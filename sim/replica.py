@@ -84,7 +84,7 @@ class Replica:
                     if o.finish_reason is not None:
                         router.finish(o.request_id)
             done = recorder.on_outputs(outputs)
-            recorder.on_step(self.index, env.now, core.stats())
+            recorder.on_step(self.index, env.now, core.num_kv_blocks_used)
             if done and self.on_done is not None:
                 self.on_done(done)
 

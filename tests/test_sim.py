@@ -345,3 +345,42 @@ def test_a_pipeline_fills_when_batches_in_flight_split_the_running_requests(stag
     full = simulate(SimConfig(**kw, npu_queue_limit=stages), w).report["metrics"]
     assert full["output_throughput"] >= min_gain * one["output_throughput"]
     assert full["device_time"]["idle_share"] < 0.1 < one["device_time"]["idle_share"]
+
+
+def test_every_rngd_assumption_is_a_named_overridable_setting(capsys):
+    """The figures the rngd profile assumes are SimConfig fields and CLI flags, validated by name."""
+    cfg = SimConfig(model="llama-3.1-8b", step_overhead_s=1e-3, host_overhead_s=3e-4, host_s_per_seq=5e-6,
+                    link_latency_s=1e-5, kv_memory_utilization=0.8)
+    cost = cfg.plan().cost
+    assert (cost.overhead_s, cost.host_overhead_s, cost.host_s_per_seq) == (1e-3, 3e-4, 5e-6)
+    assert cfg.plan().num_kv_blocks < SimConfig(model="llama-3.1-8b").plan().num_kv_blocks  # less memory for KV
+    described = cfg.describe()
+    for k in ("compute_efficiency", "bandwidth_efficiency", "kv_memory_utilization", "step_overhead_s",
+              "host_overhead_s", "host_s_per_seq", "link_latency_s"):
+        assert k in described  # reports list every assumption with its value
+    for k in ("step_overhead_s", "host_overhead_s", "host_s_per_seq", "link_latency_s"):
+        with pytest.raises(ValueError, match=k):
+            SimConfig(**{k: -1.0})
+    from furiosa_llm.entrypoints.cli import main
+
+    assert main(["simulate", "--model", "llama-3.1-8b", "--num-requests", "4", "--no-progress", "--step-overhead-s", "0.002",
+                 "--host-overhead-s", "0", "--host-s-per-seq", "0", "--kv-memory-utilization", "0.85"]) == 0
+    assert "median_tpot_ms" in capsys.readouterr().out
+
+
+def test_plan_ranks_layouts_by_offline_throughput(capsys):
+    from furiosa_llm.entrypoints.cli import main
+    from furiosa_llm.sim.planner import best
+
+    w = Workload(num_requests=24, request_rate=1.0, input_len="fixed:128", output_len="fixed:64")
+    rows = sweep(SimConfig(model="llama-3.1-8b"), w, None, {"tensor_parallel_size": [1, 4, 8]},
+                 objective="offline_throughput")
+    assert "error" in rows[0] and rows[0]["output_throughput"] is None  # 8B in BF16 does not fit one PE
+    ok = [r for r in rows if r["output_throughput"]]
+    assert len(ok) == 2 and all(r["device_time"]["mean_batch_size"] >= 1 for r in ok)
+    assert best(rows, "offline_throughput") is max(ok, key=lambda r: r["output_throughput"])
+    with pytest.raises(ValueError, match="objective"):
+        sweep(SimConfig(), w, None, {}, objective="fastest")
+    assert main(["plan", "--model", "llama-3.1-8b", "--num-requests", "8", "--objective", "offline_throughput",
+                 "--sweep", "tensor-parallel-size=4,8"]) == 0  # no SLO needed offline
+    assert "output_throughput" in capsys.readouterr().out

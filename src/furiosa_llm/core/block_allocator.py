@@ -121,15 +121,18 @@ class BlockAllocator:
             return
         bs = self.block_size
         num_hashed, last_hash = table.num_hashed, table.last_hash
-        while (num_hashed + 1) * bs <= num_computed:
-            tokens = tuple(token_ids[num_hashed * bs : (num_hashed + 1) * bs])
-            h = chain_hash(last_hash, tokens)
-            block = self.blocks[table.ids[num_hashed]]
-            if block.hash is None and h not in self.hash_to_block:
+        ids, blocks, hash_to_block = table.ids, self.blocks, self.hash_to_block
+        end = (num_hashed + 1) * bs
+        while end <= num_computed:
+            tokens = tuple(token_ids[end - bs : end])
+            h = hash((last_hash, tokens))  # chain_hash(last_hash, tokens), inlined
+            block = blocks[ids[num_hashed]]
+            if block.hash is None and h not in hash_to_block:
                 block.hash = h
                 block.token_ids = tokens
-                self.hash_to_block[h] = block.block_id
+                hash_to_block[h] = block.block_id
             num_hashed += 1
+            end += bs
             last_hash = h
         table.num_hashed, table.last_hash = num_hashed, last_hash
 
@@ -138,13 +141,14 @@ class BlockAllocator:
 
         The old id list is left as it was (a batch still in flight may hold it); the table gets a new one.
         """
+        blocks, free = self.blocks, self._free
         for bid in reversed(table.ids):
-            block = self.blocks[bid]
+            block = blocks[bid]
             if block.ref_count <= 0:
                 raise RuntimeError(f"block {bid} freed more often than allocated")
             block.ref_count -= 1
             if block.ref_count == 0:
-                self._free[bid] = None
+                free[bid] = None
         table.ids = []
         table.num_hashed = 0
         table.last_hash = None
@@ -158,12 +162,13 @@ class BlockAllocator:
                 del self._free[bid]
             block.ref_count += 1
             ids.append(bid)
-        while len(ids) * self.block_size < num_tokens:
-            bid, _ = self._free.popitem(last=False)
-            block = self.blocks[bid]
+        blocks, popitem, hash_to_block = self.blocks, self._free.popitem, self.hash_to_block
+        for _ in range(self.blocks_for(num_tokens) - len(ids)):  # fresh blocks, least recently freed first
+            bid = popitem(last=False)[0]
+            block = blocks[bid]
             if block.hash is not None:
-                if self.hash_to_block.get(block.hash) == bid:
-                    del self.hash_to_block[block.hash]
+                if hash_to_block.get(block.hash) == bid:
+                    del hash_to_block[block.hash]
                 block.hash = None
                 block.token_ids = ()
             block.ref_count = 1

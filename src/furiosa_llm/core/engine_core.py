@@ -169,6 +169,11 @@ class EngineCore:
             )
 
     @property
+    def num_kv_blocks_used(self) -> int:
+        """KV blocks in use now (``stats().num_kv_blocks_used`` without the snapshot)."""
+        return self.scheduler.allocator.num_used
+
+    @property
     def num_unfinished(self) -> int:
         """Live requests (running or waiting)."""
         return len(self.scheduler.requests)

@@ -147,25 +147,38 @@ class Scheduler:
         alloc = self.allocator
         room = alloc.block_size
         preempted = False
+        running = RequestStatus.RUNNING
+        append = seqs.append
         for req in list(self.running) if slot is None else [r for r in self.running if r.slot == slot]:
             if budget == 0:
                 break
-            if req.in_batch or req.status is not RequestStatus.RUNNING:
+            if req.in_batch or req.status is not running:
                 continue
             computed = req.num_computed_tokens
-            n = min(len(req.token_ids) - computed, budget)
+            tokens = req.token_ids
+            total = len(tokens)
+            n = total - computed
+            if n > budget:
+                n = budget
             need = computed + n
             table = req.block_table
-            while len(table.ids) * room < need and not alloc.grow(table, need):
-                victim = self._victim()
-                assert victim is not None  # req itself is not in a batch
-                self._preempt(victim)
-                preempted = True
-                if victim is req:
-                    break
-            if req.status is RequestStatus.RUNNING:
-                seqs.append(self._chunk(req, n))
-                budget -= n
+            if len(table.ids) * room < need:
+                while not alloc.grow(table, need):
+                    victim = self._victim()
+                    assert victim is not None  # req itself is not in a batch
+                    self._preempt(victim)
+                    preempted = True
+                    if victim is req:
+                        break
+                if req.status is not running:
+                    continue
+            if req.pooling or req.needs_history or req.sampling.prompt_logprobs is not None:
+                append(self._chunk(req, n))
+            else:  # the hot path, _chunk's last case inlined (one chunk per running request per step)
+                req.in_batch = True
+                append(SequenceChunk(req.request_id, tokens[computed:need], computed, table.ids, need == total,
+                                     req.sampling, len(req.output_token_ids), (), (), req))
+            budget -= n
         return budget, preempted
 
     def _schedule_waiting(self, seqs: list[SequenceChunk], budget: int, now: float, slot: int | None) -> int:
@@ -255,37 +268,38 @@ class Scheduler:
         hashing, bs = alloc.enable_prefix_caching, alloc.block_size
         sampled, logprobs, prompt_lps = result.sampled, result.logprobs, result.prompt_logprobs
         eos, max_model_len = self.eos_token_ids, self.config.max_model_len
-        num_generated = 0
+        num_generated = num_prompt_computed = 0
+        append = outputs.append
         for chunk in batch.sequences:
             req = chunk.owner
             if not req.in_batch:
                 continue  # ended while in flight (finish_request clears in_batch): its result is dropped
             req.in_batch = False
             n = len(chunk.token_ids)
-            num_prompt = len(req.prompt_token_ids)
-            if chunk.start_pos < num_prompt:
-                self.stats.num_prompt_tokens_computed += min(n, num_prompt - chunk.start_pos)
-            req.num_computed_tokens += n
+            start, num_prompt = chunk.start_pos, len(req.prompt_token_ids)
+            if start < num_prompt:
+                num_prompt_computed += n if n < num_prompt - start else num_prompt - start
+            computed = req.num_computed_tokens = req.num_computed_tokens + n
             if req.pooling:  # its one step: the pooled vector, and the request ends, freeing its blocks
                 rid = req.request_id
                 m = req.metrics
                 m.first_token_time = m.last_token_time = now
                 self.finish_request(rid, RequestStatus.FINISHED_STOPPED, None, now)
-                outputs.append(self._first_output(req, CoreOutput(rid, [], finish_reason="stop",
-                                                                  pooled=result.pooled.get(rid))))
+                append(self._first_output(req, CoreOutput(rid, [], finish_reason="stop", pooled=result.pooled.get(rid))))
                 continue
-            if hashing and (req.block_table.num_hashed + 1) * bs <= req.num_computed_tokens:  # a block became full
-                alloc.commit(req.block_table, req.token_ids, req.num_computed_tokens)
+            tokens = req.token_ids
+            if hashing and (req.block_table.num_hashed + 1) * bs <= computed:  # a block became full
+                alloc.commit(req.block_table, tokens, computed)
             rid = req.request_id
             prompt_lp = prompt_lps.get(rid) if prompt_lps else None
             if not chunk.sample:
                 if prompt_lp is not None:
-                    outputs.append(self._first_output(req, CoreOutput(request_id=rid, new_token_ids=[],
-                                                                      prompt_logprobs=prompt_lp)))
+                    append(self._first_output(req, CoreOutput(request_id=rid, new_token_ids=[], prompt_logprobs=prompt_lp)))
                 continue
             tok = sampled[rid]
-            req.output_token_ids.append(tok)
-            req.token_ids.append(tok)
+            output_ids = req.output_token_ids
+            output_ids.append(tok)
+            tokens.append(tok)
             num_generated += 1
             m = req.metrics
             if m.first_token_time is None:
@@ -295,17 +309,20 @@ class Scheduler:
             if logprobs or prompt_lp is not None:
                 out.logprobs = logprobs.get(rid) if logprobs else None
                 out.prompt_logprobs = prompt_lp
-            if (len(req.output_token_ids) < req.max_tokens and len(req.token_ids) < max_model_len
+            if (len(output_ids) < req.max_tokens and len(tokens) < max_model_len
                     and tok not in eos and tok not in req.stop_token_ids):
-                status = None  # the common case, decided without a call: the request goes on
-            else:
-                status, stop_reason = self._check_stop(req, tok)
+                # the common case, decided without a call: the request goes on
+                append(out if req.reported else self._first_output(req, out))
+                continue
+            status, stop_reason = self._check_stop(req, tok)
             if status is not None:
                 self.finish_request(rid, status, stop_reason, now)
                 out.finish_reason = status.finish_reason
                 out.stop_reason = stop_reason
-            outputs.append(out if req.reported else self._first_output(req, out))
-        self.stats.num_generated_tokens += num_generated
+            append(out if req.reported else self._first_output(req, out))
+        stats = self.stats
+        stats.num_prompt_tokens_computed += num_prompt_computed
+        stats.num_generated_tokens += num_generated
         return outputs
 
     def fail_batch(self, step_id: int, error: str, now: float) -> list[CoreOutput]:

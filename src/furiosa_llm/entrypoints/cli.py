@@ -50,6 +50,13 @@ def _add_sim_args(p: argparse.ArgumentParser) -> None:
                    help="rngd profile: number format of the KV cache (auto = BF16).")
     g.add_argument("--link-latency-s", type=float, default=5e-6,
                    help="rngd profile: seconds per message between cards over PCIe (all-reduces, pipeline sends; assumed).")
+    g.add_argument("--step-overhead-s", type=float, default=0.5e-3,
+                   help="rngd profile: fixed device seconds per step (launch, synchronisation; assumed).")
+    g.add_argument("--host-overhead-s", type=float, default=0.2e-3,
+                   help="rngd profile: host seconds per step (scheduling, sampling, detokenizing; assumed).")
+    g.add_argument("--host-s-per-seq", type=float, default=2e-6, help="rngd profile: host seconds per sequence of a step (assumed).")
+    g.add_argument("--kv-memory-utilization", type=float, default=0.9,
+                   help="Share of a stage's device memory for weights + KV cache (assumed).")
     g.add_argument("--dispatch", choices=["least_loaded", "least_tokens", "round_robin"], default="least_loaded",
                    help="How requests are spread over data-parallel replicas (the routing policies of the real engine's front).")
     g.add_argument("--workers", type=int, default=1, help="Ray tasks that simulate replicas in parallel (needs --dispatch round_robin).")
@@ -84,7 +91,10 @@ def _sim_inputs(ns: argparse.Namespace):
                                         bandwidth_efficiency=ns.bandwidth_efficiency,
                                         jit_compile_s_per_unit=ns.jit_compile_s_per_unit,
                                         jit_slow_factor=ns.jit_slow_factor, quantization=ns.quantization,
-                                        kv_cache_dtype=ns.kv_cache_dtype, link_latency_s=ns.link_latency_s, **sim)
+                                        kv_cache_dtype=ns.kv_cache_dtype, link_latency_s=ns.link_latency_s,
+                                        step_overhead_s=ns.step_overhead_s, host_overhead_s=ns.host_overhead_s,
+                                        host_s_per_seq=ns.host_s_per_seq,
+                                        kv_memory_utilization=ns.kv_memory_utilization, **sim)
     tokens = None
     if hf_model is not None:
         import torch
@@ -153,11 +163,12 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     config, workload, slo, tokens = _sim_inputs(ns)
     if tokens is not None:
         raise ValueError("plan: --token-source model is for functional simulate runs; plans use synthetic tokens")
-    if slo.empty:
+    if slo.empty and ns.objective == "max_rate":
         raise ValueError("plan: give at least one of --slo-ttft-ms, --slo-tpot-ms, --slo-e2el-ms")
     grid = _parse_sweep(ns.sweep or [])
     t0 = time.perf_counter()
-    head = {"config": config.describe(), "workload": workload.describe(), "slo": dataclasses.asdict(slo)}
+    head = {"config": config.describe(), "workload": workload.describe(), "slo": dataclasses.asdict(slo),
+            "objective": ns.objective}
     rows_expected = [None] * math.prod(len(v) for v in grid.values())
     done: dict[int, dict] = {}
 
@@ -168,15 +179,15 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         if ns.plot and len(done) < len(rows_expected):
             plot_plan({**head, "results": [done[j] for j in sorted(done)]}, ns.plot)
 
-    rows = sweep(config, workload, slo, grid, start=ns.start_rate, rel_tol=ns.rel_tol, dispatch=ns.dispatch,
-                 workers=ns.workers, ray=ns.ray, progress=not ns.no_progress, on_row=on_row)
+    rows = sweep(config, workload, slo, grid, objective=ns.objective, start=ns.start_rate, rel_tol=ns.rel_tol,
+                 dispatch=ns.dispatch, workers=ns.workers, ray=ns.ray, progress=not ns.no_progress, on_row=on_row)
     plan = {**head, "results": rows}
     if ns.out:
         write_json(plan, ns.out)
     if ns.plot:
         plot_plan(plan, ns.plot)
-    table = [{**r["point"], "max_request_rate": r.get("max_request_rate"), **({"error": r["error"]} if "error" in r else {})}
-             for r in rows]
+    key = "max_request_rate" if ns.objective == "max_rate" else "output_throughput"
+    table = [{**r["point"], key: r.get(key), **({"error": r["error"]} if "error" in r else {})} for r in rows]
     print(json.dumps(jsonable(table), indent=2))
     print(f"planned {len(rows)} configuration(s) in {time.perf_counter() - t0:.1f} wall s", file=sys.stderr)
     if rows and all("error" in r for r in rows):
@@ -306,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sim_args(p)
     p.add_argument("--sweep", action="append", default=None, metavar="KEY=V1,V2",
                    help="Values to sweep (repeatable); devices are separated by '|', e.g. 'devices=npu:0|npu:0,npu:1'.")
+    p.add_argument("--objective", choices=["max_rate", "offline_throughput"], default="max_rate",
+                   help="max_rate: the highest request rate within the SLOs; offline_throughput: output tok/s with "
+                        "every request at t=0 (no SLO needed).")
     p.add_argument("--start-rate", type=float, default=1.0, help="First request rate probed (req/s).")
     p.add_argument("--rel-tol", type=float, default=0.05, help="Stop when the bracket is this tight (relative).")
     p.add_argument("--out", default=None, help="Write the plan as JSON here.")
