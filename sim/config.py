@@ -77,6 +77,8 @@ class SimConfig:
         elif knobs:
             engine_args = dataclasses.replace(engine_args, **knobs)
         self.engine_args = engine_args
+        if self.quantization == "none" and engine_args.quantization != "none":
+            self.quantization = engine_args.quantization  # the engine's --quantization, when not set here
         if not 0 < self.kv_memory_utilization <= 1:
             raise ValueError(f"kv_memory_utilization={self.kv_memory_utilization!r}: must be in (0, 1]")
 

@@ -83,6 +83,7 @@ class NativeEngine:
             data_parallel_size=args.data_parallel_size, dtype=args.dtype, block_size=args.block_size,
             kv_cache_memory_bytes=args.kv_cache_memory_bytes, tokenizer=args.tokenizer,
             tokenizer_mode=args.tokenizer_mode, revision=args.revision, cache_dir=args.cache_dir, seed=args.seed,
+            quantization=args.quantization,
         )
         self.backend = backend
         self.load_seconds = backend.load_seconds
