@@ -238,6 +238,7 @@ def main() -> None:
         hf_model = hf_model.to(args.devices)
         pad = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else 0
         hf: dict = {"dtype": hf_dtype}
+        hf_generate(hf_model, [[100] * 8], 2, pad)  # warm-up
         if args.workload == "anchor":
             for c in args.concurrency:
                 hf[f"c{c}"] = run_hf(hf_model, [base[i % len(base)] for i in range(c)], args.output_len, c, pad)

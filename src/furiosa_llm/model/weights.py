@@ -8,7 +8,9 @@ bf16 is emulated and slower than float32.
 ``nn.Linear`` of the decoder layers and the LM head becomes an ``Int8Linear``: int8 weights
 with one symmetric scale per output channel (``scale = max|w| / 127``), served by PyTorch's
 own weight-only kernel ``torch.ops.aten._weight_int8pack_mm`` for few rows (decode) and by a
-dequantized 16-bit matmul for many (prefill, large decode batches), where that kernel is slower.
+16-bit matmul over the converted weights for many (prefill), where that kernel is slower. On CPU
+W8A16 serves small batches best; plain bf16 is faster from about eight rows on (see
+``INT8_KERNEL_MAX_ROWS``).
 Embeddings and norms keep the model's 16-bit dtype.
 """
 
@@ -24,10 +26,12 @@ logger = logging.getLogger("furiosa_llm.model")
 
 QUANTIZATIONS = ("none", "w8a16")  # what the torch backend executes (the simulator also costs "fp8")
 
-# Rows up to which ``_weight_int8pack_mm`` beats dequantize-then-matmul. Measured on this project's
-# 2-core AVX512/AMX Xeon (benchmarks/profile_step.py): the int8 kernel is a GEMV-style loop, ahead at
-# one to a few rows, behind the AMX bf16 GEMM from a few dozen rows on.
-INT8_KERNEL_MAX_ROWS = 8
+# Rows up to which ``_weight_int8pack_mm`` beats converting the int8 weights to 16 bits and a 16-bit
+# matmul. Measured on this project's 2-core AVX512/AMX Xeon, one thread, bf16 activations (ms; the
+# machine was shared): a 1536x576 layer at 8/16/32 rows: 0.25/1.1/3.0 int8 kernel vs 0.7/0.9/1.0
+# converted; the 49152x576 LM head: 70/135/190 vs ~400 converted. Both lose to plain bf16 weights
+# from ~8 rows on (0.16 ms, 31-48 ms): W8A16 pays off at small batches (decode latency), not at large.
+INT8_KERNEL_MAX_ROWS = 16
 
 
 def cpu_has_native_bf16() -> bool:
@@ -73,7 +77,7 @@ class Int8Linear(nn.Module):
         if x2.shape[0] <= INT8_KERNEL_MAX_ROWS and x2.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scale)
         else:
-            y = F.linear(x2, self.weight_int8.to(x2.dtype) * self.scale[:, None])
+            y = F.linear(x2, self.weight_int8.to(x2.dtype)) * self.scale  # per-channel scale on the output: one pass fewer
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
