@@ -93,14 +93,16 @@ def place_replicas(devices: list[Device], tensor_parallel_size: int = PES_PER_CA
 
 
 class SyntheticTokens:
-    """Token source for planning: every sampled token is ``token_id`` (never an EOS of the run)."""
+    """Token source for planning: every sampled token is ``token_id`` (never an EOS of the run); a pooling
+    chunk gets an empty vector (its cost, prefill only, is the cost model's; its values do not matter)."""
 
     def __init__(self, token_id: int = 1) -> None:
         self.token_id = token_id
 
     def execute(self, batch: Batch) -> StepResult:
         tok = self.token_id
-        return StepResult(batch.step_id, {s.request_id: tok for s in batch.sequences if s.sample})
+        return StepResult(batch.step_id, {s.request_id: tok for s in batch.sequences if s.sample},
+                          pooled={s.request_id: [] for s in batch.sequences if s.pool})
 
 
 class SimQueue(ExecutionQueue):

@@ -35,8 +35,8 @@ def select_device(devices: list[Device] | None, pipeline_parallel_size: int | No
     listed = ",".join(map(str, devices))
     if any(d.kind == "npu" for d in devices):
         raise ValueError(
-            f"devices={listed!r}: RNGD NPUs need the driver backend, which this build does not include; "
-            "use --devices cpu or cuda:N (or the simulator)"
+            f"devices={listed!r}: RNGD NPUs run on the vendor engine (RngdEngine, the [rngd] extra), not the "
+            "torch backend; use --devices cpu or cuda:N here (or the simulator)"
         )
     pp, dp = pipeline_parallel_size or 1, data_parallel_size or 1
     if pp * dp > len(devices):
@@ -92,6 +92,16 @@ def resolve_dtype(dtype: str, device: str):
     return table[dtype]
 
 
+def _is_encoder_folder(src, encoder_types) -> bool:
+    """Whether ``src`` is a Hugging Face folder of an encoder (embedding) model, from its config.json."""
+    import json
+
+    cfg = src.path / "config.json"
+    if src.is_gguf or not cfg.exists():
+        return False
+    return json.loads(cfg.read_text()).get("model_type") in encoder_types
+
+
 class TorchBackend:
     """One model on one torch device: loaded at construction, executed by the queue of ``create_queue``.
 
@@ -100,16 +110,19 @@ class TorchBackend:
     ``generation_config.json`` as a ``GenerationConfig``, None without one), ``tokenizer``, ``eos_token_ids``,
     ``max_position_embeddings`` (None when the config lacks it), ``num_layers``,
     ``kv_bytes_per_block`` and ``num_blocks_that_fit`` (KV blocks in the memory budget),
-    ``load_seconds``, ``task`` ("generate", or "embed" for an encoder model) and ``pooling_config``
-    (a ``PoolingConfig`` for an encoder model, else None).
+    ``load_seconds``, ``task`` ("generate", or "embed" for an encoder model or for a decoder with
+    ``task="embed"``: vLLM's ``--task embed`` / ``--convert embed``) and ``pooling_config`` (a
+    ``PoolingConfig`` when embedding, else None; ``pooling_type`` overrides the model's).
     """
 
     def __init__(self, model: str, *, devices: list[Device] | None = None, pipeline_parallel_size: int | None = None,
                  data_parallel_size: int | None = None, dtype: str = "auto", block_size: int = 16,
                  kv_cache_memory_bytes: int | None = None, tokenizer: str | None = None,
                  tokenizer_mode: str = "auto", revision: str | None = None, cache_dir: str | None = None,
-                 seed: int | None = None, quantization: str = "none") -> None:
-        from furiosa_llm.model.loader import ENCODER_MODEL_TYPES, load_model_and_tokenizer, read_pooling_config, resolve_model
+                 seed: int | None = None, task: str = "auto", pooling_type: str | None = None,
+                 quantization: str = "none") -> None:
+        from furiosa_llm.model.loader import (ENCODER_MODEL_TYPES, PoolingConfig, load_model_and_tokenizer,
+                                              read_pooling_config, resolve_model)
         from furiosa_llm.model.runner import kv_bytes_per_block
 
         self.device = select_device(devices, pipeline_parallel_size, data_parallel_size).torch_device
@@ -120,6 +133,10 @@ class TorchBackend:
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization={quantization!r}: the torch backend runs one of {', '.join(QUANTIZATIONS)}"
                              " (fp8 is costed by the simulator only)")
+        src = resolve_model(model, revision)
+        if (dtype == "auto" and quantization == "none" and self.device == "cpu"
+                and (task == "embed" or _is_encoder_folder(src, ENCODER_MODEL_TYPES))):
+            dtype = "float32"  # auto's bf16 choice is for generation; embedders stay float32 (bf16 not measured for them)
         # w8a16: 16-bit activations, so dtype auto means bfloat16 there whatever the cpu
         self.dtype = resolve_dtype("bfloat16" if quantization == "w8a16" and dtype == "auto" else dtype, self.device)
         if quantization == "w8a16" and self.dtype == torch.float32:
@@ -128,7 +145,6 @@ class TorchBackend:
         self.quantization = quantization
         self.block_size = block_size
         self.seed = seed
-        src = resolve_model(model, revision)
         hf_model, self.tokenizer, self.load_seconds = load_model_and_tokenizer(
             src, cache_dir=cache_dir, tokenizer=tokenizer, tokenizer_mode=tokenizer_mode,
             revision=revision, dtype=self.dtype,
@@ -143,8 +159,21 @@ class TorchBackend:
         self._hf_model = hf_model
         cfg = self.model_config = hf_model.config
         encoder = getattr(cfg, "model_type", None) in ENCODER_MODEL_TYPES
-        self.task = "embed" if encoder else "generate"
-        self.pooling_config = read_pooling_config(src.path) if encoder else None
+        if encoder and task == "generate":
+            raise ValueError(f"task='generate': model {model!r} is an encoder ({cfg.model_type}) model; it embeds "
+                             "and cannot generate (use task 'embed' or 'auto')")
+        self.task = "embed" if encoder or task == "embed" else "generate"
+        if self.task == "generate" and pooling_type is not None:
+            raise ValueError(f"pooling_type={pooling_type!r}: model {model!r} is served as a generative model; "
+                             "a pooling type needs an embedder (task='embed' or convert='embed')")
+        self.is_encoder = encoder
+        self.pooling_config = None
+        if self.task == "embed":  # the folder's sentence-transformers pooling, else vLLM's default (MEAN / LAST)
+            folder = src.path if src.path.is_dir() else src.path.parent
+            found = read_pooling_config(folder) if (folder / "modules.json").exists() else None
+            self.pooling_config = found or PoolingConfig("MEAN" if encoder else "LAST", True)
+            if pooling_type is not None:
+                self.pooling_config = PoolingConfig(pooling_type, self.pooling_config.normalize)
         self.generation_config = getattr(hf_model, "generation_config", None)
         self.max_position_embeddings = getattr(cfg, "max_position_embeddings", None)
         self.num_layers = cfg.num_hidden_layers
@@ -177,7 +206,9 @@ class TorchBackend:
             from furiosa_llm.model.pooling_runner import PoolingRunner
 
             pad = getattr(self.model_config, "pad_token_id", None) or 0
-            self.runner = PoolingRunner(self._hf_model, self.device, self.pooling_config.pooling_type, pad)
+            # a decoder served as an embedder: its base model (the last hidden states, after the final norm)
+            model = self._hf_model if self.is_encoder else self._hf_model.base_model
+            self.runner = PoolingRunner(model, self.device, self.pooling_config.pooling_type, pad)
             return ThreadedQueue(self.runner, npu_queue_limit, clock=time.monotonic, compile_workers=compile_workers)
         from furiosa_llm.model.runner import ModelRunner
 

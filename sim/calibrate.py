@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from furiosa_llm.hal.cost_model import CostModel, ModelShape, StepSample, fit_cost_model
+from furiosa_llm.hal.cost_model import BatchShape, CostModel, ModelShape, StepSample, fit_cost_model
 
 from .real import install_recorder, synthetic_prompt
 
@@ -72,7 +72,12 @@ def measure(engine, sweep: Sweep, progress: bool = False) -> list[StepSample]:
 
 
 def calibrate(engine, sweep: Sweep | None = None, *, progress: bool = False) -> tuple[CostModel, ModelShape]:
-    """Measure ``engine`` over ``sweep`` and fit a profile; returns it with the model's shape."""
+    """Measure ``engine`` over ``sweep`` and fit a profile; returns it with the model's shape.
+
+    An engine on RNGD (``RngdEngine``) is measured through the vendor engine's stream (``calibrate_rngd``).
+    """
+    if hasattr(engine.native_engine, "artifact"):
+        return calibrate_rngd(engine, sweep, progress=progress)
     import torch
 
     sweep = sweep or Sweep()
@@ -87,5 +92,91 @@ def calibrate(engine, sweep: Sweep | None = None, *, progress: bool = False) -> 
         "sweep": {"batch_sizes": list(sweep.batch_sizes), "prompt_lens": list(sweep.prompt_lens),
                   "decode_tokens": sweep.decode_tokens},
         "torch_threads": torch.get_num_threads(),
+    })
+    return cost, model
+
+
+# ---- RNGD: the vendor engine, measured through its token stream -----------------------------------
+#
+# The vendor engine exposes no step API, so a step's time is read off the stream: for a sweep
+# shape (b requests of p prompt tokens arriving together), the prefill of all b prompts ends when the
+# last of them has its first token, and decode step k ends when every request has its (k+1)-th
+# token. That gives one prefill sample (b*p tokens) and decode_tokens-1 decode samples (b sequences
+# at context p+k) per shape, which ``fit_cost_model`` fits as for the torch backend. Host time is not
+# separable from the stream (the vendor's host work is inside each gap), so it is recorded as 0 and
+# the device terms absorb it.
+
+def _prefill_shape(b: int, p: int) -> BatchShape:
+    return BatchShape(num_tokens=b * p, num_seqs=b, num_sampled=b, attended=b * p * (p + 1) // 2, kv_read_tokens=b * p)
+
+
+def _decode_shape(b: int, start: int) -> BatchShape:
+    return BatchShape(num_tokens=b, num_seqs=b, num_sampled=b, attended=b * (start + 1), kv_read_tokens=b * (start + 1))
+
+
+def stream_samples(log: list[tuple[str, int, float]], t0: float, b: int, p: int) -> list[StepSample]:
+    """Samples of one sweep shape from its token log ``(request id, new tokens, arrival s)``; ``t0``: submit time."""
+    times: dict[str, list[float]] = {}
+    for rid, n, at in log:
+        times.setdefault(rid, []).extend([at] * n)
+    if len(times) != b:
+        raise ValueError(f"calibration: {len(times)} of {b} requests produced tokens")
+    n_tok = min(len(t) for t in times.values())
+    ends = [max(t[k] for t in times.values()) for k in range(n_tok)]
+    samples = [StepSample(_prefill_shape(b, p), max(ends[0] - t0, 1e-6), 0.0)]
+    for k in range(1, n_tok):
+        samples.append(StepSample(_decode_shape(b, p + k - 1), max(ends[k] - ends[k - 1], 1e-6), 0.0))
+    return samples
+
+
+def measure_rngd(engine, sweep: Sweep, progress: bool = False) -> list[StepSample]:
+    """Run ``sweep`` on an ``LLMEngine`` over ``RngdEngine`` and return the samples read off the stream."""
+    from furiosa_llm.api.sampling_params import RequestOutputKind, SamplingParams
+
+    native = engine.native_engine
+    rng = np.random.default_rng(sweep.seed)
+    params = SamplingParams(temperature=0.0, max_tokens=sweep.decode_tokens, ignore_eos=True,
+                            output_kind=RequestOutputKind.FINAL)
+    engine.add_request("warmup", {"prompt_token_ids": synthetic_prompt(rng, native.vocab_size, 16)},
+                       SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    samples: list[StepSample] = []
+    grid = [(b, p) for p in sweep.prompt_lens for b in sweep.batch_sizes]
+    try:
+        for i, (b, p) in enumerate(grid):
+            native.token_log = log = []
+            t0 = time.monotonic()
+            for j in range(b):
+                engine.add_request(f"cal{i}-{j}", {"prompt_token_ids": synthetic_prompt(rng, native.vocab_size, p)}, params)
+            while engine.has_unfinished_requests():
+                engine.step()
+            samples += stream_samples(log, t0, b, p)
+            if progress:
+                print(f"calibrating: shape {i + 1}/{len(grid)} (batch {b}, prompt {p})", flush=True)
+    finally:
+        native.token_log = None
+    return samples
+
+
+def calibrate_rngd(engine, sweep: Sweep | None = None, *, progress: bool = False) -> tuple[CostModel, ModelShape]:
+    """Measure the vendor engine on a card over ``sweep`` and fit the simulator's RNGD cost model.
+
+    bf16 weights and KV (2 bytes), as RNGD artifacts are compiled; the profile's notes name the devices,
+    the FXB and the native version.
+    """
+    from furiosa_llm.hal.rngd_knobs import NATIVE_VERSION
+
+    sweep = sweep or Sweep()
+    native = engine.native_engine
+    samples = measure_rngd(engine, sweep, progress)
+    model = ModelShape.from_hf_config(native.model_config, name=native.artifact.model_dir.name)
+    devices = native.native_config.ctor["devices"]
+    cost = fit_cost_model(model, samples, name=f"rngd-{devices}-{model.name}", dtype_bytes=2)
+    cost.notes.update({
+        "devices": devices, "fxb": native.artifact.fxb_path.name, "furiosa_llm_native": NATIVE_VERSION,
+        "source": "vendor engine token-stream timing (prefill: submit to last first token; decode: per-token gaps)",
+        "sweep": {"batch_sizes": list(sweep.batch_sizes), "prompt_lens": list(sweep.prompt_lens),
+                  "decode_tokens": sweep.decode_tokens},
     })
     return cost, model

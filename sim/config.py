@@ -128,6 +128,9 @@ class SimConfig:
             if isinstance(self.profile, str):
                 raise ValueError(f"devices={self.devices!r}: the rngd profile models npu devices; "
                                  "cpu/cuda need a profile from 'furiosa-llm calibrate'")
+            dp = self.engine_args.data_parallel_size or 1
+            if dp > 1 and [d.kind for d in devices] == ["cpu"]:  # a CPU split: dp replicas, each as calibrated
+                return [ReplicaPlacement(((devices[0],),))] * dp
             return [ReplicaPlacement(((d,),)) for d in devices]
         return place_replicas(devices, self.tensor_parallel_size, self.pipeline_parallel_size,
                               self.engine_args.data_parallel_size)

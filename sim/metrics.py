@@ -117,8 +117,8 @@ class MetricsRecorder:
                     itl.append(t - rec[4])
                 rec[4] = t
                 rec[3] += len(o.new_token_ids)
-            if o.finish_reason is not None:
-                done += self._end(o.request_id, o.finish_reason == "abort")
+            if o.finish_reason is not None:  # a pooling request completes with its vector and no tokens
+                done += self._end(o.request_id, o.finish_reason == "abort", pooled=o.pooled is not None)
         return done
 
     def on_tokens(self, request_id: str, num_tokens: int, now: float, finished: bool, aborted: bool = False) -> bool:
@@ -163,9 +163,9 @@ class MetricsRecorder:
         """The run ended at ``now``."""
         self.duration = max(self.duration, now)
 
-    def _end(self, request_id: str, aborted: bool) -> bool:
+    def _end(self, request_id: str, aborted: bool, pooled: bool = False) -> bool:
         rec = self._live.pop(request_id)
-        if aborted or rec[3] == 0:
+        if aborted or (rec[3] == 0 and not pooled):
             self.num_aborted += 1
             return False
         m = rec[0]

@@ -2,13 +2,17 @@
 
 ``max_rate`` brackets the rate (doubling or halving from a start) and then bisects it in log
 space: each probe is one simulated run of the workload at that rate, and a rate passes when
-the share of requests that meet every SLO is at least ``slo.attainment``.
+the share of requests that meet every SLO is at least ``slo.attainment``; given ``ray``, it
+probes the rates it may need next in parallel. ``sweep`` runs ``max_rate`` for every point of a
+grid, one after another or, given ``ray``, each point's search as a Ray task
+(``distributed.py``); the results are the same either way.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import replace
+from typing import Callable
 
 from .config import SimConfig
 from .metrics import SLO
@@ -16,49 +20,104 @@ from .simulation import simulate
 from .workload import Workload
 
 
-def _passes(config: SimConfig, workload: Workload, slo: SLO, rate: float, history: list, **sim) -> bool:
+def _probe(config: SimConfig, workload: Workload, slo: SLO, rate: float, sim: dict) -> dict:
+    """One simulated run at ``rate``: the row of the search's history (``passes``: SLOs met)."""
     res = simulate(config, workload.with_rate(rate), slo=slo, **sim)
     m = res.report["metrics"]
     ok = m["slo_attainment"] >= slo.attainment
-    history.append({"request_rate": rate, "slo_attainment": m["slo_attainment"], "passes": ok,
-                    "request_goodput": m["request_goodput"], "output_throughput": m["output_throughput"],
-                    "median_ttft_ms": m["median_ttft_ms"], "median_tpot_ms": m["median_tpot_ms"],
-                    "p99_ttft_ms": m["p99_ttft_ms"], "p99_tpot_ms": m["p99_tpot_ms"]})
-    return ok
+    return {"request_rate": rate, "slo_attainment": m["slo_attainment"], "passes": ok,
+            "request_goodput": m["request_goodput"], "output_throughput": m["output_throughput"],
+            "median_ttft_ms": m["median_ttft_ms"], "median_tpot_ms": m["median_tpot_ms"],
+            "p99_ttft_ms": m["p99_ttft_ms"], "p99_tpot_ms": m["p99_tpot_ms"]}
+
+
+# The search as a state machine, so it can look ahead: (phase, lo, hi, rate to probe, probes so far).
+def _settle(lo: float, hi: float | None, n: int, rel_tol: float, max_probes: int) -> tuple:
+    if lo and hi and hi / lo > 1 + rel_tol and n < max_probes:
+        return ("bisect", lo, hi, (lo * hi) ** 0.5, n)
+    return ("done", lo, hi, None, n)
+
+
+def _advance(state: tuple, ok: bool, rel_tol: float, max_probes: int) -> tuple:
+    """The state after the probe of ``state`` passed (``ok``) or not: doubling/halving, then log-space bisection."""
+    phase, lo, hi, rate, n = state
+    n += 1
+    if phase == "bisect":
+        return _settle(rate, hi, n, rel_tol, max_probes) if ok else _settle(lo, rate, n, rel_tol, max_probes)
+    if ok:
+        lo = rate
+        if hi is not None:
+            return _settle(lo, hi, n, rel_tol, max_probes)
+        rate *= 2
+    else:
+        hi = rate
+        if lo:
+            return _settle(lo, hi, n, rel_tol, max_probes)
+        rate /= 2
+        if rate < 1e-4:
+            return _settle(lo, hi, n, rel_tol, max_probes)
+    if n >= max_probes:
+        return _settle(lo, hi, n, rel_tol, max_probes)
+    return ("bracket", lo, hi, rate, n)
+
+
+def _upcoming(state: tuple, known: dict, width: int, rel_tol: float, max_probes: int) -> list[float]:
+    """Up to ``width`` rates the search may probe next, nearest first (breadth-first over both outcomes)."""
+    out: list[float] = []
+    frontier = [state]
+    while frontier and len(out) < width:
+        s = frontier.pop(0)
+        if s[0] == "done":
+            continue
+        rate = s[3]
+        if rate in known:
+            frontier.append(_advance(s, known[rate]["passes"], rel_tol, max_probes))
+            continue
+        if rate not in out:
+            out.append(rate)
+        frontier += [_advance(s, True, rel_tol, max_probes), _advance(s, False, rel_tol, max_probes)]
+    return out
 
 
 def max_rate(config: SimConfig, workload: Workload, slo: SLO, *, start: float = 1.0, rel_tol: float = 0.05,
-             max_probes: int = 24, **sim) -> dict:
+             max_probes: int = 24, ray: str | None = None, **sim) -> dict:
     """The highest request rate (req/s) at which ``config`` meets ``slo`` on ``workload``'s length mix.
 
-    ``sim`` goes to ``simulate`` (``dispatch``, ``workers``).
+    ``sim`` goes to ``simulate`` (``dispatch``, ``workers``). With ``ray`` (``"local"``, ``"auto"`` or
+    an address) each round probes, as Ray tasks, the next rates the search may need (as many as the
+    cluster has CPUs, nearest first) and keeps only those on the search's path: the result, probe
+    history included, is the same as without Ray, in fewer rounds.
     """
     if slo.empty:
         raise ValueError("slo: give at least one of ttft_ms, tpot_ms, e2el_ms")
     if not start > 0:
         raise ValueError(f"start={start!r}: must be > 0")
+    width = 1
+    if ray is not None:
+        from .distributed import connect
+
+        width = max(1, int(connect(ray).cluster_resources().get("CPU", 1)))
+        sim = {**sim, "ray": ray}
+    known: dict[float, dict] = {}
     history: list[dict] = []
-    lo, hi = 0.0, None
-    rate = start
-    while len(history) < max_probes:
-        if _passes(config, workload, slo, rate, history, **sim):
-            lo = rate
-            if hi is not None:
-                break
-            rate *= 2
-        else:
-            hi = rate
-            if lo:
-                break
-            rate /= 2
-            if rate < 1e-4:
-                break
-    while lo and hi and hi / lo > 1 + rel_tol and len(history) < max_probes:
-        mid = (lo * hi) ** 0.5
-        if _passes(config, workload, slo, mid, history, **sim):
-            lo = mid
-        else:
-            hi = mid
+    state = ("bracket", 0.0, None, start, 0) if max_probes > 0 else ("done", 0.0, None, None, 0)
+    while state[0] != "done":
+        rate = state[3]
+        if rate not in known:
+            want = _upcoming(state, known, width, rel_tol, max_probes)
+            if ray is None:
+                known.update((r, _probe(config, workload, slo, r, sim)) for r in want)
+            else:
+                from .distributed import run_tasks
+
+                for i, row, error in run_tasks(_probe, [(config, workload, slo, r, sim) for r in want], ray_address=ray):
+                    if error is not None:
+                        raise RuntimeError(f"max_rate: the probe at {want[i]} req/s failed: {error}") from error
+                    known[want[i]] = row
+        entry = known[rate]
+        history.append(entry)
+        state = _advance(state, entry["passes"], rel_tol, max_probes)
+    lo, hi = state[1], state[2]
     best = max((h for h in history if h["passes"]), key=lambda h: h["request_rate"], default=None)
     return {"max_request_rate": lo, "upper_bound": hi, "at_max": best, "probes": history}
 
@@ -67,23 +126,63 @@ SWEEPABLE = ("devices", "tensor_parallel_size", "pipeline_parallel_size", "data_
              "max_processing_samples", "spare_blocks_ratio", "max_num_batched_tokens")
 
 
-def sweep(config: SimConfig, workload: Workload, slo: SLO, grid: dict[str, list], **kw) -> list[dict]:
+def _sweep_point(config: SimConfig, workload: Workload, slo: SLO, point: dict, kw: dict) -> dict:
+    """One row of a sweep: ``max_rate`` at ``point``, or the ``error`` that stopped it (a bad point)."""
+    cfg = replace(config, **point)  # SimConfig takes engine arguments and its own settings alike
+    try:
+        res = max_rate(cfg, workload, slo, **kw)
+        return {"point": point, "num_replicas": cfg.plan().num_replicas, **res}
+    except ValueError as e:  # e.g. the model does not fit this many PEs
+        return {"point": point, "error": str(e), "max_request_rate": None}
+
+
+def sweep(config: SimConfig, workload: Workload, slo: SLO, grid: dict[str, list], *, ray: str | None = None,
+          progress: bool = False, on_row: Callable[[int, dict], None] | None = None, **kw) -> list[dict]:
     """``max_rate`` for every combination of the values in ``grid`` (keys from ``SWEEPABLE``).
 
     Each row holds the ``point`` (the swept values), the replica count and ``max_rate``'s result,
-    or an ``error`` when the point cannot run (e.g. the model does not fit its PEs).
+    or an ``error`` when the point cannot run (e.g. the model does not fit its PEs). Rows are in
+    grid order.
+
+    ``ray`` (``"local"``, ``"auto"`` or a cluster address; off when None) runs each point's search as
+    a Ray task (a grid of one point: its search probes ahead on Ray, see ``max_rate``); rows are the
+    same as without Ray, a point whose task fails (any exception, or its worker dies) gets an
+    ``error`` row and the others complete. ``on_row(i, row)`` hears of each
+    row as it is ready (in finishing order with Ray); ``progress`` shows a bar of finished points.
     """
     for k in grid:
         if k not in SWEEPABLE:
             raise ValueError(f"sweep key {k!r}: must be one of {', '.join(SWEEPABLE)}")
-    rows = []
     keys = list(grid)
-    for values in itertools.product(*(grid[k] for k in keys)):
-        point = dict(zip(keys, values))
-        cfg = replace(config, **point)  # SimConfig takes engine arguments and its own settings alike
-        try:
-            res = max_rate(cfg, workload, slo, **kw)
-            rows.append({"point": point, "num_replicas": cfg.plan().num_replicas, **res})
-        except ValueError as e:  # e.g. the model does not fit this many PEs
-            rows.append({"point": point, "error": str(e), "max_request_rate": None})
+    points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    rows: list[dict] = [{}] * len(points)
+    if ray is None:
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(points), unit="point", desc="sweep")
+        for i, point in enumerate(points):
+            rows[i] = _sweep_point(config, workload, slo, point, kw)
+            if bar is not None:
+                bar.update(1)
+            if on_row is not None:
+                on_row(i, rows[i])
+        if bar is not None:
+            bar.close()
+        return rows
+    if len(points) == 1:  # one search: its probes go to Ray instead
+        rows[0] = _sweep_point(config, workload, slo, points[0], {**kw, "ray": ray})
+        if on_row is not None:
+            on_row(0, rows[0])
+        return rows
+    from .distributed import run_tasks
+
+    tasks = [(config, workload, slo, point, kw) for point in points]
+    for i, row, error in run_tasks(_sweep_point, tasks, ray_address=ray, progress=progress, desc="sweep", unit="point"):
+        if error is not None:
+            row = {"point": points[i], "error": f"{type(error).__name__}: {error}", "max_request_rate": None}
+        rows[i] = row
+        if on_row is not None:
+            on_row(i, row)
     return rows

@@ -6,7 +6,9 @@ Scenario:
   ``SimQueue``: a step occupies the replica's pipeline stages for the cost model's device
   time, then costs host time (scheduling, sampling, detokenizing) before its outputs reach
   users. Requests arrive as the workload says. One longer than the context is refused; the
-  others go to the replica with the fewest live requests (``least_loaded``) or to replica
+  others go where the routing policy says (``furiosa_llm.core.routing``, the same objects the
+  real engine's data-parallel front uses): the replica with the fewest live requests
+  (``least_loaded``), the least outstanding work in tokens (``least_tokens``) or replica
   ``i % replicas`` (``round_robin``).
 
 Entities start their own SimPy processes: a ``Replica`` steps its core while it has work and
@@ -23,6 +25,7 @@ import numpy as np
 import simpy
 
 from furiosa_llm.core import EngineCore, Request
+from furiosa_llm.core.routing import ROUTING_POLICIES, Router, make_router
 from furiosa_llm.hal import BatchExecutor
 from furiosa_llm.hal.simulator import SimQueue, SyntheticTokens
 
@@ -30,7 +33,7 @@ from .config import SimPlan
 from .metrics import MetricsRecorder
 from .workload import Arrivals, Workload
 
-DISPATCH = ("least_loaded", "round_robin")
+DISPATCH = ROUTING_POLICIES
 PROMPT_POOL = 1 << 20  # synthetic prompts are random windows of one seeded pool of token ids
 
 
@@ -39,8 +42,9 @@ class Replica:
 
     def __init__(self, env: simpy.Environment, index: int, plan: SimPlan, tokens: BatchExecutor,
                  recorder: MetricsRecorder, *, record_trace: bool = False,
-                 on_done: Callable[[int], None] | None = None) -> None:
+                 on_done: Callable[[int], None] | None = None, router: Router | None = None) -> None:
         self.env = env
+        self.router = router  # told of every request's progress and end
         self.index = index
         self.placement = plan.placements[index]
         self.recorder = recorder
@@ -51,11 +55,6 @@ class Replica:
                                            record_trace=record_trace)
         self._wake: simpy.Event | None = None  # set while the replica sleeps with no work
         self.process = env.process(self.serve())
-
-    @property
-    def load(self) -> int:
-        """Live requests (running or waiting)."""
-        return self.core.num_unfinished
 
     def add(self, request: Request) -> None:
         self.core.add_request(request)
@@ -76,7 +75,15 @@ class Replica:
             result = queue.wait()
             if result.host_s > 0:  # outputs reach users after the host time: the core stamps them then
                 yield env.timeout(result.host_s)
-            done = recorder.on_outputs(core.process(result))
+            outputs = core.process(result)
+            router = self.router
+            if router is not None:
+                for o in outputs:
+                    if o.new_token_ids:
+                        router.progress(o.request_id, len(o.new_token_ids))
+                    if o.finish_reason is not None:
+                        router.finish(o.request_id)
+            done = recorder.on_outputs(outputs)
             recorder.on_step(self.index, env.now, core.stats())
             if done and self.on_done is not None:
                 self.on_done(done)
@@ -86,14 +93,14 @@ class Frontend:
     """Where requests come in: each made at its arrival time with a synthetic prompt and sent to a replica."""
 
     def __init__(self, env: simpy.Environment, arrivals: Arrivals, seed: int, plan: SimPlan,
-                 replicas: dict[int, Replica], recorder: MetricsRecorder, dispatch: str = "least_loaded",
+                 replicas: dict[int, Replica], recorder: MetricsRecorder, router: Router,
                  on_done: Callable[[int], None] | None = None) -> None:
         self.env = env
         self.arrivals = arrivals
         self.plan = plan
         self.replicas = replicas  # the replicas simulated here, by index
         self.recorder = recorder
-        self.dispatch = dispatch
+        self.router = router
         self.on_done = on_done
         rng = np.random.default_rng(seed)
         max_in = int(arrivals.input_lens.max())
@@ -103,9 +110,11 @@ class Frontend:
 
     def arrive(self):
         env, a, recorder, replicas, pool = self.env, self.arrivals, self.recorder, self.replicas, self.pool
-        round_robin = self.dispatch == "round_robin"
+        router = self.router
+        round_robin = router.name == "round_robin"
         num_replicas, max_model_len = self.plan.num_replicas, self.plan.max_model_len
-        local = list(replicas.values())
+        budget = self.plan.engine_config.scheduler_config.max_num_batched_tokens  # a pooling prompt runs whole
+        embed = a.pooling.tolist() if a.pooling is not None else None
         times, ins, outs, offsets = a.arrived_at.tolist(), a.input_lens.tolist(), a.output_lens.tolist(), self.offsets
         for i in range(len(times)):
             if round_robin and i % num_replicas not in replicas:
@@ -114,16 +123,19 @@ class Frontend:
             if delay > 0:
                 yield env.timeout(delay)
             n_in, n_out = ins[i], outs[i]
-            if n_in + n_out > max_model_len:
+            is_embed = embed is not None and embed[i]
+            if (n_in > min(max_model_len, budget)) if is_embed else (n_in + n_out > max_model_len):
                 recorder.on_reject()
                 if self.on_done is not None:
                     self.on_done(1)
                 continue
             rid, off = f"r{i}", offsets[i]
-            req = Request(rid, pool[off : off + n_in], max_tokens=n_out, arrival_time=env.now, ignore_eos=True)
+            req = (Request(rid, pool[off : off + n_in], max_tokens=1, arrival_time=env.now, pooling=True) if is_embed else
+                   Request(rid, pool[off : off + n_in], max_tokens=n_out, arrival_time=env.now, ignore_eos=True))
             recorder.on_arrival(rid, env.now, n_in, index=i)
-            target = replicas[i % num_replicas] if round_robin else min(local, key=lambda r: r.load)
-            target.add(req)
+            target = router.choose(n_in + n_out, index=i)
+            router.add(target, rid, n_in, n_out)
+            replicas[target].add(req)
 
 
 def run(plan: SimPlan, workload: Workload, replica_ids: list[int], *, dispatch: str = "least_loaded",
@@ -140,9 +152,10 @@ def run(plan: SimPlan, workload: Workload, replica_ids: list[int], *, dispatch: 
         bar = tqdm(total=len(arrivals), unit="req", desc="simulating", mininterval=0.5)
     on_done = None if bar is None else bar.update
     tokens = tokens or SyntheticTokens()
-    replicas = {i: Replica(env, i, plan, tokens, recorder, record_trace=record_trace, on_done=on_done)
+    router = make_router(dispatch, plan.num_replicas)
+    replicas = {i: Replica(env, i, plan, tokens, recorder, record_trace=record_trace, on_done=on_done, router=router)
                 for i in replica_ids}
-    Frontend(env, arrivals, workload.seed + 1, plan, replicas, recorder, dispatch, on_done)
+    Frontend(env, arrivals, workload.seed + 1, plan, replicas, recorder, router, on_done)
     env.run()
     if bar is not None:
         bar.close()

@@ -1,8 +1,8 @@
 """One simulated serving run: the production engine core on virtual RNGD cards, in simulated time.
 
 ``simulate`` resolves the configuration into a plan (``config.py``), runs the replicas
-(``replica.py``) in this process or, for independent round-robin replicas, in several, merges
-their recorders and assembles the report (``report.py``).
+(``replica.py``) in this process or, for independent round-robin replicas, as several Ray tasks
+(``distributed.py``), merges their recorders and assembles the report (``report.py``).
 """
 
 from __future__ import annotations
@@ -23,14 +23,16 @@ __all__ = ["SimConfig", "SimPlan", "SimResult", "jsonable", "simulate"]
 
 def simulate(config: SimConfig, workload: Workload, *, slo: SLO | None = None, tokens: BatchExecutor | None = None,
              progress: bool = False, record_trace: bool = False, dispatch: str = "least_loaded",
-             workers: int = 1) -> SimResult:
+             workers: int = 1, ray: str | None = None) -> SimResult:
     """Serve ``workload`` on the simulated devices of ``config``; deterministic for a given seed.
 
-    ``dispatch`` sends a new request to the replica with the fewest live requests
-    (``least_loaded``) or to replica ``i % replicas`` (``round_robin``). Round-robin replicas
-    are independent, so ``workers`` > 1 simulates them in that many processes, with the same
-    report as one process. ``tokens`` executes batches for real token ids (one replica only);
-    by default tokens are synthetic and the workload sets the output lengths.
+    ``dispatch`` (a policy of ``furiosa_llm.core.routing``) sends a new request to the replica with
+    the fewest live requests (``least_loaded``), the least outstanding work in tokens
+    (``least_tokens``) or to replica ``i % replicas`` (``round_robin``). Round-robin replicas are
+    independent, so ``workers`` > 1 simulates them in that many groups, each a Ray task on the Ray
+    named by ``ray`` (``"local"`` when None; see ``furiosa_llm.sim.distributed``), with the same
+    report as one process. ``tokens`` executes batches for real token ids (one replica only); by
+    default tokens are synthetic and the workload sets the output lengths.
     """
     t0 = time.perf_counter()
     if dispatch not in DISPATCH:
@@ -51,17 +53,20 @@ def simulate(config: SimConfig, workload: Workload, *, slo: SLO | None = None, t
                                    record_trace=record_trace, progress=progress)
         parts = [part]
     else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+        from .distributed import run_tasks
 
         groups = [list(range(n))[w::workers] for w in range(workers)]
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            parts = list(pool.map(_run_round_robin, [plan] * workers, [workload] * workers, groups))
+        parts = [None] * workers
+        for i, part, error in run_tasks(_run_round_robin, [(plan, workload, g) for g in groups],
+                                        ray_address=ray or "local", desc="replica groups"):
+            if error is not None:
+                raise RuntimeError(f"workers={workers}: the Ray task of replicas {groups[i]} failed: {error}") from error
+            parts[i] = part
         traces = {}
     recorder = MetricsRecorder.merge(parts)  # in workload order, so the report is the same however split
     return build_result(config, plan, workload, slo, dispatch, recorder, traces, time.perf_counter() - t0)
 
 
 def _run_round_robin(plan: SimPlan, workload: Workload, replica_ids: list[int]) -> MetricsRecorder:
-    """One worker process's share of round-robin replicas."""
+    """One worker's share of round-robin replicas (a Ray task)."""
     return replica.run(plan, workload, replica_ids, dispatch="round_robin")[0]

@@ -4,6 +4,8 @@ Arrivals are Poisson or Gamma (``burstiness`` is the Gamma shape, as in vLLM's s
 benchmark: 1.0 is Poisson, lower is burstier), or the ``arrived_at`` column of a trace.
 Lengths are ``fixed:N``, ``uniform:LO:HI``, ``lognormal:MEAN:SIGMA`` or ``trace`` (the trace's
 ``num_prefill_tokens`` / ``num_decode_tokens`` columns, in order).
+``embed_fraction`` of the requests (chosen at random, seeded) are embedding (pooling) requests:
+prefill only, no output tokens (their ``output_len`` is not used).
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class Arrivals:
     arrived_at: np.ndarray  # seconds, non-decreasing
     input_lens: np.ndarray
     output_lens: np.ndarray
+    pooling: np.ndarray | None = None  # True where the request is an embedding (pooling) request; None: none is
 
     def __len__(self) -> int:
         return len(self.arrived_at)
@@ -121,6 +124,7 @@ class Workload:
     output_len: LengthDist = LengthDist("lognormal", 128, 0.5)
     seed: int = 0
     trace: str | None = None
+    embed_fraction: float = 0.0  # share of requests that are embedding (pooling) requests: prefill only
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_len", LengthDist.parse(self.input_len, "input_len"))
@@ -135,6 +139,8 @@ class Workload:
             raise ValueError(f"burstiness={self.burstiness!r}: must be a finite number > 0")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed={self.seed!r}: must be an int in [0, 2**63)")
+        if not _is_number(self.embed_fraction) or not 0.0 <= self.embed_fraction <= 1.0:
+            raise ValueError(f"embed_fraction={self.embed_fraction!r}: must be a number in [0, 1]")
         uses_trace = self.arrival == "trace" or "trace" in (self.input_len.kind, self.output_len.kind)
         if uses_trace and self.trace is None:
             raise ValueError("trace=None: arrival or lengths 'trace' need a trace CSV")
@@ -163,9 +169,12 @@ class Workload:
             times = np.cumsum(gaps)
         ins = self.input_len.sample(rng, n, None if rows is None else rows[:, 1])
         outs = self.output_len.sample(rng, n, None if rows is None else rows[:, 2])
-        return Arrivals(times, ins, outs)
+        pooling = None
+        if self.embed_fraction > 0:  # its own stream: the arrivals and lengths do not change with the mix
+            pooling = np.random.default_rng([self.seed, 1]).random(n) < self.embed_fraction
+        return Arrivals(times, ins, outs, pooling)
 
     def describe(self) -> dict:
         return {"num_requests": self.num_requests, "request_rate": None if math.isinf(self.request_rate) else self.request_rate, "arrival": self.arrival,
                 "burstiness": self.burstiness, "input_len": str(self.input_len), "output_len": str(self.output_len),
-                "seed": self.seed, "trace": self.trace}
+                "seed": self.seed, "trace": self.trace, "embed_fraction": self.embed_fraction}

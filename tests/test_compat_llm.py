@@ -49,7 +49,7 @@ def test_llm_takes_furiosa_keywords(llm):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(fxb="model.fxb"), "fxb"),
+    (dict(fxb="model.fxb"), "fxb='model.fxb': an FXB bundle runs only on RNGD"),
     (dict(num_speculative_tokens=4), "speculative"),
     (dict(kv_transfer_config={"kv_role": "kv_producer"}), "kv_transfer_config"),
     (dict(structured_outputs_backend="outlines"), "structured_outputs_backend"),

@@ -52,7 +52,7 @@ HONOURED_WITHOUT_WARNING = {"--revision", "--host", "--port", "--served-model-na
                             "--spare-blocks-ratio", "--enable-prefix-caching", "--no-enable-prefix-caching",
                             "--max-concurrency", "--max-num-batched-tokens", "--uvicorn-log-level",
                             "--disable-uvicorn-access-log", "--enable-jit-compilation", "--jit-threshold",
-                            "--jit-max-workers", "--jit-unit-size"}
+                            "--jit-max-workers", "--jit-unit-size", "--fxb"}
 
 
 def serve_ns(*argv):

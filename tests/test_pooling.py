@@ -31,7 +31,24 @@ SENTENCES = [
     "1 2 3 4 5",
     "Where is the nearest train station?",
     "Sentence embeddings are useful for semantic search, clustering and retrieval augmented generation.",
+    "Yes",
+    "The meeting was moved to Thursday afternoon because the projector in room four is broken again.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    "¿Dónde está la biblioteca?",
+    "Emojis 🙂 and accents (café, naïve) are tokenized too.",
+    "The stock market fell sharply after the central bank raised interest rates by half a percentage point.",
+    "Tea or coffee?",
+    " ".join(["Every step of the engine packs whole prompts into one row of tokens."] * 6),
+    "GPUs and NPUs accelerate matrix multiplications.",
+    "The old lighthouse keeper watched the storm roll in over the grey, restless sea.",
+    "x = 42",
+    "Birds migrate south for the winter, navigating by the stars and the Earth's magnetic field.",
+    "Please summarise the attached report in three bullet points.",
+    "A",
+    "Quantum computers use qubits, which can be in superpositions of zero and one.",
+    "He said nothing, turned around, and walked out into the rain without his umbrella.",
 ]
+assert len(SENTENCES) == 32
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +101,8 @@ def test_parity_all_at_once(llm, reference):
         assert _cos(o.outputs.embedding, ref) >= 0.9999
         assert abs(sum(x * x for x in o.outputs.embedding) - 1.0) < 1e-4
     # the token budget (256) is smaller than the sum of the prompts: they ran in several steps
-    assert sum(len(o.prompt_token_ids) for o in outs) > 256
+    assert sum(len(o.prompt_token_ids) for o in outs) > 2 * 256
+    assert len({len(o.prompt_token_ids) for o in outs}) >= 16  # varied lengths
     _no_leak(llm)
 
 
@@ -225,3 +243,74 @@ async def test_openai_client_embeddings_equal_llm_embed(llm):
         r = await http.post("/v1/completions", json={"prompt": "hi"})
         assert r.status_code == 400
     _no_leak(llm)
+
+
+def test_score_is_cosine_of_embeddings(llm):
+    q, docs = "Where is Paris?", ["Paris is the capital of France.", "I love pizza.", "Berlin is in Germany."]
+    embs = [o.outputs.embedding for o in llm.embed([q, *docs])]
+    outs = llm.score(q, docs)  # 1:N
+    dots = [sum(a * b for a, b in zip(embs[0], e)) for e in embs[1:]]  # unit vectors: cosine = dot product
+    assert max(abs(o.outputs.score - d) for o, d in zip(outs, dots)) < 1e-5
+    assert outs[0].outputs.score > outs[1].outputs.score  # the relevant document scores higher
+    assert outs[0].prompt_token_ids == llm.tokenizer.encode(q) + llm.tokenizer.encode(docs[0])
+    pair = llm.score([q, docs[1]], [docs[0], docs[1]])  # N:N
+    assert abs(pair[0].outputs.score - outs[0].outputs.score) < 1e-6 and abs(pair[1].outputs.score - 1.0) < 1e-5
+    with pytest.raises(ValueError, match="text_1 has 2 items and text_2 3"):
+        llm.score([q, q], docs)
+    with pytest.raises(ValueError, match="text_2"):
+        llm.score(q, [])
+    _no_leak(llm)
+
+
+async def test_server_score_rerank_and_models(llm):
+    import httpx
+
+    from furiosa_llm.entrypoints.openai.api_server import create_app
+
+    engine = AsyncLLMEngine.from_llm(llm)
+    app = create_app(engine, served_model_name=MODEL, log_interval_s=0)
+    q, docs = "Where is Paris?", ["I love pizza.", "Paris is the capital of France.", "Berlin is in Germany."]
+    expected = [o.outputs.score for o in llm.score(q, docs)]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        r = await http.get("/v1/models")
+        assert r.json()["data"][0]["task"] == "embed"
+        r = await http.post("/score", json={"model": MODEL, "text_1": q, "text_2": docs})
+        body = r.json()
+        assert r.status_code == 200 and body["object"] == "list", r.text
+        assert [d["index"] for d in body["data"]] == [0, 1, 2]
+        assert max(abs(d["score"] - e) for d, e in zip(body["data"], expected)) < 1e-6
+        assert body["usage"]["prompt_tokens"] == sum(len(llm.tokenizer.encode(t)) for t in [q, *docs])
+        r = await http.post("/v1/score", json={"text_1": [q, q], "text_2": docs})
+        assert r.status_code == 400 and "text_1 has 2 items" in r.json()["error"]["message"]
+        r = await http.post("/rerank", json={"model": MODEL, "query": q, "documents": docs, "top_n": 2})
+        body = r.json()
+        assert r.status_code == 200, r.text
+        best = sorted(range(3), key=lambda i: -expected[i])[:2]
+        assert [x["index"] for x in body["results"]] == best and best[0] == 1
+        assert body["results"][0]["document"]["text"] == docs[1]
+        scores = [x["relevance_score"] for x in body["results"]]
+        assert scores == sorted(scores, reverse=True) and len(scores) == 2
+        assert abs(scores[0] - max(expected)) < 1e-6 and body["usage"]["total_tokens"] > 0
+        r = await http.post("/v1/rerank", json={"query": q, "documents": []})
+        assert r.status_code == 400 and "documents" in r.json()["error"]["message"]
+    _no_leak(llm)
+
+
+@pytest.mark.parametrize("pooling_type", ["CLS", "LAST", "MEAN"])
+def test_packed_forward_equals_padded_forward(llm, pooling_type):
+    """The padding-free packed BERT forward pools the same vectors as Hugging Face's padded forward."""
+    import torch
+
+    from furiosa_llm.hal import SamplingSettings, SequenceChunk
+    from furiosa_llm.model.packed_encoder import group_by_length
+    from furiosa_llm.model.pooling_runner import PoolingRunner
+
+    runner = PoolingRunner(llm.engine.runner.model, "cpu", pooling_type)
+    assert runner.packed is not None
+    seqs = [SequenceChunk(request_id=str(i), token_ids=llm.tokenizer.encode(s), start_pos=0, block_table=[],
+                          sample=False, sampling=SamplingSettings(), pool=True) for i, s in enumerate(SENTENCES)]
+    with torch.inference_mode():
+        packed, padded = runner._pool_packed(seqs), runner._pool_padded(seqs)
+    assert torch.nn.functional.cosine_similarity(packed, padded).min() >= 0.99999
+    groups = group_by_length([len(s.token_ids) for s in seqs])
+    assert sorted(i for g in groups for i in g) == list(range(len(seqs))) and len(groups) > 1

@@ -35,6 +35,8 @@ _EXPORTS = {
     "PoolingRequestOutput": "furiosa_llm.api.outputs",
     "EmbeddingOutput": "furiosa_llm.api.outputs",
     "EmbeddingRequestOutput": "furiosa_llm.api.outputs",
+    "ScoringOutput": "furiosa_llm.api.outputs",
+    "ScoringRequestOutput": "furiosa_llm.api.outputs",
     "TextPrompt": "furiosa_llm.api.inputs",
     "TokensPrompt": "furiosa_llm.api.inputs",
     "PromptType": "furiosa_llm.api.inputs",

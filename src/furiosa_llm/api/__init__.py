@@ -27,6 +27,8 @@ _EXPORTS = {
     "PoolingRequestOutput": "furiosa_llm.api.outputs",
     "EmbeddingOutput": "furiosa_llm.api.outputs",
     "EmbeddingRequestOutput": "furiosa_llm.api.outputs",
+    "ScoringOutput": "furiosa_llm.api.outputs",
+    "ScoringRequestOutput": "furiosa_llm.api.outputs",
     "SchedulerConfig": "furiosa_llm.api.scheduler_config",
     "TextPrompt": "furiosa_llm.api.inputs",
     "TokensPrompt": "furiosa_llm.api.inputs",

@@ -54,7 +54,12 @@ class AsyncLLMEngine(SeedEngine):
 
     @classmethod
     def from_engine_args(cls, args: AsyncEngineArgs) -> "AsyncLLMEngine":
-        engine = NativeEngine(args)
+        if (args.data_parallel_size or 1) > 1:  # replicas as Ray actors behind one front (extra [ray])
+            from .data_parallel import DataParallelEngine
+
+            engine = DataParallelEngine(args)
+        else:
+            engine = NativeEngine(args)
         return cls(engine, engine.tokenizer, getattr(engine, "task", "generate"), engine.max_model_len,
                    model_path=args.model)
 

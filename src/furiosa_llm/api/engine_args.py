@@ -9,6 +9,7 @@ from typing import Any
 
 from furiosa_llm.core.config import EngineConfig, JitConfig, SchedulerConfig, resolve_max_model_len
 from furiosa_llm.hal import Device, parse_devices
+from furiosa_llm.model.loader import POOLING_TYPES
 
 
 def _default_cache_dir() -> str:
@@ -39,6 +40,10 @@ def _int_at_least(name: str, value: Any, minimum: int, *, optional: bool = False
         raise ValueError(f"{name}={value!r}: must be an int >= {minimum}")
 
 
+TASKS = ("auto", "generate", "embed")  # vLLM's --task values this engine serves
+CONVERTS = ("auto", "none", "embed")  # vLLM's --convert values this engine serves
+
+
 @dataclass
 class EngineArgs:
     model: str
@@ -66,6 +71,11 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     dtype: str = "auto"
     max_logprobs: int = 20
+    fxb: str | None = None  # RNGD: the compiled FXB bundle of the model artifact (default: found beside it)
+    # pooling (vLLM's names): serve a generative (decoder) model as an embedder with task="embed" or convert="embed"
+    task: str = "auto"
+    convert: str = "auto"
+    pooling_type: str | None = None
     quantization: str = "none"  # none | w8a16 (torch backend and simulator) | fp8 (simulator only)
 
     def __post_init__(self) -> None:
@@ -100,6 +110,20 @@ class EngineArgs:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r}: must be one of auto, float32, bfloat16, float16")
         _int_at_least("max_logprobs", self.max_logprobs, -1)  # -1: the vocabulary size
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r}: must be one of {', '.join(TASKS)}")
+        if self.convert not in CONVERTS:
+            raise ValueError(f"convert={self.convert!r}: must be one of {', '.join(CONVERTS)}")
+        if self.convert == "embed" and self.task == "generate":
+            raise ValueError("convert='embed' with task='generate': a converted embedder does not generate; "
+                             "drop one of them")
+        if self.pooling_type is not None and self.pooling_type not in POOLING_TYPES:
+            raise ValueError(f"pooling_type={self.pooling_type!r}: must be one of {', '.join(POOLING_TYPES)}")
+
+    @property
+    def requested_task(self) -> str:
+        """The task asked for: ``generate``, ``embed``, or ``auto`` (an encoder embeds, a decoder generates)."""
+        return "embed" if self.convert == "embed" else self.task
         if self.quantization not in ("none", "w8a16", "fp8"):
             raise ValueError(f"quantization={self.quantization!r}: must be one of none, w8a16, fp8")
 
@@ -195,6 +219,15 @@ class EngineArgs:
         a("--max-logprobs", type=int, default=20, help="Maximum number of log probabilities a request may ask for "
           "(logprobs, prompt_logprobs); default 20, as OpenAI's API. -1 means no cap: the whole vocabulary, "
           "which may cost a lot of memory and time.")
+        a("--fxb", type=str, default=None, help="RNGD: path of the model artifact's compiled .fxb bundle. Default: "
+          "the *.fxb in the model folder, else the local FXB cache.")
+        a("--task", type=str, default="auto", choices=list(TASKS), help="What the model serves (vLLM's name): "
+          "'auto' (an encoder embeds, a decoder generates), 'generate', or 'embed' (a decoder model as an embedder).")
+        a("--convert", type=str, default="auto", choices=list(CONVERTS), help="vLLM's name for the same: 'embed' "
+          "serves a generative model as an embedder (pooling its last hidden states).")
+        a("--pooling-type", type=str.upper, default=None, choices=list(POOLING_TYPES), help="Pooling of an embedder: "
+          "MEAN, CLS or LAST. Default: the model folder's sentence-transformers config, else MEAN for an encoder, "
+          "LAST for a decoder (vLLM's defaults).")
         return parser
 
     @classmethod

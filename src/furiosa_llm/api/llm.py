@@ -4,8 +4,9 @@
 Furiosa-LLM's keywords (2026.4, plus the 2026.2 ones: ``cache_dir``, ``enable_jit_compilation``,
 ``jit_*``, ``num_blocks_per_pp_stage``) and any ``EngineArgs`` field. Its placeholders
 (``max_io_memory_mb``, ``logger_config``, ``trust_remote_code``) are accepted and ignored as
-Furiosa-LLM does; a keyword for a feature this engine does not have (``fxb``, speculative decoding,
-``kv_transfer_config``) is a ``ValueError`` when given a value.
+Furiosa-LLM does; ``fxb`` is the RNGD artifact's bundle (a ``ValueError`` on cpu/cuda); a keyword for a
+feature this engine does not have (speculative decoding, ``kv_transfer_config``) is a ``ValueError`` when
+given a value.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from .engine_args import EngineArgs
 from .inputs import PromptType
 from .llm_engine import LLMEngine
 from .native_engine import NativeEngine
-from .outputs import EmbeddingRequestOutput, PoolingParams, PoolingRequestOutput, RequestOutput
+from .outputs import (EmbeddingRequestOutput, PoolingParams, PoolingRequestOutput, RequestOutput, ScoringOutput,
+                      ScoringRequestOutput)
 from .sampling_params import RequestOutputKind, SamplingParams
 from .scheduler_config import SchedulerConfig, engine_kwargs_from_scheduler_config
 
@@ -31,7 +33,6 @@ STRUCTURED_OUTPUTS_BACKENDS = ("auto", "guidance", "xgrammar")
 PLACEHOLDERS = ("max_io_memory_mb", "logger_config", "trust_remote_code")
 # Furiosa-LLM features this engine does not have: None (the default) only
 UNSUPPORTED = {
-    "fxb": "Furiosa executable bundles run on RNGD cards, which this build does not drive",
     "draft_model_id_or_path": "speculative decoding is not supported",
     "draft_fxb_path": "speculative decoding is not supported",
     "num_speculative_tokens": "speculative decoding is not supported",
@@ -68,7 +69,7 @@ class LLM:
         if model_id_or_path is None:
             raise ValueError("model_id_or_path: required (a model folder, a .gguf file, a cached Hugging Face id "
                              "or 'smollm2-135m-instruct')")
-        given = dict(fxb=fxb, draft_model_id_or_path=draft_model_id_or_path, draft_fxb_path=draft_fxb_path,
+        given = dict(draft_model_id_or_path=draft_model_id_or_path, draft_fxb_path=draft_fxb_path,
                      num_speculative_tokens=num_speculative_tokens, kv_transfer_config=kv_transfer_config)
         for name, value in given.items():
             if value is not None:
@@ -99,7 +100,7 @@ class LLM:
         args = EngineArgs(model=str(model_id_or_path), revision=revision, devices=devices,
                           data_parallel_size=data_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
                           max_model_len=max_model_len, tokenizer=tokenizer_name, tokenizer_mode=tokenizer_mode,
-                          seed=seed, **kwargs)
+                          seed=seed, fxb=None if fxb is None else str(fxb), **kwargs)
         self.model_id_or_path = str(model_id_or_path)
         self.served_model_name = served_model_name or self.model_id_or_path
         self.structured_outputs_backend = structured_outputs_backend
@@ -318,6 +319,7 @@ class LLM:
         else:
             params = [pooling_params] * len(items)
         engine = self.engine
+        items = self._tokenize_texts(items)
         ids: list[str] = []
         try:
             for p, pp in zip(items, params):
@@ -341,6 +343,20 @@ class LLM:
             raise RequestFailedError(failed[0].request_id, failed[0].error)
         return [finals[r] for r in ids]
 
+    def _tokenize_texts(self, items: list) -> list:
+        """Text prompts tokenized in one batch call of a fast tokenizer (with the model's special tokens, as a
+        pooling request is), as ``{"prompt", "prompt_token_ids"}``; other prompts, and every prompt for a slow
+        tokenizer, as given."""
+        tok = self.tokenizer
+        texts = [i for i, p in enumerate(items) if isinstance(p, str)]
+        if len(texts) < 2 or not getattr(tok, "is_fast", False):
+            return items
+        ids = tok([items[i] for i in texts], add_special_tokens=True)["input_ids"]
+        out = list(items)
+        for i, t in zip(texts, ids):
+            out[i] = {"prompt": items[i], "prompt_token_ids": list(t)}
+        return out
+
     def embed(self, prompts: PromptType | Sequence[PromptType],
               pooling_params: PoolingParams | Sequence[PoolingParams] | None = None, *, use_tqdm: bool = False,
               truncate_prompt_tokens: int | None = None, **ignored: Any) -> list[EmbeddingRequestOutput]:
@@ -351,6 +367,31 @@ class LLM:
                                            task="embed")
         return [EmbeddingRequestOutput.from_base(o) for o in self.encode(
             prompts, pooling_params, use_tqdm=use_tqdm, truncate_prompt_tokens=truncate_prompt_tokens)]
+
+    def score(self, data_1: PromptType | Sequence[PromptType], data_2: PromptType | Sequence[PromptType], /, *,
+              truncate_prompt_tokens: int | None = None, use_tqdm: bool = False,
+              pooling_params: PoolingParams | None = None, **ignored: Any) -> list[ScoringRequestOutput]:
+        """Score text pairs (vLLM's ``LLM.score``): one ``ScoringRequestOutput`` per pair, ``outputs.score`` a float.
+
+        Pairs: ``data_1`` one text against each of ``data_2`` (1:N), or two lists of one length
+        pairwise (N:N). On an embedding model the score is the cosine similarity of the two
+        embeddings, in [-1, 1] (vLLM's embedding-similarity scoring); every text is one pooling
+        request, all through the engine at once. ``ValueError`` on a generative model, for lists
+        of different lengths, an empty list, or a bad prompt.
+        """
+        from . import score as scoring
+
+        if self.engine.task != "embed":
+            raise ValueError(f"score(): model {self.model_id_or_path!r} is a generative model (task 'generate'); "
+                             "scoring needs an embedding model (e.g. all-minilm-l6-v2)")
+        index = scoring.pairs(data_1, data_2)
+        a, b = scoring.as_list(data_1, "text_1"), scoring.as_list(data_2, "text_2")
+        embs = self.embed(a + b, pooling_params, truncate_prompt_tokens=truncate_prompt_tokens)
+        ea, eb = embs[:len(a)], embs[len(a):]
+        return [ScoringRequestOutput(f"{ea[i].request_id}_{eb[j].request_id}",
+                                     ScoringOutput(scoring.cosine(ea[i].outputs.embedding, eb[j].outputs.embedding)),
+                                     ea[i].prompt_token_ids + eb[j].prompt_token_ids)
+                for i, j in index]
 
     # ---- lifetime ---------------------------------------------------------------------------
     def shutdown(self) -> None:

@@ -30,7 +30,12 @@ class LLMEngine(SeedEngine):
                  trust_remote_code: bool = False, *, queue=None) -> None:
         if isinstance(native_engine, EngineArgs):
             model_path = model_path or native_engine.model
-            native_engine = NativeEngine(native_engine, queue=queue)
+            if (native_engine.data_parallel_size or 1) > 1 and queue is None:  # replicas as Ray actors (extra [ray])
+                from .data_parallel import DataParallelEngine
+
+                native_engine = DataParallelEngine(native_engine)
+            else:
+                native_engine = NativeEngine(native_engine, queue=queue)
         super().__init__(native_engine, tokenizer, task_type, max_model_len, llm, model_path, trust_remote_code)
 
     def __getattr__(self, name: str):

@@ -66,6 +66,16 @@ def generation_defaults(generation_config: Any) -> dict[str, Any]:
     return out
 
 
+def uses_rngd(args: EngineArgs) -> bool:
+    """Whether ``args`` run on RNGD: NPU devices given, or none given and ``furiosa_smi`` finds free PEs."""
+    devices = args.parsed_devices()
+    if devices is not None:
+        return any(d.kind == "npu" for d in devices)
+    from furiosa_llm.hal.discovery import available_npu_devices
+
+    return bool(available_npu_devices())
+
+
 class NativeEngine:
     """The engine core, its backend and the two processors; the ``native_engine`` of both engines.
 
@@ -74,15 +84,28 @@ class NativeEngine:
     the backend's (tests).
     """
 
+    def __new__(cls, args: EngineArgs | None = None, **kw: Any):
+        """On RNGD devices (``--devices npu:...``, or none given and ``furiosa_smi`` finds free PEs) the
+        native engine is the vendor's, through ``RngdEngine`` (``api/rngd_engine.py``); else this class."""
+        if cls is NativeEngine and args is not None and kw.get("queue") is None and uses_rngd(args):
+            from .rngd_engine import RngdEngine
+
+            return RngdEngine(args, tokenizer=kw.get("tokenizer"))
+        return super().__new__(cls)
+
     def __init__(self, args: EngineArgs, *, tokenizer: Any = None, queue: ExecutionQueue | None = None) -> None:
         from furiosa_llm.hal.torch_backend import TorchBackend
 
+        if getattr(args, "fxb", None) is not None:
+            raise ValueError(f"fxb={args.fxb!r}: an FXB bundle runs only on RNGD (--devices npu:...); "
+                             f"devices={args.devices!r} run the model folder itself")
         self.args = args
         backend = TorchBackend(
             args.model, devices=args.parsed_devices(), pipeline_parallel_size=args.pipeline_parallel_size,
             data_parallel_size=args.data_parallel_size, dtype=args.dtype, block_size=args.block_size,
             kv_cache_memory_bytes=args.kv_cache_memory_bytes, tokenizer=args.tokenizer,
             tokenizer_mode=args.tokenizer_mode, revision=args.revision, cache_dir=args.cache_dir, seed=args.seed,
+            task=args.requested_task, pooling_type=args.pooling_type,
             quantization=args.quantization,
         )
         self.backend = backend
@@ -91,7 +114,7 @@ class NativeEngine:
         self.tokenizer = tokenizer if tokenizer is not None else backend.tokenizer
         self.vocab_size = backend.model_config.vocab_size
         self.eos_token_ids = backend.eos_token_ids
-        self.task = backend.task  # "generate", or "embed" for an encoder (embedding) model
+        self.task = backend.task  # "generate", or "embed" for an encoder model or a decoder served as an embedder
         self.pooling_config = backend.pooling_config
         self.hidden_size = backend.model_config.hidden_size
         if self.task == "embed" and args.enable_jit_compilation:

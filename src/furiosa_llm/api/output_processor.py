@@ -18,6 +18,8 @@ was already sent (for ``RequestOutputKind.DELTA``). Timing is the core's record
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 from furiosa_llm.core import CoreOutput, RequestMetrics
@@ -71,8 +73,8 @@ class OutputProcessor:
         if params.dimensions is not None:
             vec = vec[: params.dimensions]
         if params.normalize:
-            norm = sum(v * v for v in vec) ** 0.5
-            vec = [v / max(norm, 1e-12) for v in vec]
+            scale = 1.0 / max(math.hypot(*vec), 1e-12)
+            return [v * scale for v in vec]
         return list(vec)
 
     def _pooling_output(self, co: CoreOutput) -> PoolingRequestOutput:

@@ -145,3 +145,20 @@ class EmbeddingRequestOutput:
     def from_base(cls, request_output: PoolingRequestOutput) -> "EmbeddingRequestOutput":
         return cls(request_output.request_id, EmbeddingOutput.from_base(request_output.outputs),
                    list(request_output.prompt_token_ids), request_output.finished)
+
+
+@dataclass(slots=True)
+class ScoringOutput:
+    """The score of one (text_1, text_2) pair (vLLM's ``ScoringOutput``)."""
+
+    score: float
+
+
+@dataclass(slots=True)
+class ScoringRequestOutput:
+    """A finished score of one pair (vLLM's ``ScoringRequestOutput``); ``prompt_token_ids`` are both texts' tokens."""
+
+    request_id: str
+    outputs: ScoringOutput
+    prompt_token_ids: list[int] = field(default_factory=list)
+    finished: bool = True

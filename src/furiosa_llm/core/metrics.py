@@ -22,7 +22,7 @@ def time_to_first_token(arrival_time, first_token_time):
 def time_per_output_token(first_token_time, last_token_time, num_output_tokens):
     """Mean seconds per output token after the first: ``(last - first) / (n - 1)``; 0 where ``n <= 1``."""
     n1 = num_output_tokens - 1
-    return (last_token_time - first_token_time) * (n1 > 0) / (n1 + (n1 <= 0))
+    return (last_token_time - first_token_time) * (n1 > 0) / (n1 * (n1 > 0) + (n1 <= 0))  # n = 0: a pooling request
 
 
 def e2e_latency(arrival_time, last_token_time):

@@ -21,6 +21,8 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--burstiness", type=float, default=1.0, help="Gamma shape of inter-arrival times (1.0 = Poisson).")
     g.add_argument("--input-len", default="lognormal:1024:0.5", help="Prompt lengths: fixed:N, uniform:LO:HI, lognormal:MEAN:SIGMA or trace.")
     g.add_argument("--output-len", default="lognormal:128:0.5", help="Output lengths, same forms as --input-len.")
+    g.add_argument("--embed-fraction", type=float, default=0.0, help="Share of requests that are embedding (pooling) "
+                   "requests: prefill only, no output tokens (default 0).")
     g.add_argument("--trace", default=None, help="CSV with columns arrived_at,num_prefill_tokens,num_decode_tokens.")
     g.add_argument("--workload-seed", type=int, default=None, help="Seed of the workload (default: --seed, else 0).")
     s = p.add_argument_group("SLOs")
@@ -47,8 +49,12 @@ def _add_sim_args(p: argparse.ArgumentParser) -> None:
                    help="rngd profile: number format of the KV cache (auto = BF16).")
     g.add_argument("--link-latency-s", type=float, default=5e-6,
                    help="rngd profile: seconds per message between cards over PCIe (all-reduces, pipeline sends; assumed).")
-    g.add_argument("--dispatch", choices=["least_loaded", "round_robin"], default="least_loaded", help="How requests are spread over data-parallel replicas.")
-    g.add_argument("--workers", type=int, default=1, help="Processes that simulate replicas in parallel (needs --dispatch round_robin).")
+    g.add_argument("--dispatch", choices=["least_loaded", "least_tokens", "round_robin"], default="least_loaded",
+                   help="How requests are spread over data-parallel replicas (the routing policies of the real engine's front).")
+    g.add_argument("--workers", type=int, default=1, help="Ray tasks that simulate replicas in parallel (needs --dispatch round_robin).")
+    g.add_argument("--ray", default=None, metavar="auto|local|ADDRESS",
+                   help="Run on Ray (extra [ray]): plan's sweep points and simulate's --workers as Ray tasks; 'local' starts "
+                        "one here, 'auto' joins this node's cluster, or a cluster address (HOST:6379). Off by default.")
     g.add_argument("--token-source", choices=["synthetic", "model"], default="synthetic",
                    help="synthetic: lengths from the workload (planning); model: real tokens from --model run by the "
                         "torch backend on cpu (functional runs; one replica).")
@@ -93,7 +99,10 @@ def _sim_inputs(ns: argparse.Namespace):
     seed = ns.workload_seed if ns.workload_seed is not None else (ns.seed or 0)
     workload = Workload(num_requests=ns.num_requests, request_rate=ns.request_rate, arrival=ns.arrival,
                         burstiness=ns.burstiness, input_len=ns.input_len, output_len=ns.output_len, seed=seed,
-                        trace=ns.trace)
+                        trace=ns.trace, embed_fraction=getattr(ns, "embed_fraction", 0.0))
+    if workload.embed_fraction > 0 and tokens is not None:
+        raise ValueError(f"--embed-fraction {workload.embed_fraction:g}: needs --token-source synthetic (the model "
+                         "token source runs generation steps only)")
     slo = SLO(ttft_ms=ns.slo_ttft_ms, tpot_ms=ns.slo_tpot_ms, e2el_ms=ns.slo_e2el_ms, attainment=ns.slo_attainment)
     return config, workload, slo, tokens
 
@@ -104,7 +113,7 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
 
     config, workload, slo, tokens = _sim_inputs(ns)
     res = simulate(config, workload, slo=None if slo.empty else slo, progress=not ns.no_progress and ns.workers == 1,
-                   dispatch=ns.dispatch, workers=ns.workers, tokens=tokens)
+                   dispatch=ns.dispatch, workers=ns.workers, tokens=tokens, ray=ns.ray)
     if ns.out:
         write_json(res.report, ns.out)
     if ns.plot:
@@ -147,9 +156,20 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         raise ValueError("plan: give at least one of --slo-ttft-ms, --slo-tpot-ms, --slo-e2el-ms")
     grid = _parse_sweep(ns.sweep or [])
     t0 = time.perf_counter()
+    head = {"config": config.describe(), "workload": workload.describe(), "slo": dataclasses.asdict(slo)}
+    rows_expected = [None] * math.prod(len(v) for v in grid.values())
+    done: dict[int, dict] = {}
+
+    def on_row(i: int, row: dict) -> None:  # --out and --plot hold the finished points while the others run
+        done[i] = row
+        if ns.out:
+            write_json({**head, "results": [done[j] for j in sorted(done)]}, ns.out)
+        if ns.plot and len(done) < len(rows_expected):
+            plot_plan({**head, "results": [done[j] for j in sorted(done)]}, ns.plot)
+
     rows = sweep(config, workload, slo, grid, start=ns.start_rate, rel_tol=ns.rel_tol, dispatch=ns.dispatch,
-                 workers=ns.workers)
-    plan = {"config": config.describe(), "workload": workload.describe(), "slo": dataclasses.asdict(slo), "results": rows}
+                 workers=ns.workers, ray=ns.ray, progress=not ns.no_progress, on_row=on_row)
+    plan = {**head, "results": rows}
     if ns.out:
         write_json(plan, ns.out)
     if ns.plot:
@@ -291,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="Write the plan's plot (PNG) here.")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("calibrate", help="Measure the torch backend over a sweep of batch shapes and fit a simulator profile.")
+    p = sub.add_parser("calibrate", help="Measure the torch backend, or the vendor engine on an RNGD card (--devices npu:X), over a sweep of batch shapes and fit a simulator profile.")
     EngineArgs.add_cli_args(p)
     p.add_argument("--batch-sizes", default="1,4,8,16,32", help="Comma-separated batch sizes of the sweep.")
     p.add_argument("--prompt-lens", default="32,128,384", help="Comma-separated prompt lengths of the sweep.")

@@ -58,7 +58,15 @@ from .protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    RerankDocument,
+    RerankRequest,
+    RerankResponse,
+    RerankResult,
+    RerankUsage,
     SamplingFields,
+    ScoreData,
+    ScoreRequest,
+    ScoreResponse,
     TokenizeRequest,
     TokenizeResponse,
     TokenizerInfoResponse,
@@ -425,7 +433,7 @@ def _model_card(state: ServerState) -> ModelCard:
     root = state.engine.model_path or state.model_name
     return ModelCard(id=state.model_name, created=state.created, root=str(root), max_model_len=state.max_model_len,
                      artifact_id=str(root), max_prompt_len=max(1, state.max_model_len - 1),
-                     max_context_len=state.max_model_len, runtime_config=state.runtime_config)
+                     max_context_len=state.max_model_len, runtime_config=state.runtime_config, task=_task(state))
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERRORS)
@@ -554,9 +562,7 @@ async def embeddings(req: EmbeddingRequest, raw: Request, state: State):
 
     _log_payload(state, raw, req)
     _check_model(state, req.model)
-    if _task(state) != "embed":
-        raise APIError(400, f"The model `{state.model_name}` is a generative model (task 'generate'); embeddings "
-                       "need an embedding model (e.g. all-minilm-l6-v2)", param="model")
+    _check_embedding_model(state, "embeddings")
     inp = req.input
     if isinstance(inp, str) or (isinstance(inp, list) and inp and all(isinstance(t, int) for t in inp)):
         inp = [inp]
@@ -569,30 +575,103 @@ async def embeddings(req: EmbeddingRequest, raw: Request, state: State):
         raise APIError(400, str(e), param="dimensions") from None
     rid = f"embd-{uuid.uuid4().hex}"
 
-    async def one(i: int, p):
-        return [o async for o in state.engine.encode(p, params, f"{rid}-{i}",
-                                                      truncate_prompt_tokens=req.truncate_prompt_tokens)]
-
     async def respond():
-        tasks = [asyncio.create_task(one(i, p)) for i, p in enumerate(prompts)]
-        try:
-            results = await asyncio.gather(*tasks)
-        except ValueError as e:
-            raise APIError(400, str(e), param=_param_of(str(e)) or "input") from None
-        finally:
-            for t in tasks:
-                t.cancel()
+        results = await _encode_all(state, prompts, params, rid, req.truncate_prompt_tokens)
         data, n_tokens = [], 0
-        for i, outs in enumerate(results):
-            if not outs:  # aborted (the server is shutting down)
-                raise APIError(503, "the request was aborted", "ServiceUnavailableError")
-            vec = outs[0].outputs.data
-            n_tokens += len(outs[0].prompt_token_ids)
+        for i, out in enumerate(results):
+            vec = out.outputs.data
+            n_tokens += len(out.prompt_token_ids)
             emb = (base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
                    if req.encoding_format == "base64" else vec)
             data.append(EmbeddingData(index=i, embedding=emb))
         return EmbeddingResponse(id=rid, model=state.model_name, data=data,
                                  usage=UsageInfo(prompt_tokens=n_tokens, total_tokens=n_tokens))
+
+    return await _unless_disconnected(raw, respond())
+
+
+async def _encode_all(state: ServerState, prompts: list, params: PoolingParams, rid: str,
+                      truncate_prompt_tokens: int | None) -> list:
+    """One pooling request per prompt, all through the engine at once; their ``PoolingRequestOutput``s in order.
+
+    A bad prompt is a 400 naming the field; an aborted request (the server shutting down) a 503.
+    """
+    async def one(i: int, p):
+        return [o async for o in state.engine.encode(p, params, f"{rid}-{i}", truncate_prompt_tokens=truncate_prompt_tokens)]
+
+    tasks = [asyncio.create_task(one(i, p)) for i, p in enumerate(prompts)]
+    try:
+        results = await asyncio.gather(*tasks)
+    except ValueError as e:
+        raise APIError(400, str(e), param=_param_of(str(e)) or "input") from None
+    finally:
+        for t in tasks:
+            t.cancel()
+    if any(not outs for outs in results):
+        raise APIError(503, "the request was aborted", "ServiceUnavailableError")
+    return [outs[0] for outs in results]
+
+
+def _check_embedding_model(state: ServerState, what: str) -> None:
+    if _task(state) != "embed":
+        raise APIError(400, f"The model `{state.model_name}` is a generative model (task 'generate'); {what} "
+                       "need an embedding model (e.g. all-minilm-l6-v2)", param="model")
+
+
+async def _pair_scores(state: ServerState, text_1, text_2, rid: str, truncate_prompt_tokens: int | None):
+    """``(scores, prompt tokens)`` of vLLM's pairs of ``text_1`` and ``text_2``: cosine similarity of their embeddings."""
+    from furiosa_llm.api import score as scoring
+
+    try:
+        index = scoring.pairs(text_1, text_2)
+    except ValueError as e:
+        raise APIError(400, str(e), param="text_1") from None
+    a, b = scoring.as_list(text_1, "text_1"), scoring.as_list(text_2, "text_2")
+    outs = await _encode_all(state, a + b, PoolingParams(task="embed"), rid, truncate_prompt_tokens)
+    ea, eb = outs[:len(a)], outs[len(a):]
+    scores = [scoring.cosine(ea[i].outputs.data, eb[j].outputs.data) for i, j in index]
+    return scores, sum(len(o.prompt_token_ids) for o in outs)
+
+
+@router.post("/score", response_model=ScoreResponse, responses=ERRORS)
+@router.post("/v1/score", response_model=ScoreResponse, responses=ERRORS, include_in_schema=False)
+async def score(req: ScoreRequest, raw: Request, state: State):
+    """vLLM's ``/score``: one score per pair of ``text_1`` and ``text_2`` (1:N or N:N); on an embedding model the
+    cosine similarity of the two embeddings."""
+    _log_payload(state, raw, req)
+    _check_model(state, req.model)
+    _check_embedding_model(state, "scores")
+    rid = f"score-{uuid.uuid4().hex}"
+
+    async def respond():
+        scores, n = await _pair_scores(state, req.text_1, req.text_2, rid, req.truncate_prompt_tokens)
+        return ScoreResponse(id=rid, model=state.model_name, data=[ScoreData(index=i, score=s) for i, s in enumerate(scores)],
+                             usage=UsageInfo(prompt_tokens=n, total_tokens=n))
+
+    return await _unless_disconnected(raw, respond())
+
+
+@router.post("/rerank", response_model=RerankResponse, responses=ERRORS)
+@router.post("/v1/rerank", response_model=RerankResponse, responses=ERRORS, include_in_schema=False)
+@router.post("/v2/rerank", response_model=RerankResponse, responses=ERRORS, include_in_schema=False)
+async def rerank(req: RerankRequest, raw: Request, state: State):
+    """vLLM's ``/rerank``: ``documents`` sorted by relevance to ``query`` (highest first), the ``top_n`` best
+    (all when 0 or absent)."""
+    _log_payload(state, raw, req)
+    _check_model(state, req.model)
+    _check_embedding_model(state, "rerank scores")
+    if not req.documents:
+        raise APIError(400, "documents: must not be empty", param="documents")
+    if req.top_n is not None and req.top_n < 0:
+        raise APIError(400, f"top_n={req.top_n}: must be >= 0 (0: all documents)", param="top_n")
+    rid = f"rerank-{uuid.uuid4().hex}"
+
+    async def respond():
+        scores, n = await _pair_scores(state, req.query, req.documents, rid, req.truncate_prompt_tokens)
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])[:req.top_n or None]
+        return RerankResponse(id=rid, model=state.model_name, usage=RerankUsage(total_tokens=n),
+                              results=[RerankResult(index=i, document=RerankDocument(text=req.documents[i]),
+                                                    relevance_score=scores[i]) for i in order])
 
     return await _unless_disconnected(raw, respond())
 

@@ -19,6 +19,9 @@ The series are those Furiosa-LLM's server documents (``furiosa_llm_*``, labels `
   ``furiosa_llm_time_to_first_token_seconds``, ``furiosa_llm_inter_token_latency_seconds`` and
   ``furiosa_llm_e2e_request_latency_seconds``.
 
+With data-parallel replicas (``--data-parallel-size`` > 1) the engine-state series above sum the
+replicas, and ``furiosa_llm_replica_*`` series carry a ``replica`` label (``replica_families``).
+
 Inter-token latency: the core keeps a request's first and last token times, so a request of n
 tokens adds n-1 observations of its mean interval (``time_per_output_token``); the histogram's
 sum and count are exact, its buckets hold each request's mean.
@@ -191,6 +194,10 @@ class ServerMetrics:
             f.add_metric(lv, [("+Inf", st.jit.compilations_finished)], st.jit.compile_seconds_total)
             yield f
 
+        replicas = getattr(getattr(self.engine, "native_engine", None), "replica_stats", None)
+        if callable(replicas):
+            yield from replica_families(replicas(), names, lv)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -218,3 +225,28 @@ class ServerMetrics:
                     100.0 * hits / queries if queries else 0.0, st.num_preemptions,
                 )
             last_t, last = now, st
+
+
+def replica_families(replicas: list[dict], names: list[str], lv: list[str]):
+    """Per-replica series of a data-parallel engine (``DataParallelEngine.replica_stats()``), label ``replica``."""
+    rn = names + ["replica"]
+    gauges = (("num_requests_running", "Requests running on the replica.", lambda r, s: s.num_running),
+              ("num_requests_waiting", "Requests waiting on the replica.", lambda r, s: s.num_waiting),
+              ("kv_cache_usage_percent", "The replica's KV-cache usage (0-1).", lambda r, s: s.kv_usage),
+              ("outstanding_tokens", "The replica's outstanding work in tokens, as the router counts it.",
+               lambda r, s: r["outstanding_tokens"]),
+              ("available", "1 while the replica takes requests, 0 while it restarts.",
+               lambda r, s: float(r["available"])))
+    counters = (("generation_tokens", "Generation tokens the replica processed.", lambda r, s: s.num_generated_tokens),
+                ("prompt_tokens", "Prefill tokens the replica processed.", lambda r, s: s.num_prompt_tokens_computed),
+                ("requests_routed", "Requests the front routed to the replica.", lambda r, s: r["routed"]),
+                ("requests_failed", "Requests that failed because the replica failed.", lambda r, s: r["failed"]),
+                ("restarts", "Times the replica was restarted after a failure.", lambda r, s: r["restarts"]))
+    for family, specs in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):
+        for name, doc, get in specs:
+            f = family(PREFIX + "replica_" + name, doc, labels=rn)
+            for r in replicas:
+                st = r["stats"]
+                if st is not None:
+                    f.add_metric(lv + [str(r["replica"])], get(r, st))
+            yield f

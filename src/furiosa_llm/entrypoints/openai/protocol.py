@@ -291,6 +291,7 @@ class ModelCard(BaseModel):
     max_prompt_len: int | None = None
     max_context_len: int | None = None
     runtime_config: dict[str, Any] = Field(default_factory=dict)
+    task: str | None = None  # what the model serves: "generate", or "embed" for an embedding model (vLLM's task names)
 
 
 class ModelList(BaseModel):
@@ -359,3 +360,58 @@ class EmbeddingResponse(BaseModel):
     model: str
     data: list[EmbeddingData]
     usage: UsageInfo
+
+
+class ScoreRequest(OpenAIModel):
+    """``POST /score`` (vLLM's shape): ``text_1`` one text or a list, ``text_2`` one text or a list (1:N or N:N)."""
+
+    model: str | None = None
+    text_1: str | list[str]
+    text_2: str | list[str]
+    truncate_prompt_tokens: int | None = None
+
+
+class ScoreData(BaseModel):
+    index: int
+    object: str = "score"
+    score: float
+
+
+class ScoreResponse(BaseModel):
+    id: str
+    object: str = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[ScoreData]
+    usage: UsageInfo
+
+
+class RerankRequest(OpenAIModel):
+    """``POST /rerank`` (vLLM's Jina/Cohere-style shape): ``documents`` ranked by relevance to ``query``."""
+
+    model: str | None = None
+    query: str
+    documents: list[str]
+    top_n: int | None = None  # 0 or None: all documents
+    truncate_prompt_tokens: int | None = None
+
+
+class RerankDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int
+    document: RerankDocument
+    relevance_score: float
+
+
+class RerankUsage(BaseModel):
+    total_tokens: int
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str
+    usage: RerankUsage
+    results: list[RerankResult]
