@@ -119,13 +119,13 @@ class EngineArgs:
                              "drop one of them")
         if self.pooling_type is not None and self.pooling_type not in POOLING_TYPES:
             raise ValueError(f"pooling_type={self.pooling_type!r}: must be one of {', '.join(POOLING_TYPES)}")
+        if self.quantization not in ("none", "w8a16", "fp8"):
+            raise ValueError(f"quantization={self.quantization!r}: must be one of none, w8a16, fp8")
 
     @property
     def requested_task(self) -> str:
         """The task asked for: ``generate``, ``embed``, or ``auto`` (an encoder embeds, a decoder generates)."""
         return "embed" if self.convert == "embed" else self.task
-        if self.quantization not in ("none", "w8a16", "fp8"):
-            raise ValueError(f"quantization={self.quantization!r}: must be one of none, w8a16, fp8")
 
     def parsed_devices(self) -> list[Device] | None:
         return None if self.devices is None else parse_devices(self.devices)
