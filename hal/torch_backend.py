@@ -75,15 +75,31 @@ def kv_budget_bytes(device: str) -> int:
 
 
 def resolve_dtype(dtype: str, device: str):
-    """The torch dtype of ``dtype`` (one of ``DTYPES``); auto is float32 on cpu, bfloat16 on cuda."""
+    """The torch dtype of ``dtype`` (one of ``DTYPES``).
+
+    auto: bfloat16 on cuda and on a cpu with native bf16 (AVX512-BF16 or AMX), else float32
+    (``furiosa_llm.model.weights.auto_dtype``).
+    """
     import torch
+
+    from furiosa_llm.model.weights import auto_dtype
 
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype == "auto":
-        return torch.float32 if device == "cpu" else torch.bfloat16
+        return auto_dtype(device)
     if dtype not in table:
         raise ValueError(f"dtype={dtype!r}: must be one of {', '.join(DTYPES)}")
     return table[dtype]
+
+
+def _is_encoder_folder(src, encoder_types) -> bool:
+    """Whether ``src`` is a Hugging Face folder of an encoder (embedding) model, from its config.json."""
+    import json
+
+    cfg = src.path / "config.json"
+    if src.is_gguf or not cfg.exists():
+        return False
+    return json.loads(cfg.read_text()).get("model_type") in encoder_types
 
 
 class TorchBackend:
@@ -103,21 +119,43 @@ class TorchBackend:
                  data_parallel_size: int | None = None, dtype: str = "auto", block_size: int = 16,
                  kv_cache_memory_bytes: int | None = None, tokenizer: str | None = None,
                  tokenizer_mode: str = "auto", revision: str | None = None, cache_dir: str | None = None,
-                 seed: int | None = None, task: str = "auto", pooling_type: str | None = None) -> None:
+                 seed: int | None = None, task: str = "auto", pooling_type: str | None = None,
+                 quantization: str = "none") -> None:
         from furiosa_llm.model.loader import (ENCODER_MODEL_TYPES, PoolingConfig, load_model_and_tokenizer,
                                               read_pooling_config, resolve_model)
         from furiosa_llm.model.runner import kv_bytes_per_block
 
         self.device = select_device(devices, pipeline_parallel_size, data_parallel_size).torch_device
-        self.dtype = resolve_dtype(dtype, self.device)
+        import torch
+
+        from furiosa_llm.model.weights import QUANTIZATIONS, quantize_w8a16
+
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization={quantization!r}: the torch backend runs one of {', '.join(QUANTIZATIONS)}"
+                             " (fp8 is costed by the simulator only)")
+        src = resolve_model(model, revision)
+        if (dtype == "auto" and quantization == "none" and self.device == "cpu"
+                and (task == "embed" or _is_encoder_folder(src, ENCODER_MODEL_TYPES))):
+            dtype = "float32"  # auto's bf16 choice is for generation; embedders stay float32 (bf16 not measured for them)
+        # w8a16: 16-bit activations, so dtype auto means bfloat16 there whatever the cpu
+        self.dtype = resolve_dtype("bfloat16" if quantization == "w8a16" and dtype == "auto" else dtype, self.device)
+        if quantization == "w8a16" and self.dtype == torch.float32:
+            raise ValueError(f"quantization='w8a16' with dtype={dtype!r}: W8A16 keeps 16-bit activations; "
+                             "use dtype auto, bfloat16 or float16")
+        self.quantization = quantization
         self.block_size = block_size
         self.seed = seed
-        src = resolve_model(model, revision)
         hf_model, self.tokenizer, self.load_seconds = load_model_and_tokenizer(
             src, cache_dir=cache_dir, tokenizer=tokenizer, tokenizer_mode=tokenizer_mode,
             revision=revision, dtype=self.dtype,
         )
-        logger.info("loaded %s in %.1fs on %s", model, self.load_seconds, self.device)
+        if quantization == "w8a16":
+            if getattr(hf_model.config, "model_type", None) in ENCODER_MODEL_TYPES:
+                raise ValueError(f"quantization='w8a16': model {model!r} is an encoder (embedding) model; "
+                                 "W8A16 is for generating models")
+            quantize_w8a16(hf_model)
+        logger.info("loaded %s in %.1fs on %s (%s, quantization %s)", model, self.load_seconds, self.device,
+                    self.dtype, quantization)
         self._hf_model = hf_model
         cfg = self.model_config = hf_model.config
         encoder = getattr(cfg, "model_type", None) in ENCODER_MODEL_TYPES

@@ -84,6 +84,8 @@ class SimConfig:
             v = getattr(self, k)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
                 raise ValueError(f"{k}={v!r}: must be a number >= 0 (seconds)")
+        if self.quantization == "none" and engine_args.quantization != "none":
+            self.quantization = engine_args.quantization  # the engine's --quantization, when not set here
         if not 0 < self.kv_memory_utilization <= 1:
             raise ValueError(f"kv_memory_utilization={self.kv_memory_utilization!r}: must be in (0, 1]")
 

@@ -25,6 +25,7 @@ def engine_args(**kw):
     from furiosa_llm import AsyncEngineArgs
 
     kw.setdefault("num_kv_blocks", 512)
+    kw.setdefault("dtype", "float32")  # greedy parity with HF runs in fp32 whatever --dtype auto picks here
     return AsyncEngineArgs(model=MODEL, cache_dir=CACHE_DIR, devices="cpu", **kw)
 
 

@@ -127,7 +127,7 @@ def _engine(jit: bool, monkeypatch, backend: str = "aot_eager"):
     from furiosa_llm import EngineArgs, LLMEngine
 
     monkeypatch.setenv("FURIOSA_LLM_JIT_BACKEND", backend)
-    return LLMEngine(EngineArgs(model=MODEL, cache_dir=CACHE_DIR, devices="cpu", num_kv_blocks=256,
+    return LLMEngine(EngineArgs(model=MODEL, cache_dir=CACHE_DIR, devices="cpu", num_kv_blocks=256, dtype="float32",
                                 enable_jit_compilation=jit, jit_threshold=2, jit_max_workers=2))
 
 

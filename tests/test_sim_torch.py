@@ -19,7 +19,7 @@ from conftest import CACHE_DIR, MODEL
 def engine():
     from furiosa_llm import EngineArgs, LLMEngine
 
-    eng = LLMEngine(EngineArgs(model=MODEL, cache_dir=CACHE_DIR, devices="cpu", num_kv_blocks=512, seed=0))
+    eng = LLMEngine(EngineArgs(model=MODEL, cache_dir=CACHE_DIR, devices="cpu", num_kv_blocks=512, seed=0, dtype="float32"))
     yield eng
     eng.shutdown()
 

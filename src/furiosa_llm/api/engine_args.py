@@ -77,6 +77,7 @@ class EngineArgs:
     convert: str = "auto"
     pooling_type: str | None = None
     structured_outputs_backend: str = "auto"  # auto | xgrammar | guidance (llguidance)
+    quantization: str = "none"  # none | w8a16 (torch backend and simulator) | fp8 (simulator only)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -122,6 +123,8 @@ class EngineArgs:
         if self.structured_outputs_backend not in ("auto", "xgrammar", "guidance"):
             raise ValueError(f"structured_outputs_backend={self.structured_outputs_backend!r}: "
                              "must be one of auto, xgrammar, guidance")
+        if self.quantization not in ("none", "w8a16", "fp8"):
+            raise ValueError(f"quantization={self.quantization!r}: must be one of none, w8a16, fp8")
 
     @property
     def requested_task(self) -> str:
@@ -213,7 +216,10 @@ class EngineArgs:
         a("--num-kv-blocks", type=int, default=None, help="Number of KV blocks (overrides the memory budget).")
         a("--enable-prefix-caching", type=_str2bool, nargs="?", const=True, default=True, metavar="BOOL", help="Reuse KV blocks of shared prompt prefixes (default on; a bare switch, or true/false).")
         a("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false", help="Disable prefix caching.")
-        a("--dtype", type=str, default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="Weight dtype: auto = float32 on cpu, the model's own on cuda.")
+        a("--dtype", type=str, default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="Weight dtype: auto = bfloat16 on cuda and on a cpu with native bf16 (AVX512-BF16/AMX), else float32.")
+        a("--quantization", "-q", type=str, default="none", choices=["none", "w8a16", "fp8"],
+          help="Weight format: none (the --dtype), w8a16 (int8 weights with per-channel scales, 16-bit activations; "
+               "torch backend and simulator), fp8 (W8A8 FP8 matmuls; simulator only).")
         a("--max-logprobs", type=int, default=20, help="Maximum number of log probabilities a request may ask for "
           "(logprobs, prompt_logprobs); default 20, as OpenAI's API. -1 means no cap: the whole vocabulary, "
           "which may cost a lot of memory and time.")

@@ -106,6 +106,7 @@ class NativeEngine:
             kv_cache_memory_bytes=args.kv_cache_memory_bytes, tokenizer=args.tokenizer,
             tokenizer_mode=args.tokenizer_mode, revision=args.revision, cache_dir=args.cache_dir, seed=args.seed,
             task=args.requested_task, pooling_type=args.pooling_type,
+            quantization=args.quantization,
         )
         self.backend = backend
         self.load_seconds = backend.load_seconds

@@ -43,9 +43,8 @@ def _add_sim_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bandwidth-efficiency", type=float, default=0.8, help="rngd profile: achieved share of HBM bandwidth (assumed).")
     g.add_argument("--jit-compile-s-per-unit", type=float, default=20.0, help="rngd profile, JIT on: seconds to compile one unit of a bucket (assumed).")
     g.add_argument("--jit-slow-factor", type=float, default=2.0, help="rngd profile, JIT on: slowdown of a decode step whose bucket is not compiled (assumed).")
-    g.add_argument("--quantization", choices=["none", "fp8", "w8a16"], default="none",
-                   help="rngd profile: number format of the weights and matmuls: none (BF16), fp8 (W8A8, FP8 matmuls at "
-                        "512 TFLOPS a card), w8a16 (8-bit weights, BF16 matmuls).")
+    # --quantization comes from EngineArgs (one flag for the torch backend and the simulator): on the rngd
+    # profile none = BF16, fp8 = W8A8 (FP8 matmuls at 512 TFLOPS a card), w8a16 = 8-bit weights, BF16 matmuls
     g.add_argument("--kv-cache-dtype", choices=["auto", "bf16", "fp8"], default="auto",
                    help="rngd profile: number format of the KV cache (auto = BF16).")
     g.add_argument("--link-latency-s", type=float, default=5e-6,

@@ -1,0 +1,98 @@
+"""Weight formats of the torch backend: ``--dtype auto``, bf16 and ``--quantization w8a16``.
+
+Quality is measured, not assumed: the perplexity of the embedded model on a fixed English text
+(``tests/data/ppl_english.txt``, public domain: the opening of *Pride and Prejudice*), scored
+through the engine's own paged forward pass (``prompt_logprobs``), must stay within 1% of float32's
+in bfloat16 and within 3% with W8A16.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CACHE_DIR, MODEL
+
+TEXT = (Path(__file__).parent / "data" / "ppl_english.txt").read_text()
+
+
+def _perplexity(**kw) -> float:
+    from furiosa_llm import EngineArgs, LLMEngine, SamplingParams
+
+    engine = LLMEngine(EngineArgs(model=MODEL, cache_dir=CACHE_DIR, devices="cpu", num_kv_blocks=64, seed=0, **kw))
+    try:
+        engine.add_request("ppl", TEXT, SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0))
+        final = None
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    final = out
+        entries = [e for e in final.prompt_logprobs[1:]]
+        ids = final.prompt_token_ids[1:]
+        nll = [-e[t].logprob for e, t in zip(entries, ids)]
+        assert len(nll) > 200
+        return math.exp(sum(nll) / len(nll))
+    finally:
+        engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fp32_ppl() -> float:
+    return _perplexity(dtype="float32")
+
+
+def test_bf16_perplexity_within_1_percent_of_fp32(fp32_ppl):
+    ppl = _perplexity(dtype="bfloat16")
+    assert abs(ppl / fp32_ppl - 1) < 0.01, (ppl, fp32_ppl)
+
+
+def test_w8a16_perplexity_within_3_percent_of_fp32(fp32_ppl):
+    ppl = _perplexity(quantization="w8a16")
+    assert abs(ppl / fp32_ppl - 1) < 0.03, (ppl, fp32_ppl)
+
+
+def test_int8_linear_matches_dequantized_weights():
+    from furiosa_llm.model.weights import INT8_KERNEL_MAX_ROWS, Int8Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=True)
+    q = Int8Linear(lin, torch.bfloat16)
+    assert q.weight_int8.dtype == torch.int8 and q.scale.shape == (48,)
+    # per-channel symmetric: every row uses its full int8 range
+    assert int(q.weight_int8.abs().amax(dim=1).min()) == 127
+    deq = q.weight_int8.float() * q.scale.float()[:, None]
+    for rows in (1, INT8_KERNEL_MAX_ROWS, INT8_KERNEL_MAX_ROWS + 5):  # the int8 kernel, and the dequantized path
+        x = torch.randn(rows, 64)
+        y = q(x.bfloat16()).float()
+        ref = x.bfloat16().float() @ deq.T + lin.bias.detach().bfloat16().float()
+        assert y.shape == (rows, 48)
+        assert torch.allclose(y, ref, atol=0.05, rtol=0.02)
+        # and close to the float weights: int8 rounding is at most half a step per weight
+        assert torch.allclose(y, lin(x).detach(), atol=0.1, rtol=0.05)
+
+
+def test_auto_dtype_follows_cpu_bf16_support(monkeypatch):
+    from furiosa_llm.hal.torch_backend import resolve_dtype
+    from furiosa_llm.model import weights
+
+    monkeypatch.setattr(weights, "cpu_has_native_bf16", lambda: True)
+    assert resolve_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(weights, "cpu_has_native_bf16", lambda: False)
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda:0") == torch.bfloat16
+    assert resolve_dtype("float32", "cpu") == torch.float32
+
+
+def test_quantization_argument_errors():
+    from furiosa_llm import EngineArgs
+    from furiosa_llm.hal.torch_backend import TorchBackend
+
+    with pytest.raises(ValueError, match="quantization='int4'"):
+        EngineArgs(model=MODEL, quantization="int4")
+    with pytest.raises(ValueError, match="quantization='w8a16' with dtype='float32'"):
+        TorchBackend(MODEL, dtype="float32", quantization="w8a16", cache_dir=CACHE_DIR)
+    with pytest.raises(ValueError, match="quantization='fp8'"):
+        TorchBackend(MODEL, quantization="fp8", cache_dir=CACHE_DIR)
