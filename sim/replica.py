@@ -138,7 +138,7 @@ class Frontend:
             replicas[target].add(req)
 
 
-def run(plan: SimPlan, workload: Workload, replica_ids: list[int], *, dispatch: str = "least_loaded",
+def run(plan: SimPlan, workload: Workload, replica_ids: list[int], *, dispatch: str = "least_tokens",
         tokens: BatchExecutor | None = None, record_trace: bool = False,
         progress: bool = False) -> tuple[MetricsRecorder, dict[int, list]]:
     """Simulate replicas ``replica_ids`` of ``plan`` serving ``workload``: the recorder and each replica's trace."""

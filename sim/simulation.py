@@ -22,7 +22,7 @@ __all__ = ["SimConfig", "SimPlan", "SimResult", "jsonable", "simulate"]
 
 
 def simulate(config: SimConfig, workload: Workload, *, slo: SLO | None = None, tokens: BatchExecutor | None = None,
-             progress: bool = False, record_trace: bool = False, dispatch: str = "least_loaded",
+             progress: bool = False, record_trace: bool = False, dispatch: str = "least_tokens",
              workers: int = 1, ray: str | None = None) -> SimResult:
     """Serve ``workload`` on the simulated devices of ``config``; deterministic for a given seed.
 

@@ -56,7 +56,7 @@ def _add_sim_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host-s-per-seq", type=float, default=2e-6, help="rngd profile: host seconds per sequence of a step (assumed).")
     g.add_argument("--kv-memory-utilization", type=float, default=0.9,
                    help="Share of a stage's device memory for weights + KV cache (assumed).")
-    g.add_argument("--dispatch", choices=["least_loaded", "least_tokens", "round_robin"], default="least_loaded",
+    g.add_argument("--dispatch", choices=["least_loaded", "least_tokens", "round_robin"], default="least_tokens",
                    help="How requests are spread over data-parallel replicas (the routing policies of the real engine's front).")
     g.add_argument("--workers", type=int, default=1, help="Ray tasks that simulate replicas in parallel (needs --dispatch round_robin).")
     g.add_argument("--ray", default=None, metavar="auto|local|ADDRESS",
