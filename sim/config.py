@@ -88,6 +88,9 @@ class SimConfig:
             self.quantization = engine_args.quantization  # the engine's --quantization, when not set here
         if not 0 < self.kv_memory_utilization <= 1:
             raise ValueError(f"kv_memory_utilization={self.kv_memory_utilization!r}: must be in (0, 1]")
+        if self.profile == "rngd" and engine_args.dtype not in ("auto", "bfloat16"):
+            raise ValueError(f"dtype={engine_args.dtype!r}: the rngd profile serves BF16 activations; choose the "
+                             "weight format with --quantization none|fp8|w8a16 and the KV cache's with --kv-cache-dtype")
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, **sim: Any) -> "SimConfig":

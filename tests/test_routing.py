@@ -69,3 +69,17 @@ def test_ray_is_not_imported_without_a_ray_flag():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_an_unreachable_ray_address_is_a_fast_clear_error():
+    import time
+
+    from furiosa_llm.api.distributed import _check_reachable
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"ray='127.0.0.1:1': no Ray head answers"):
+        _check_reachable("127.0.0.1:1")
+    assert time.perf_counter() - t0 < 5
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        _check_reachable("just-a-host")
+    _check_reachable("auto")  # left to Ray

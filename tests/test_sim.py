@@ -384,3 +384,9 @@ def test_plan_ranks_layouts_by_offline_throughput(capsys):
     assert main(["plan", "--model", "llama-3.1-8b", "--num-requests", "8", "--objective", "offline_throughput",
                  "--sweep", "tensor-parallel-size=4,8"]) == 0  # no SLO needed offline
     assert "output_throughput" in capsys.readouterr().out
+
+
+def test_rngd_profile_refuses_a_dtype_it_cannot_serve():
+    with pytest.raises(ValueError, match="dtype='float32': the rngd profile serves BF16"):
+        SimConfig(model="llama-3.1-8b", dtype="float32")
+    SimConfig(model="llama-3.1-8b", dtype="bfloat16")

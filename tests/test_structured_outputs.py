@@ -170,6 +170,15 @@ def test_bad_constraint_is_a_value_error_for_that_request_only(async_engine):
     assert re.fullmatch(r"\d{3}", out.text)
 
 
+def test_ebnf_on_guidance_and_a_constraint_that_matches_nothing(async_engine):
+    out = _run(async_engine, [("Math:", _so(max_tokens=48, grammar=ARITH, backend="guidance"))])[0].outputs[0]
+    assert out.finish_reason == "length" or _arith_ok(out.text), out.text
+    with pytest.raises(ValueError, match="admits no text"):  # no output could satisfy it: refused, not ignored
+        _run(async_engine, [("x", _so(regex="[^\\x00-\\U0010FFFF]"))])
+    with pytest.raises(ValueError, match="EBNF parser error(?s:.*)guidance: (?!'module')"):
+        _run(async_engine, [("x", _so(grammar="root ::= "))])
+
+
 def test_compiled_grammars_are_cached(async_engine):
     schema = {"type": "object", "properties": {"k": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["k"]}
     _run(async_engine, [("x", _so(max_tokens=30, json=schema, disable_any_whitespace=True)),

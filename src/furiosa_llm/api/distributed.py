@@ -41,5 +41,24 @@ def connect(ray_address: str | None = "local", *, num_cpus: int | None = None):
     if ray_address == "local":
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
     else:
-        ray.init(address=ray_address.strip(), log_to_driver=False)
+        address = ray_address.strip()
+        _check_reachable(address)
+        ray.init(address=address, log_to_driver=False)
     return ray
+
+
+def _check_reachable(address: str, timeout_s: float = 3.0) -> None:
+    """``ValueError`` within ``timeout_s`` when nothing answers at a ``HOST:PORT`` address (Ray itself retries
+    for minutes); ``auto`` and ``ray://`` addresses are left to Ray."""
+    import socket
+
+    if address == "auto" or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"ray={address!r}: must be 'local', 'auto', 'HOST:PORT' or 'ray://HOST:PORT'")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ValueError(f"ray={address!r}: no Ray head answers at {host}:{port} ({e}); start one there with "
+                         f"`ray start --head --port {port}` or pass --ray local") from None

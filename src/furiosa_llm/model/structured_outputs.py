@@ -141,7 +141,9 @@ class _Guidance:
         elif kind == "choice":
             grammar = M.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in p.choice))
         elif kind == "grammar":
-            text = p.grammar if _is_lark(p.grammar) else self.llg.gbnf_to_lark(p.grammar)
+            from llguidance.gbnf_to_lark import gbnf_to_lark
+
+            text = p.grammar if _is_lark(p.grammar) else gbnf_to_lark(p.grammar)
             grammar = M.grammar_from_lark(text)
         else:
             raise ValueError("structural_tag needs the xgrammar backend")
@@ -220,6 +222,7 @@ class GrammarBackend:
             engine = self.engine(name)
             try:
                 compiled = engine.compile(p)
+                _check_admits_text(engine, compiled, self.vocab_size, self.stop_token_ids)
             except Exception as e:  # the engines raise RuntimeError/ValueError/KeyError for bad constraints
                 errors.append(f"{name}: {_engine_message(e)}")
                 continue
@@ -235,6 +238,18 @@ class GrammarBackend:
         """A fresh matcher for one request (``ValueError`` if ``p`` does not compile)."""
         engine, compiled = self.compile(p)
         return GrammarState(engine, compiled, self.stop_token_ids, self.vocab_size)
+
+
+def _check_admits_text(engine, compiled, vocab_size: int, stop_token_ids) -> None:
+    """``ValueError`` when a compiled constraint allows no token but EOS before any output (e.g. the
+    regex ``[^\\x00-\\U0010FFFF]``, which matches nothing): no text could ever satisfy it."""
+    m = engine.matcher(compiled)
+    bitmask = torch.zeros(1, (vocab_size + 31) // 32, dtype=torch.int32)
+    engine.fill(m, bitmask, 0)
+    for t in stop_token_ids:
+        bitmask[0, t // 32] &= ~_bit(t % 32)
+    if not bool(bitmask.any()):
+        raise ValueError("the constraint admits no text (no token but EOS can start an output)")
 
 
 class GrammarState:
