@@ -38,14 +38,15 @@ def main() -> None:
     wl = Workload(num_requests=a.num_requests, request_rate=a.request_rate, input_len=a.input_len,
                   output_len=a.output_len, seed=a.seed)
     runs, profile = {}, None
-    cases = [("least_loaded_1_process", {})]
+    cases = [("least_tokens_1_process", {"dispatch": "least_tokens"})]  # the default dispatch
     if not a.one_process_only:
         from furiosa_llm.api.distributed import connect
 
         connect("local")  # the round-robin groups run as Ray tasks: Ray's start (~20 s here) stays outside the timing
         cases.append(("round_robin_2_ray_tasks", {"dispatch": "round_robin", "workers": 2}))
     for name, kw in cases:
-        prof = cProfile.Profile() if a.profile and not kw else None
+        one_process = "workers" not in kw
+        prof = cProfile.Profile() if a.profile and one_process else None
         t0, c0 = time.perf_counter(), time.process_time()
         if prof is not None:
             prof.enable()
@@ -58,7 +59,7 @@ def main() -> None:
         runs[name] = {
             "wall_s": round(wall, 2),
             "simulated_requests_per_wall_s": round(a.num_requests / wall, 1),
-            **({} if kw else {"cpu_s": round(cpu, 2), "requests_per_s_per_core": round(a.num_requests / cpu, 1)}),
+            **({} if not one_process else {"cpu_s": round(cpu, 2), "requests_per_s_per_core": round(a.num_requests / cpu, 1)}),
             "simulated_s": round(m["duration"], 1),
             "num_steps": m["num_steps"],
             "total_output_tokens": m["total_output_tokens"],
