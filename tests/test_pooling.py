@@ -282,6 +282,8 @@ async def test_server_score_rerank_and_models(llm):
         assert body["usage"]["prompt_tokens"] == sum(len(llm.tokenizer.encode(t)) for t in [q, *docs])
         r = await http.post("/v1/score", json={"text_1": [q, q], "text_2": docs})
         assert r.status_code == 400 and "text_1 has 2 items" in r.json()["error"]["message"]
+        r = await http.post("/score", json={"text_1": q, "text_2": []})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "text_2"
         r = await http.post("/rerank", json={"model": MODEL, "query": q, "documents": docs, "top_n": 2})
         body = r.json()
         assert r.status_code == 200, r.text

@@ -650,7 +650,7 @@ async def _pair_scores(state: ServerState, text_1, text_2, rid: str, truncate_pr
     try:
         index = scoring.pairs(text_1, text_2)
     except ValueError as e:
-        raise APIError(400, str(e), param="text_1") from None
+        raise APIError(400, str(e), param="text_2" if str(e).startswith("text_2") else "text_1") from None
     a, b = scoring.as_list(text_1, "text_1"), scoring.as_list(text_2, "text_2")
     outs = await _encode_all(state, a + b, PoolingParams(task="embed"), rid, truncate_prompt_tokens)
     ea, eb = outs[:len(a)], outs[len(a):]
