@@ -36,9 +36,14 @@ class SamplingSettings:
         return self.temperature < 1e-5
 
     @property
+    def has_penalties(self) -> bool:
+        """A repetition, presence or frequency penalty is set (the sampler applies them from the token history)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
     def needs_history(self) -> bool:
         """The sampler reads the request's earlier tokens: penalties, or a grammar state to rebuild if it drifted."""
-        return self.structured is not None or self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        return self.structured is not None or self.has_penalties
 
 
 @dataclass(slots=True)

@@ -61,9 +61,9 @@ def test_batched_penalties_and_filters_equal_the_per_row_definitions():
     for _ in range(20):
         chunks = [_chunk(i, rng, **_random_settings(rng)) for i in range(rng.randint(1, 9))]
         logits = torch.randn(len(chunks), VOCAB) * 3
-        hist = [c for c in chunks if c.sampling.needs_history]
+        hist = [c for c in chunks if c.sampling.has_penalties]
         if hist:
-            rows = torch.stack([logits[i] for i, c in enumerate(chunks) if c.sampling.needs_history])
+            rows = torch.stack([logits[i] for i, c in enumerate(chunks) if c.sampling.has_penalties])
             got = _apply_penalties(rows.clone(), hist)
             want = torch.stack([_ref_penalties(r, c) for r, c in zip(rows, hist)])
             assert torch.allclose(got, want)

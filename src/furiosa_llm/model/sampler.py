@@ -21,7 +21,7 @@ def _padded(rows: list, pad: int, device) -> torch.Tensor:
 def _apply_penalties(logits: torch.Tensor, chunks: list[SequenceChunk]) -> torch.Tensor:
     """Repetition (prompt and output tokens), presence and frequency (output tokens) penalties, in place.
 
-    ``logits``: ``[len(chunks), vocab]``; every chunk here has ``sampling.needs_history``. vLLM's
+    ``logits``: ``[len(chunks), vocab]``; every chunk here has ``sampling.has_penalties``. vLLM's
     definitions: repetition divides positive and multiplies negative logits of seen tokens;
     presence and frequency subtract ``presence * (count > 0) + frequency * count``.
     """
@@ -125,8 +125,8 @@ class Sampler:
     def sample(self, logits: torch.Tensor, chunks: list[SequenceChunk]) -> tuple[list[int], list[list[TokenLogprob] | None]]:
         """``logits``: [len(chunks), vocab] float32. Returns token ids and optional logprob lists.
 
-        The whole batch in a handful of tensor operations: penalties for the rows that need the
-        history, greedy rows by argmax, the others by temperature, top-k/top-p/min-p and an
+        The whole batch in a handful of tensor operations: penalties for the rows that set
+        them, greedy rows by argmax, the others by temperature, top-k/top-p/min-p and an
         exponential race (``argmax(p / E)`` with ``E ~ Exp(1)``, which draws ``i`` with probability
         ``p_i``); one device-to-host copy of the sampled ids.
         """
@@ -134,7 +134,7 @@ class Sampler:
         scores = _mask_stops_before_min_tokens(logits, chunks)
         # ---- structured outputs (1/2): each constrained row's grammar bitmask ----
         scores = structured_outputs.apply_grammar_masks(scores, logits, chunks)
-        hist = [i for i, c in enumerate(chunks) if c.sampling.needs_history]
+        hist = [i for i, c in enumerate(chunks) if c.sampling.has_penalties]  # not grammar-only rows
         if hist:
             if len(hist) == len(chunks):
                 scores = _apply_penalties(scores, chunks)
