@@ -89,11 +89,17 @@ class ModelShape:
         emb = self.vocab_size * self.hidden_size
         return self.num_layers * self.layer_params + emb * (1 if self.tie_word_embeddings else 2)
 
+    def matmul_flops(self, b: "BatchShape") -> float:
+        """FLOPs of one step's weight matmuls: the layers' per computed token, the LM head's per sampled row."""
+        return 2.0 * self.num_layers * self.layer_params * b.num_tokens + 2.0 * self.hidden_size * self.vocab_size * b.num_sampled
+
+    def attention_flops(self, b: "BatchShape") -> float:
+        """FLOPs of one step's attention (QK^T and PV): per attended position of every computed token."""
+        return 4.0 * self.num_layers * self.num_heads * self.head_dim * b.attended
+
     def step_flops(self, b: "BatchShape") -> float:
         """FLOPs of one step: the layers' matmuls per token, attention per attended position, the LM head per sample."""
-        return (2.0 * self.num_layers * self.layer_params * b.num_tokens
-                + 4.0 * self.num_layers * self.num_heads * self.head_dim * b.attended
-                + 2.0 * self.hidden_size * self.vocab_size * b.num_sampled)
+        return self.matmul_flops(b) + self.attention_flops(b)
 
     def weight_bytes(self, dtype_bytes: float) -> float:
         return self.num_params * dtype_bytes
@@ -132,6 +138,14 @@ class BatchShape:
     attended: int  # sum over computed tokens of the positions each attends to
     kv_read_tokens: int  # sum of context lengths: K/V positions read
     num_grammar_rows: int = 0  # sampled rows with structured outputs (a grammar bitmask each)
+    num_decode_seqs: int | None = None  # sequences computing one token; None: not recorded
+
+    @property
+    def kind(self) -> str:
+        """``decode`` (one token per sequence), ``prefill`` (no sequence decodes) or ``mixed`` (both)."""
+        if self.num_tokens == self.num_seqs:
+            return "decode"
+        return "mixed" if self.num_decode_seqs else "prefill"  # None (not recorded) counts as prefill
 
     @property
     def kv_tokens(self) -> int:
@@ -140,16 +154,17 @@ class BatchShape:
 
     @classmethod
     def of(cls, batch: Batch) -> "BatchShape":
-        tokens = attended = kv = sampled = grammar = 0
+        tokens = attended = kv = sampled = grammar = decode = 0
         for s in batch.sequences:
             n = len(s.token_ids)
+            decode += n == 1
             start = s.start_pos
             tokens += n
             attended += n * start + n * (n + 1) // 2
             kv += start + n
             sampled += s.sample
             grammar += s.sample and s.sampling.structured is not None
-        return cls(tokens, len(batch.sequences), sampled, attended, kv, grammar)
+        return cls(tokens, len(batch.sequences), sampled, attended, kv, grammar, decode)
 
 
 @dataclass(slots=True)
@@ -162,6 +177,9 @@ class CostModel:
     s_per_weight_byte: float
     s_per_kv_byte: float
     s_per_seq: float = 0.0
+    # seconds per attention FLOP; None: as ``s_per_flop``. Fitted apart on a measured backend, where attention
+    # (softmax, masks, K/V gathers) runs at another rate than the weight matmuls and grows with the square of a prompt
+    s_per_attn_flop: float | None = None
     s_per_token_comm: float = 0.0  # tensor-parallel all-reduce across cards, bandwidth term per token
     comm_latency_s: float = 0.0  # tensor-parallel all-reduces across cards, latency term per step
     s_per_token_stage_transfer: float = 0.0  # pipeline: activations sent to the next stage, per token
@@ -189,6 +207,9 @@ class CostModel:
             v = getattr(self, k)
             if not isinstance(v, (int, float)) or v < 0 or math.isnan(v):
                 raise ValueError(f"{k}={v!r}: must be a number >= 0")
+        a = self.s_per_attn_flop
+        if a is not None and (not isinstance(a, (int, float)) or a < 0 or math.isnan(a)):
+            raise ValueError(f"s_per_attn_flop={a!r}: must be a number >= 0, or None (as s_per_flop)")
         if not isinstance(self.jit_slow_factor, (int, float)) or not self.jit_slow_factor >= 1:
             raise ValueError(f"jit_slow_factor={self.jit_slow_factor!r}: must be a number >= 1")
 
@@ -197,12 +218,17 @@ class CostModel:
         """Bytes per KV-cache element."""
         return self.dtype_bytes if self.kv_dtype_bytes is None else self.kv_dtype_bytes
 
+    @property
+    def attn_rate(self) -> float:
+        """Seconds per attention FLOP."""
+        return self.s_per_flop if self.s_per_attn_flop is None else self.s_per_attn_flop
+
     # ---- evaluation ------------------------------------------------------------------------
     def breakdown(self, model: ModelShape, b: BatchShape) -> "StepCost":
         """The terms of one step's device time (seconds, the whole model on one stage's PEs)."""
         return StepCost(
             fixed=self.overhead_s + self.s_per_seq * b.num_seqs,
-            compute=model.step_flops(b) * self.s_per_flop,
+            compute=model.matmul_flops(b) * self.s_per_flop + model.attention_flops(b) * self.attn_rate,
             weights=model.weight_bytes(self.dtype_bytes) * self.s_per_weight_byte,
             kv=b.kv_tokens * model.kv_bytes_per_token(self.kv_bytes) * self.s_per_kv_byte,
             tp_comm=self.comm_latency_s + self.s_per_token_comm * b.num_tokens,
@@ -377,8 +403,14 @@ class StepSample:
 def fit_cost_model(model: ModelShape, samples: Sequence[StepSample], *, name: str, dtype_bytes: float) -> CostModel:
     """Fit a ``sum`` cost model to measured steps, minimising relative error.
 
-    Device: overhead (which absorbs the constant weight traffic), seconds per FLOP, per KV byte
-    and per sequence. Host: overhead and seconds per sequence.
+    Device: overhead (which absorbs the constant weight traffic), seconds per matmul FLOP, per
+    attention FLOP, per KV byte and per sequence. Attention gets its own rate when the samples
+    pin it (prompts long enough that attention is a visible share of a prefill): a backend runs
+    it at another rate than the weight matmuls, and a prompt's attention grows with its square,
+    so a shared rate under-predicts the prompts longer than the sweep's. Host: overhead and
+    seconds per sequence. ``notes`` gives the median and p90 relative error per step kind
+    (``decode``: one token per sequence; ``prefill``: every sequence computes several;
+    ``mixed``: both) as well as overall.
     """
     if len(samples) < 8:
         raise ValueError(f"samples: {len(samples)} measured steps; need at least 8 to fit")
@@ -387,17 +419,25 @@ def fit_cost_model(model: ModelShape, samples: Sequence[StepSample], *, name: st
     for s in samples:
         b = s.shape
         w = 1.0 / max(s.device_s, 1e-6)
-        rows.append([w, model.step_flops(b) * w, b.kv_tokens * kvb * w, b.num_seqs * w])
+        rows.append([w, model.matmul_flops(b) * w, model.attention_flops(b) * w, b.kv_tokens * kvb * w, b.num_seqs * w])
         ys.append(1.0)
         hw = 1.0 / max(s.host_s, 1e-4)
         hrows.append([hw, b.num_seqs * hw])
         hys.append(s.host_s * hw)
-    o, f, k, q = _nnls(rows, ys)
+    o, f, fa, k, q = _nnls(rows, ys)
     ho, hq = _nnls(hrows, hys)
     cm = CostModel(name=name, overhead_s=o, s_per_flop=f, s_per_weight_byte=0.0, s_per_kv_byte=k, s_per_seq=q,
-                   combine="sum", dtype_bytes=dtype_bytes, host_overhead_s=ho, host_s_per_seq=hq)
-    errs = [abs(cm.device_time(model, s.shape) - s.device_s) / s.device_s for s in samples]
-    errs.sort()
-    cm.notes = {"samples": len(samples), "median_rel_error": errs[len(errs) // 2],
-                "p90_rel_error": errs[int(0.9 * (len(errs) - 1))]}
+                   s_per_attn_flop=fa, combine="sum", dtype_bytes=dtype_bytes, host_overhead_s=ho, host_s_per_seq=hq)
+    errs: dict[str, list[float]] = {}
+    for s in samples:
+        e = abs(cm.device_time(model, s.shape) - s.device_s) / s.device_s
+        errs.setdefault("all", []).append(e)
+        errs.setdefault(s.shape.kind, []).append(e)
+    for v in errs.values():
+        v.sort()
+    med = lambda v: v[len(v) // 2]  # noqa: E731
+    p90 = lambda v: v[int(0.9 * (len(v) - 1))]  # noqa: E731
+    cm.notes = {"samples": len(samples), "median_rel_error": med(errs["all"]), "p90_rel_error": p90(errs["all"]),
+                "by_kind": {kind: {"samples": len(v), "median_rel_error": med(v), "p90_rel_error": p90(v)}
+                            for kind, v in sorted(errs.items()) if kind != "all"}}
     return cm

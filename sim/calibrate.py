@@ -2,7 +2,10 @@
 
 The real engine serves a sweep of batch shapes: for each (batch size, prompt length), that many
 requests arrive at once and decode a fixed number of tokens, which gives prefill chunks of many
-sizes and decode steps over a range of batch sizes and context lengths. Each step's device time
+sizes and decode steps over a range of batch sizes and context lengths. Midway through each
+shape's decode one more request arrives, so its prefill shares a step with the running decodes
+(a mixed step, as under Poisson arrivals), and a few long prompts run alone (their attention,
+quadratic in the prompt, sets the cost model's attention rate). Each step's device time
 (from the execution queue) and host time (the rest of ``LLMEngine.step``) are recorded and
 ``fit_cost_model`` fits the cost model's parameters. The profile is JSON that ``SimConfig``
 (``--profile``) loads, with the model's shape and the engine's KV block count.
@@ -22,18 +25,40 @@ from .real import install_recorder, synthetic_prompt
 
 @dataclass(frozen=True)
 class Sweep:
+    """The shapes a calibration measures.
+
+    Every (batch size, prompt length) of ``batch_sizes`` x ``prompt_lens``: that many requests
+    arrive together and decode ``decode_tokens`` tokens each; with ``join`` (torch backend only:
+    the vendor engine's steps are read off its token stream, which needs requests that arrive
+    together) one more request of the same prompt length arrives midway through their decode and
+    its prefill shares a step with them. Then each of ``long_prompt_lens`` alone (batch 1), when
+    it fits the engine's ``max_model_len``.
+    """
+
     batch_sizes: tuple[int, ...] = (1, 4, 8, 16, 32)
     prompt_lens: tuple[int, ...] = (32, 128, 384)
     decode_tokens: int = 16
     seed: int = 0
+    long_prompt_lens: tuple[int, ...] = (1024,)
+    join: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("batch_sizes", "prompt_lens"):
+        for name in ("batch_sizes", "prompt_lens", "long_prompt_lens"):
             vals = getattr(self, name)
-            if not vals or any(not isinstance(v, int) or v < 1 for v in vals):
+            if (not vals and name != "long_prompt_lens") or any(not isinstance(v, int) or v < 1 for v in vals):
                 raise ValueError(f"{name}={vals!r}: expected positive ints")
         if self.decode_tokens < 2:
             raise ValueError(f"decode_tokens={self.decode_tokens!r}: must be >= 2")
+
+    def shapes(self, max_model_len: int | None = None) -> list[tuple[int, int]]:
+        """(batch size, prompt length) in the order measured; long prompts that do not fit are left out."""
+        grid = [(b, p) for p in self.prompt_lens for b in self.batch_sizes]
+        fits = lambda p: max_model_len is None or p + self.decode_tokens <= max_model_len  # noqa: E731
+        return grid + [(1, p) for p in self.long_prompt_lens if fits(p) and (1, p) not in grid]
+
+    def describe(self) -> dict:
+        return {"batch_sizes": list(self.batch_sizes), "prompt_lens": list(self.prompt_lens),
+                "decode_tokens": self.decode_tokens, "long_prompt_lens": list(self.long_prompt_lens), "join": self.join}
 
 
 def measure(engine, sweep: Sweep, progress: bool = False) -> list[StepSample]:
@@ -45,7 +70,11 @@ def measure(engine, sweep: Sweep, progress: bool = False) -> list[StepSample]:
     params = SamplingParams(temperature=0.0, max_tokens=sweep.decode_tokens, ignore_eos=True,
                             output_kind=RequestOutputKind.FINAL)
     samples: list[StepSample] = []
-    grid = [(b, p) for p in sweep.prompt_lens for b in sweep.batch_sizes]
+    grid = sweep.shapes(getattr(engine, "max_model_len", None))
+    long_start = len(sweep.prompt_lens) * len(sweep.batch_sizes)
+    budget = engine.args.max_num_batched_tokens
+    join_params = SamplingParams(temperature=0.0, max_tokens=max(2, sweep.decode_tokens // 2), ignore_eos=True,
+                                 output_kind=RequestOutputKind.FINAL)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -60,9 +89,16 @@ def measure(engine, sweep: Sweep, progress: bool = False) -> list[StepSample]:
     for i, (b, p) in enumerate(grid):
         for j in range(b):
             engine.add_request(f"cal{i}-{j}", {"prompt_token_ids": synthetic_prompt(rng, engine.vocab_size, p)}, params)
+        # the joiner arrives after the prefill chunks and half the decode steps of the others
+        join_at = -(-b * p // budget) + sweep.decode_tokens // 2 if sweep.join and i < long_start else -1
+        n_steps = 0
         while engine.has_unfinished_requests():
+            if n_steps == join_at:
+                engine.add_request(f"cal{i}-join", {"prompt_token_ids": synthetic_prompt(rng, engine.vocab_size, p)},
+                                   join_params)
             start = time.monotonic()
             engine.step()
+            n_steps += 1
             samples += rec.take_samples(time.monotonic() - start)
         if bar is not None:
             bar.update(1)
@@ -89,8 +125,7 @@ def calibrate(engine, sweep: Sweep | None = None, *, progress: bool = False) -> 
         "num_kv_blocks": engine.num_total_blocks,
         "block_size": engine.args.block_size,
         "device": device,
-        "sweep": {"batch_sizes": list(sweep.batch_sizes), "prompt_lens": list(sweep.prompt_lens),
-                  "decode_tokens": sweep.decode_tokens},
+        "sweep": sweep.describe(),
         "torch_threads": torch.get_num_threads(),
     })
     return cost, model
@@ -107,11 +142,13 @@ def calibrate(engine, sweep: Sweep | None = None, *, progress: bool = False) -> 
 # the device terms absorb it.
 
 def _prefill_shape(b: int, p: int) -> BatchShape:
-    return BatchShape(num_tokens=b * p, num_seqs=b, num_sampled=b, attended=b * p * (p + 1) // 2, kv_read_tokens=b * p)
+    return BatchShape(num_tokens=b * p, num_seqs=b, num_sampled=b, attended=b * p * (p + 1) // 2, kv_read_tokens=b * p,
+                      num_decode_seqs=0)
 
 
 def _decode_shape(b: int, start: int) -> BatchShape:
-    return BatchShape(num_tokens=b, num_seqs=b, num_sampled=b, attended=b * (start + 1), kv_read_tokens=b * (start + 1))
+    return BatchShape(num_tokens=b, num_seqs=b, num_sampled=b, attended=b * (start + 1), kv_read_tokens=b * (start + 1),
+                      num_decode_seqs=b)
 
 
 def stream_samples(log: list[tuple[str, int, float]], t0: float, b: int, p: int) -> list[StepSample]:
@@ -142,7 +179,7 @@ def measure_rngd(engine, sweep: Sweep, progress: bool = False) -> list[StepSampl
     while engine.has_unfinished_requests():
         engine.step()
     samples: list[StepSample] = []
-    grid = [(b, p) for p in sweep.prompt_lens for b in sweep.batch_sizes]
+    grid = sweep.shapes(getattr(engine, "max_model_len", None))  # no joiner: the stream needs requests that arrive together
     try:
         for i, (b, p) in enumerate(grid):
             native.token_log = log = []
@@ -176,7 +213,6 @@ def calibrate_rngd(engine, sweep: Sweep | None = None, *, progress: bool = False
     cost.notes.update({
         "devices": devices, "fxb": native.artifact.fxb_path.name, "furiosa_llm_native": NATIVE_VERSION,
         "source": "vendor engine token-stream timing (prefill: submit to last first token; decode: per-token gaps)",
-        "sweep": {"batch_sizes": list(sweep.batch_sizes), "prompt_lens": list(sweep.prompt_lens),
-                  "decode_tokens": sweep.decode_tokens},
+        "sweep": {**sweep.describe(), "join": False},
     })
     return cost, model

@@ -72,18 +72,39 @@ def test_rngd_decode_is_memory_bound_and_prefill_compute_bound():
 def test_fit_recovers_known_parameters():
     m = ModelShape("tiny", 4, 64, 4, 2, 16, 128, 1000)
     truth = CostModel("truth", overhead_s=2e-3, s_per_flop=1e-10, s_per_weight_byte=0.0, s_per_kv_byte=5e-9,
-                      s_per_seq=1e-4, combine="sum", dtype_bytes=4, host_overhead_s=1e-3, host_s_per_seq=2e-5)
+                      s_per_seq=1e-4, s_per_attn_flop=4e-10, combine="sum", dtype_bytes=4, host_overhead_s=1e-3,
+                      host_s_per_seq=2e-5)
     samples = []
     for b in (1, 2, 4, 8, 16, 32):
         for ctx in (16, 64, 256):
             shape = BatchShape(b, b, b, b * ctx, b * ctx)
             samples.append(StepSample(shape, truth.device_time(m, shape), truth.host_time(shape)))
-        shape = BatchShape(b * 64, b, b, b * 64 * 65 // 2, b * 64)
+        for p in (64, 512):  # prompts of two lengths: attention (quadratic) apart from KV traffic (linear)
+            shape = BatchShape(b * p, b, b, b * p * (p + 1) // 2, b * p, num_decode_seqs=0)
+            samples.append(StepSample(shape, truth.device_time(m, shape), truth.host_time(shape)))
+        # a prompt of 64 joining b decodes at context 100: a mixed step
+        shape = BatchShape(64 + b, b + 1, b + 1, 64 * 65 // 2 + b * 101, 64 + b * 101, num_decode_seqs=b)
         samples.append(StepSample(shape, truth.device_time(m, shape), truth.host_time(shape)))
     fit = fit_cost_model(m, samples, name="fit", dtype_bytes=4)
-    for k in ("overhead_s", "s_per_flop", "s_per_kv_byte", "s_per_seq", "host_overhead_s", "host_s_per_seq"):
+    for k in ("overhead_s", "s_per_flop", "s_per_attn_flop", "s_per_kv_byte", "s_per_seq", "host_overhead_s",
+              "host_s_per_seq"):
         assert getattr(fit, k) == pytest.approx(getattr(truth, k), rel=1e-3), k
     assert fit.notes["median_rel_error"] < 1e-6
+    assert set(fit.notes["by_kind"]) == {"decode", "prefill", "mixed"}
+    assert fit.notes["by_kind"]["mixed"]["samples"] == 6
+
+
+def test_attention_rate_defaults_to_the_matmul_rate():
+    m = ModelShape("tiny", 4, 64, 4, 2, 16, 128, 1000)
+    prefill = BatchShape(512, 1, 1, 512 * 513 // 2, 512, num_decode_seqs=0)
+    base = dict(overhead_s=0.0, s_per_flop=1e-10, s_per_weight_byte=0.0, s_per_kv_byte=0.0, combine="sum")
+    same = CostModel("same", **base)
+    slow = CostModel("slow", s_per_attn_flop=3e-10, **base)
+    assert same.device_time(m, prefill) == pytest.approx(m.step_flops(prefill) * 1e-10)
+    assert slow.device_time(m, prefill) - same.device_time(m, prefill) == pytest.approx(m.attention_flops(prefill) * 2e-10)
+    assert prefill.kind == "prefill" and BatchShape(3, 3, 3, 30, 30).kind == "decode"
+    with pytest.raises(ValueError, match="s_per_attn_flop=-1"):
+        CostModel("bad", s_per_attn_flop=-1, **base)
 
 
 # ---- configuration ----------------------------------------------------------------------------
