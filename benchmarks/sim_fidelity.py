@@ -77,17 +77,42 @@ def main() -> None:
         "results": rows,
         "target_abs_rel_error": 0.10,
         "within_target": {k: abs(rows[k]["rel_error"]) <= 0.10 for k in ("output_throughput", "median_ttft_ms", "median_tpot_ms")},
+        "os_loadavg_at_end": os.getloadavg(),
     }, indent=2, default=str))
 
 
 def compare(engine, cost, shape, wl: Workload) -> dict:
-    """Run ``wl`` on the real engine and on the simulator with the calibrated profile: measured, predicted, error."""
-    real = run_workload(engine, wl).summary()
+    """Run ``wl`` on the real engine and on the simulator with the calibrated profile: measured, predicted, error.
+
+    ``steps``: the real run's steps by kind (decode, prefill, mixed), their measured device and host
+    seconds and what the profile predicts for the same shapes: which kind of step the fit gets wrong.
+    """
+    run = run_workload(engine, wl)
+    real = run.summary()
     sim = simulate(SimConfig.from_engine_args(engine.args, model=shape, profile=cost), wl).report["metrics"]
-    return {k: {"measured": real[k], "predicted": sim[k], "rel_error": (sim[k] - real[k]) / real[k]} for k in KEYS}
+    rows = {k: {"measured": real[k], "predicted": sim[k], "rel_error": (sim[k] - real[k]) / real[k]} for k in KEYS}
+    rows["steps"] = step_errors(cost, shape, run.samples)
+    return rows
+
+
+def step_errors(cost, shape, samples) -> dict:
+    """Per step kind: count, measured and predicted device and host seconds (sums), and the median ratio."""
+    by: dict[str, list] = {}
+    for s in samples:
+        by.setdefault(s.shape.kind, []).append(s)
+    out = {}
+    for kind, lst in sorted(by.items()):
+        pred = [cost.device_time(shape, s.shape) for s in lst]
+        ratios = sorted(p / max(s.device_s, 1e-9) for p, s in zip(pred, lst))
+        out[kind] = {"steps": len(lst), "device_s_measured": sum(s.device_s for s in lst), "device_s_predicted": sum(pred),
+                     "median_predicted_over_measured": ratios[len(ratios) // 2],
+                     "host_s_measured": sum(s.host_s for s in lst),
+                     "host_s_predicted": sum(cost.host_time(s.shape) for s in lst)}
+    return out
 
 
 def suite(a: argparse.Namespace) -> None:
+    load0 = os.getloadavg()  # 1, 5, 15 minutes: real runs are wall-clock, other processes move them
     engine = LLMEngine(EngineArgs(model=a.model, cache_dir=a.cache_dir, devices="cpu", num_kv_blocks=1024, seed=0))
     t0 = time.perf_counter()
     cost, shape = calibrate(engine)
@@ -106,7 +131,8 @@ def suite(a: argparse.Namespace) -> None:
                      "wall_s": round(time.perf_counter() - t1, 1), "results": rows,
                      "within_target": {k: abs(rows[k]["rel_error"]) <= t for k, t in TARGETS.items()}}
     engine.shutdown()
-    print(json.dumps({"benchmark": "sim_fidelity_suite", "calibration": {"seconds": round(calib_s, 1), **cost.notes},
+    print(json.dumps({"benchmark": "sim_fidelity_suite", "os_loadavg_at_start": load0,
+                      "calibration": {"seconds": round(calib_s, 1), **cost.notes},
                       "load": a.load, "targets_abs_rel_error": TARGETS, "workloads": out,
                       "os_loadavg_at_end": os.getloadavg()}, indent=2, default=str))
 
