@@ -39,7 +39,7 @@ class Sweep:
     prompt_lens: tuple[int, ...] = (32, 128, 384)
     decode_tokens: int = 16
     seed: int = 0
-    long_prompt_lens: tuple[int, ...] = (1024,)
+    long_prompt_lens: tuple[int, ...] = (512, 768, 1024)
     join: bool = True
 
     def __post_init__(self) -> None:

@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", default="1,4,8,16,32", help="Comma-separated batch sizes of the sweep.")
     p.add_argument("--prompt-lens", default="32,128,384", help="Comma-separated prompt lengths of the sweep.")
     p.add_argument("--decode-tokens", type=int, default=16, help="Tokens each sweep request decodes.")
-    p.add_argument("--long-prompt-lens", default="1024",
+    p.add_argument("--long-prompt-lens", default="512,768,1024",
                    help="Comma-separated lengths of prompts measured alone (batch 1) to fit the attention rate; '' for none. "
                         "Those longer than the model's max_model_len are left out.")
     p.add_argument("--no-join", action="store_true",
