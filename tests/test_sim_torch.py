@@ -90,6 +90,8 @@ def test_calibrated_simulator_predicts_the_real_engine(engine):
 
     cost, shape = calibrate(engine, Sweep(batch_sizes=(1, 4, 16), prompt_lens=(32, 256), decode_tokens=8))
     assert cost.notes["median_rel_error"] < 0.3
+    # the sweep has steps where a prefill joins running decodes, and long prompts that set the attention rate
+    assert cost.notes["by_kind"]["mixed"]["samples"] >= 6 and cost.s_per_attn_flop is not None
     wl = Workload(num_requests=16, request_rate=2.0, input_len="lognormal:160:0.6", output_len="uniform:8:40", seed=5)
     real = run_workload(engine, wl).summary()
     sim = simulate(SimConfig(model=shape, profile=cost, devices="cpu", num_kv_blocks=engine.num_total_blocks,
