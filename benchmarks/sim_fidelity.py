@@ -5,7 +5,9 @@
 2. A different workload (Poisson arrivals, another length mix) runs on the real engine in wall
    time and on the simulator with the calibrated profile.
 3. Prints JSON: predicted and measured output throughput, median TTFT and median TPOT, and the
-   relative errors (target: within 10% each).
+   relative errors (target: within 10% each); ``steps``: the real run's steps by kind (decode,
+   prefill, mixed) with measured and predicted device and host seconds, to tell which kind of
+   step the fit gets wrong; the load average (other processes move wall-clock measurements).
 
 ``--suite`` (issue 13) calibrates once, then predicts two workloads the fit never saw, each under
 Poisson load near saturation: decode-heavy (prompts ~64, outputs ~512) and prefill-heavy (prompts

@@ -1,7 +1,7 @@
 """Step-time cost models: how long a device takes to run one ``Batch``.
 
-A step costs a fixed overhead, a per-sequence term, and the compute time (FLOPs times seconds
-per FLOP) and memory time (weight bytes and KV bytes read and written, times seconds per byte),
+A step costs a fixed overhead, a per-sequence term, and the compute time (matmul FLOPs times
+seconds per FLOP, attention FLOPs times their own rate, by default the same) and memory time (weight bytes and KV bytes read and written, times seconds per byte),
 combined as a roofline (``max``: compute and memory overlap, as on RNGD) or as a ``sum`` (as a
 CPU runs them). Host time (scheduling, sampling, detokenizing) is a second, separate term: it
 runs between steps with ``npu_queue_limit=1`` and overlaps the device with a deeper queue.
