@@ -63,7 +63,7 @@ class Replica:
             wake.succeed()
 
     def serve(self):
-        """Fill the queue, wait for the oldest batch, spend its host time, fold it in; sleep when idle."""
+        """Fill the queue, wait for the oldest batch's outputs (device and host time), fold them in; sleep when idle."""
         env, core, queue, recorder = self.env, self.core, self.queue, self.recorder
         while True:
             core.submit()
@@ -71,18 +71,10 @@ class Replica:
                 self._wake = env.event()
                 yield self._wake
                 continue
-            yield queue.oldest()
-            result = queue.wait()
-            if result.host_s > 0:  # outputs reach users after the host time: the core stamps them then
-                yield env.timeout(result.host_s)
-            outputs = core.process(result)
-            router = self.router
-            if router is not None:
-                for o in outputs:
-                    if o.new_token_ids:
-                        router.progress(o.request_id, len(o.new_token_ids))
-                    if o.finish_reason is not None:
-                        router.finish(o.request_id)
+            yield queue.oldest()  # the step's outputs on the host: the device's time, then the host's
+            outputs = core.process(queue.wait())
+            if self.router is not None:
+                self.router.on_core_outputs(outputs)
             done = recorder.on_outputs(outputs)
             recorder.on_step(self.index, env.now, core.num_kv_blocks_used)
             if done and self.on_done is not None:

@@ -70,8 +70,23 @@ class BlockAllocator:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def cached_prefix(self, token_ids: Sequence[int]) -> list[int]:
-        """Blocks holding the longest cached prefix of ``token_ids``.
+    def block_hashes(self, token_ids: Sequence[int], num_blocks: int, memo: list[int] | None = None) -> list[int]:
+        """Chain hashes of the first ``num_blocks`` full blocks of ``token_ids``.
+
+        ``memo`` (a request's ``block_hashes``) keeps the hashes already computed for the same token
+        ids, which only ever grow at the end; it is extended in place and returned, so each block of a
+        request is hashed once in its life however often it is looked up or committed.
+        """
+        hashes = [] if memo is None else memo
+        bs = self.block_size
+        prev = hashes[-1] if hashes else None
+        for i in range(len(hashes), num_blocks):
+            prev = hash((prev, tuple(token_ids[i * bs : (i + 1) * bs])))  # chain_hash(prev, block), inlined
+            hashes.append(prev)
+        return hashes
+
+    def cached_prefix(self, token_ids: Sequence[int], memo: list[int] | None = None) -> list[int]:
+        """Blocks holding the longest cached prefix of ``token_ids`` (``memo``: see ``block_hashes``).
 
         Only blocks that end before the last token count, so the last token is always computed
         (its logits are needed to sample).
@@ -79,16 +94,14 @@ class BlockAllocator:
         if not self.enable_prefix_caching:
             return []
         hits: list[int] = []
-        prev: int | None = None
         bs = self.block_size
-        for i in range((len(token_ids) - 1) // bs):
-            tokens = tuple(token_ids[i * bs : (i + 1) * bs])
-            h = chain_hash(prev, tokens)
-            bid = self.hash_to_block.get(h)
-            if bid is None or self.blocks[bid].token_ids != tokens:
+        n = (len(token_ids) - 1) // bs
+        get, blocks = self.hash_to_block.get, self.blocks
+        for i, h in enumerate(self.block_hashes(token_ids, n, memo)):
+            bid = get(h)
+            if bid is None or blocks[bid].token_ids != tuple(token_ids[i * bs : (i + 1) * bs]):
                 break
             hits.append(bid)
-            prev = h
         return hits
 
     def cost_of(self, block_table: Sequence[int], num_tokens: int, cached: Sequence[int] = ()) -> int:
@@ -98,7 +111,8 @@ class BlockAllocator:
         return new + revived
 
     # ---- verbs on a request's block table -------------------------------------------------
-    def admit(self, table: BlockTable, token_ids: Sequence[int], cached: Sequence[int]) -> bool:
+    def admit(self, table: BlockTable, token_ids: Sequence[int], cached: Sequence[int],
+              memo: list[int] | None = None) -> bool:
         """Give an empty ``table`` the ``cached`` prefix blocks plus fresh ones to cover ``token_ids``.
 
         Returns False and changes nothing when there are not enough free blocks.
@@ -106,7 +120,7 @@ class BlockAllocator:
         assert not table.ids, "admit() takes an empty block table"
         if not self._allocate(table.ids, len(token_ids), cached):
             return False
-        self.commit(table, token_ids, len(cached) * self.block_size)
+        self.commit(table, token_ids, len(cached) * self.block_size, memo)
         return True
 
     def grow(self, table: BlockTable, num_tokens: int) -> bool:
@@ -115,26 +129,27 @@ class BlockAllocator:
             return True  # the common decode case: the last block has room
         return self._allocate(table.ids, num_tokens)
 
-    def commit(self, table: BlockTable, token_ids: Sequence[int], num_computed: int) -> None:
-        """Offer the blocks of ``table`` that are now full of computed K/V to the prefix cache."""
+    def commit(self, table: BlockTable, token_ids: Sequence[int], num_computed: int,
+               memo: list[int] | None = None) -> None:
+        """Offer the blocks of ``table`` that are now full of computed K/V to the prefix cache (``memo``: see
+        ``block_hashes``)."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        num_hashed, last_hash = table.num_hashed, table.last_hash
+        num_hashed = table.num_hashed
+        full = num_computed // bs
+        if full <= num_hashed:
+            return
+        hashes = self.block_hashes(token_ids, full, memo)
         ids, blocks, hash_to_block = table.ids, self.blocks, self.hash_to_block
-        end = (num_hashed + 1) * bs
-        while end <= num_computed:
-            tokens = tuple(token_ids[end - bs : end])
-            h = hash((last_hash, tokens))  # chain_hash(last_hash, tokens), inlined
-            block = blocks[ids[num_hashed]]
+        for i in range(num_hashed, full):
+            h = hashes[i]
+            block = blocks[ids[i]]
             if block.hash is None and h not in hash_to_block:
                 block.hash = h
-                block.token_ids = tokens
+                block.token_ids = tuple(token_ids[i * bs : (i + 1) * bs])
                 hash_to_block[h] = block.block_id
-            num_hashed += 1
-            end += bs
-            last_hash = h
-        table.num_hashed, table.last_hash = num_hashed, last_hash
+        table.num_hashed, table.last_hash = full, hashes[full - 1]
 
     def free(self, table: BlockTable) -> None:
         """Drop one reference to each block of ``table`` and empty it.
