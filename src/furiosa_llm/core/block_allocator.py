@@ -70,36 +70,36 @@ class BlockAllocator:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def block_hashes(self, token_ids: Sequence[int], num_blocks: int, memo: list[int] | None = None) -> list[int]:
-        """Chain hashes of the first ``num_blocks`` full blocks of ``token_ids``.
+    def block_hashes(self, token_ids: Sequence[int], num_blocks: int,
+                     memo: list[tuple[int, tuple[int, ...]]] | None = None) -> list[tuple[int, tuple[int, ...]]]:
+        """``(chain hash, token ids)`` of the first ``num_blocks`` full blocks of ``token_ids``.
 
-        ``memo`` (a request's ``block_hashes``) keeps the hashes already computed for the same token
+        ``memo`` (a request's ``block_hashes``) keeps the entries already computed for the same token
         ids, which only ever grow at the end; it is extended in place and returned, so each block of a
         request is hashed once in its life however often it is looked up or committed.
         """
-        hashes = [] if memo is None else memo
+        entries = [] if memo is None else memo
         bs = self.block_size
-        prev = hashes[-1] if hashes else None
-        for i in range(len(hashes), num_blocks):
-            prev = hash((prev, tuple(token_ids[i * bs : (i + 1) * bs])))  # chain_hash(prev, block), inlined
-            hashes.append(prev)
-        return hashes
+        prev = entries[-1][0] if entries else None
+        for i in range(len(entries), num_blocks):
+            tokens = tuple(token_ids[i * bs : (i + 1) * bs])
+            prev = hash((prev, tokens))  # chain_hash(prev, tokens), inlined
+            entries.append((prev, tokens))
+        return entries
 
-    def cached_prefix(self, token_ids: Sequence[int], memo: list[int] | None = None) -> list[int]:
+    def cached_prefix(self, token_ids: Sequence[int], memo: list | None = None) -> list[int]:
         """Blocks holding the longest cached prefix of ``token_ids`` (``memo``: see ``block_hashes``).
 
         Only blocks that end before the last token count, so the last token is always computed
-        (its logits are needed to sample).
+        (its logits are needed to sample). A hit is checked token by token, so a hash collision is a miss.
         """
         if not self.enable_prefix_caching:
             return []
         hits: list[int] = []
-        bs = self.block_size
-        n = (len(token_ids) - 1) // bs
         get, blocks = self.hash_to_block.get, self.blocks
-        for i, h in enumerate(self.block_hashes(token_ids, n, memo)):
+        for h, tokens in self.block_hashes(token_ids, (len(token_ids) - 1) // self.block_size, memo):
             bid = get(h)
-            if bid is None or blocks[bid].token_ids != tuple(token_ids[i * bs : (i + 1) * bs]):
+            if bid is None or blocks[bid].token_ids != tokens:
                 break
             hits.append(bid)
         return hits
@@ -111,8 +111,7 @@ class BlockAllocator:
         return new + revived
 
     # ---- verbs on a request's block table -------------------------------------------------
-    def admit(self, table: BlockTable, token_ids: Sequence[int], cached: Sequence[int],
-              memo: list[int] | None = None) -> bool:
+    def admit(self, table: BlockTable, token_ids: Sequence[int], cached: Sequence[int], memo: list | None = None) -> bool:
         """Give an empty ``table`` the ``cached`` prefix blocks plus fresh ones to cover ``token_ids``.
 
         Returns False and changes nothing when there are not enough free blocks.
@@ -129,27 +128,25 @@ class BlockAllocator:
             return True  # the common decode case: the last block has room
         return self._allocate(table.ids, num_tokens)
 
-    def commit(self, table: BlockTable, token_ids: Sequence[int], num_computed: int,
-               memo: list[int] | None = None) -> None:
+    def commit(self, table: BlockTable, token_ids: Sequence[int], num_computed: int, memo: list | None = None) -> None:
         """Offer the blocks of ``table`` that are now full of computed K/V to the prefix cache (``memo``: see
         ``block_hashes``)."""
         if not self.enable_prefix_caching:
             return
-        bs = self.block_size
         num_hashed = table.num_hashed
-        full = num_computed // bs
+        full = num_computed // self.block_size
         if full <= num_hashed:
             return
-        hashes = self.block_hashes(token_ids, full, memo)
+        entries = self.block_hashes(token_ids, full, memo)
         ids, blocks, hash_to_block = table.ids, self.blocks, self.hash_to_block
         for i in range(num_hashed, full):
-            h = hashes[i]
+            h, tokens = entries[i]
             block = blocks[ids[i]]
             if block.hash is None and h not in hash_to_block:
                 block.hash = h
-                block.token_ids = tuple(token_ids[i * bs : (i + 1) * bs])
+                block.token_ids = tokens
                 hash_to_block[h] = block.block_id
-        table.num_hashed, table.last_hash = full, hashes[full - 1]
+        table.num_hashed, table.last_hash = full, entries[full - 1][0]
 
     def free(self, table: BlockTable) -> None:
         """Drop one reference to each block of ``table`` and empty it.
@@ -177,15 +174,15 @@ class BlockAllocator:
                 del self._free[bid]
             block.ref_count += 1
             ids.append(bid)
-        blocks, popitem, hash_to_block = self.blocks, self._free.popitem, self.hash_to_block
+        blocks, popitem, hash_to_block, append = self.blocks, self._free.popitem, self.hash_to_block, ids.append
         for _ in range(self.blocks_for(num_tokens) - len(ids)):  # fresh blocks, least recently freed first
-            bid = popitem(last=False)[0]
+            bid = popitem(False)[0]
             block = blocks[bid]
-            if block.hash is not None:
-                if hash_to_block.get(block.hash) == bid:
-                    del hash_to_block[block.hash]
+            h = block.hash
+            if h is not None:  # evict it from the prefix cache (its token_ids are stale until it is hashed again)
+                if hash_to_block.get(h) == bid:
+                    del hash_to_block[h]
                 block.hash = None
-                block.token_ids = ()
             block.ref_count = 1
-            ids.append(bid)
+            append(bid)
         return True
