@@ -14,9 +14,11 @@ allocator's verbs: ``admit`` (first blocks, with the cached prefix), ``grow``, `
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass
+import functools
+from typing import NamedTuple
 
 from furiosa_llm.hal import Batch, SequenceChunk, StepResult
+from furiosa_llm.hal.batch import new_chunk
 
 from .block_allocator import BlockAllocator
 from .config import SchedulerConfig
@@ -24,12 +26,12 @@ from .metrics import RequestMetrics, SchedulerStats
 from .request import Request, RequestStatus
 
 
-@dataclass(slots=True)
-class CoreOutput:
-    """What one step produced for one request.
+class CoreOutput(NamedTuple):
+    """What one step produced for one request (immutable).
 
     The request's first output also carries ``num_cached_tokens`` (prompt tokens served from
     the prefix cache) and ``metrics``, the request's timing record (kept up to date by the core).
+    A named tuple, like ``SequenceChunk``: one is made per running request per step.
     """
 
     request_id: str
@@ -46,6 +48,10 @@ class CoreOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+# _new_output(fields) == CoreOutput(*fields) made in C: all ten fields, in order (update's hot path)
+_new_output = functools.partial(tuple.__new__, CoreOutput)
 
 
 class Scheduler:
@@ -176,8 +182,8 @@ class Scheduler:
                 append(self._chunk(req, n))
             else:  # the hot path, _chunk's last case inlined (one chunk per running request per step)
                 req.in_batch = True
-                append(SequenceChunk(req.request_id, tokens[computed:need], computed, table.ids, need == total,
-                                     req.sampling, len(req.output_token_ids), (), (), req))
+                append(new_chunk((req.request_id, tokens[computed:need], computed, table.ids, need == total,
+                                  req.sampling, len(req.output_token_ids), (), (), req, False)))
             budget -= n
         return budget, preempted
 
@@ -253,11 +259,10 @@ class Scheduler:
                 num_output_tokens=len(req.output_token_ids), prompt_token_ids=req.prompt_token_ids,
                 output_token_ids=req.output_token_ids.copy() if history else (), owner=req,
             )
-        # the hot path (one chunk per running request per step): positional, in SequenceChunk's field order
-        # (request_id, token_ids, start_pos, block_table, sample, sampling, num_output_tokens); the block
-        # table list is not grown while in a batch and is replaced by a new list when freed
-        return SequenceChunk(req.request_id, req.token_ids[start:end], start, req.block_table.ids,
-                             end == len(req.token_ids), req.sampling, len(req.output_token_ids), owner=req)
+        # the hot path (one chunk per running request per step): every field, in SequenceChunk's order; the
+        # block table list is not grown while in a batch and is replaced by a new list when freed
+        return new_chunk((req.request_id, req.token_ids[start:end], start, req.block_table.ids,
+                          end == len(req.token_ids), req.sampling, len(req.output_token_ids), (), (), req, False))
 
     # ---- results -----------------------------------------------------------------------------
     def update(self, result: StepResult, now: float) -> list[CoreOutput]:
@@ -305,21 +310,20 @@ class Scheduler:
             if m.first_token_time is None:
                 m.first_token_time = now
             m.last_token_time = now
-            out = CoreOutput(rid, [tok])
-            if logprobs or prompt_lp is not None:
-                out.logprobs = logprobs.get(rid) if logprobs else None
-                out.prompt_logprobs = prompt_lp
+            lp = logprobs.get(rid) if logprobs else None
             if (len(output_ids) < req.max_tokens and len(tokens) < max_model_len
                     and tok not in eos and tok not in req.stop_token_ids):
                 # the common case, decided without a call: the request goes on
-                append(out if req.reported else self._first_output(req, out))
+                if req.reported and lp is None and prompt_lp is None:
+                    append(_new_output((rid, [tok], None, None, None, None, None, None, None, None)))
+                else:
+                    append(self._first_output(req, CoreOutput(rid, [tok], logprobs=lp, prompt_logprobs=prompt_lp)))
                 continue
             status, stop_reason = self._check_stop(req, tok)
             if status is not None:
                 self.finish_request(rid, status, stop_reason, now)
-                out.finish_reason = status.finish_reason
-                out.stop_reason = stop_reason
-            append(out if req.reported else self._first_output(req, out))
+            append(self._first_output(req, CoreOutput(rid, [tok], None if status is None else status.finish_reason, stop_reason, lp,
+                                                      prompt_lp)))
         stats = self.stats
         stats.num_prompt_tokens_computed += num_prompt_computed
         stats.num_generated_tokens += num_generated
@@ -342,11 +346,10 @@ class Scheduler:
     @staticmethod
     def _first_output(req: Request, out: CoreOutput) -> CoreOutput:
         """``out``, carrying the request's timing record and cached-token count if it is the request's first."""
-        if not req.reported:
-            req.reported = True
-            out.num_cached_tokens = req.num_cached_tokens
-            out.metrics = req.metrics
-        return out
+        if req.reported:
+            return out
+        req.reported = True
+        return out._replace(num_cached_tokens=req.num_cached_tokens, metrics=req.metrics)
 
     def _check_stop(self, req: Request, tok: int) -> tuple[RequestStatus | None, int | None]:
         num_out = len(req.output_token_ids)
