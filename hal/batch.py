@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,14 +46,13 @@ class SamplingSettings:
         return self.structured is not None or self.has_penalties
 
 
-class SequenceChunk(NamedTuple):
-    """The tokens of one request computed in one step (immutable).
+@dataclass(slots=True)
+class SequenceChunk:
+    """The tokens of one request computed in one step.
 
     ``token_ids`` sit at positions ``start_pos ..``; their K/V are written into the blocks of
     ``block_table`` and attention reads positions ``0 .. start_pos + len(token_ids)`` from it.
     When ``sample`` is set the backend samples the request's next token after the chunk.
-    A named tuple: the scheduler makes one per running request per step, and a tuple is made in C
-    (``new_chunk``) several times faster than a dataclass instance (see README "Simulator").
     """
 
     request_id: str
@@ -72,11 +70,6 @@ class SequenceChunk(NamedTuple):
     @property
     def context_len(self) -> int:
         return self.start_pos + len(self.token_ids)
-
-
-# new_chunk(fields) == SequenceChunk(*fields), made in C (no Python frame): ``fields`` holds all eleven fields in
-# order. The scheduler's hot path, one per running request per step.
-new_chunk = functools.partial(tuple.__new__, SequenceChunk)
 
 
 @dataclass(frozen=True, slots=True, order=True)

@@ -14,11 +14,9 @@ allocator's verbs: ``admit`` (first blocks, with the cached prefix), ``grow``, `
 from __future__ import annotations
 
 import collections
-import functools
-from typing import NamedTuple
+from dataclasses import dataclass
 
 from furiosa_llm.hal import Batch, SequenceChunk, StepResult
-from furiosa_llm.hal.batch import new_chunk
 
 from .block_allocator import BlockAllocator
 from .config import SchedulerConfig
@@ -26,12 +24,12 @@ from .metrics import RequestMetrics, SchedulerStats
 from .request import Request, RequestStatus
 
 
-class CoreOutput(NamedTuple):
-    """What one step produced for one request (immutable).
+@dataclass(slots=True)
+class CoreOutput:
+    """What one step produced for one request.
 
     The request's first output also carries ``num_cached_tokens`` (prompt tokens served from
     the prefix cache) and ``metrics``, the request's timing record (kept up to date by the core).
-    A named tuple, like ``SequenceChunk``: one is made per running request per step.
     """
 
     request_id: str
@@ -48,10 +46,6 @@ class CoreOutput(NamedTuple):
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
-
-
-# _new_output(fields) == CoreOutput(*fields) made in C: all ten fields, in order (update's hot path)
-_new_output = functools.partial(tuple.__new__, CoreOutput)
 
 
 class Scheduler:
@@ -182,8 +176,8 @@ class Scheduler:
                 append(self._chunk(req, n))
             else:  # the hot path, _chunk's last case inlined (one chunk per running request per step)
                 req.in_batch = True
-                append(new_chunk((req.request_id, tokens[computed:need], computed, table.ids, need == total,
-                                  req.sampling, len(req.output_token_ids), (), (), req, False)))
+                append(SequenceChunk(req.request_id, tokens[computed:need], computed, table.ids, need == total,
+                                     req.sampling, len(req.output_token_ids), (), (), req))
             budget -= n
         return budget, preempted
 
@@ -259,10 +253,11 @@ class Scheduler:
                 num_output_tokens=len(req.output_token_ids), prompt_token_ids=req.prompt_token_ids,
                 output_token_ids=req.output_token_ids.copy() if history else (), owner=req,
             )
-        # the hot path (one chunk per running request per step): every field, in SequenceChunk's order; the
-        # block table list is not grown while in a batch and is replaced by a new list when freed
-        return new_chunk((req.request_id, req.token_ids[start:end], start, req.block_table.ids,
-                          end == len(req.token_ids), req.sampling, len(req.output_token_ids), (), (), req, False))
+        # the hot path (one chunk per running request per step): positional, in SequenceChunk's field order
+        # (request_id, token_ids, start_pos, block_table, sample, sampling, num_output_tokens); the block
+        # table list is not grown while in a batch and is replaced by a new list when freed
+        return SequenceChunk(req.request_id, req.token_ids[start:end], start, req.block_table.ids,
+                             end == len(req.token_ids), req.sampling, len(req.output_token_ids), owner=req)
 
     # ---- results -----------------------------------------------------------------------------
     def update(self, result: StepResult, now: float) -> list[CoreOutput]:
@@ -310,20 +305,21 @@ class Scheduler:
             if m.first_token_time is None:
                 m.first_token_time = now
             m.last_token_time = now
-            lp = logprobs.get(rid) if logprobs else None
+            out = CoreOutput(rid, [tok])
+            if logprobs or prompt_lp is not None:
+                out.logprobs = logprobs.get(rid) if logprobs else None
+                out.prompt_logprobs = prompt_lp
             if (len(output_ids) < req.max_tokens and len(tokens) < max_model_len
                     and tok not in eos and tok not in req.stop_token_ids):
                 # the common case, decided without a call: the request goes on
-                if req.reported and lp is None and prompt_lp is None:
-                    append(_new_output((rid, [tok], None, None, None, None, None, None, None, None)))
-                else:
-                    append(self._first_output(req, CoreOutput(rid, [tok], logprobs=lp, prompt_logprobs=prompt_lp)))
+                append(out if req.reported else self._first_output(req, out))
                 continue
             status, stop_reason = self._check_stop(req, tok)
             if status is not None:
                 self.finish_request(rid, status, stop_reason, now)
-            append(self._first_output(req, CoreOutput(rid, [tok], None if status is None else status.finish_reason, stop_reason, lp,
-                                                      prompt_lp)))
+                out.finish_reason = status.finish_reason
+                out.stop_reason = stop_reason
+            append(out if req.reported else self._first_output(req, out))
         stats = self.stats
         stats.num_prompt_tokens_computed += num_prompt_computed
         stats.num_generated_tokens += num_generated
@@ -346,10 +342,11 @@ class Scheduler:
     @staticmethod
     def _first_output(req: Request, out: CoreOutput) -> CoreOutput:
         """``out``, carrying the request's timing record and cached-token count if it is the request's first."""
-        if req.reported:
-            return out
-        req.reported = True
-        return out._replace(num_cached_tokens=req.num_cached_tokens, metrics=req.metrics)
+        if not req.reported:
+            req.reported = True
+            out.num_cached_tokens = req.num_cached_tokens
+            out.metrics = req.metrics
+        return out
 
     def _check_stop(self, req: Request, tok: int) -> tuple[RequestStatus | None, int | None]:
         num_out = len(req.output_token_ids)
