@@ -152,12 +152,12 @@ def run(plan: SimPlan, workload: Workload, replica_ids: list[int], *, dispatch: 
     # the run allocates a few objects per request and step and frees them itself (no reference cycles
     # build up): the cyclic garbage collector's passes over them are ~10% of the run's instructions
     # (callgrind, 300 requests), so it is paused for the run and restored after
-    paused = gc.isenabled()
+    was_enabled = gc.isenabled()
     gc.disable()
     try:
         env.run()
     finally:
-        if paused:
+        if was_enabled:
             gc.enable()
     if bar is not None:
         bar.close()
