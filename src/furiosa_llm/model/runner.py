@@ -148,9 +148,11 @@ class ModelRunner:
         """
         self.hidden = cfg.hidden_size
         self.eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
-        self.inter = cfg.intermediate_size
         self.q_width = self.num_heads * self.head_dim
         self.qk_heads = self.num_heads + self.num_kv_heads
+        self.hshape = (self.hidden,)
+        self.qk_v_split = [self.qk_heads, self.num_kv_heads]
+        self.q_k_split = [self.num_heads, self.num_kv_heads]
         self.fast_layers = []
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -175,7 +177,7 @@ class ModelRunner:
                           kv[0], kv[1]) for kv in self.kv_cache]
 
     def _rmsnorm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (self.hidden,), w, self.eps)
+        return F.rms_norm(x, self.hshape, w, self.eps)
 
     def _embed(self, input_ids: torch.Tensor, pos: torch.Tensor, max_pos: int | None = None) -> tuple:
         """Token embeddings, and the rotary cos and signed sin (see ``_rope``) of their positions, ``[rows, 1, hd]``.
@@ -191,14 +193,15 @@ class ModelRunner:
 
     def _qkv(self, L: _Layer, x: torch.Tensor, cos, sin) -> tuple:
         """Norm, fused q/k/v projection and rotary: ``q [rows, heads, hd]``, ``k``, ``v [rows, kv_heads, hd]``."""
-        heads = L.qkv(self._rmsnorm(x, L.ln1)).view(x.shape[0], -1, self.head_dim)  # [rows, q + k + v heads, hd]
-        qk = _rope(heads[:, : self.qk_heads], cos, sin)
-        return qk[:, : self.num_heads], qk[:, self.num_heads :], heads[:, self.qk_heads :]
+        heads = L.qkv(F.rms_norm(x, self.hshape, L.ln1, self.eps)).view(x.shape[0], -1, self.head_dim)  # [rows, q+k+v heads, hd]
+        qk, v = heads.split(self.qk_v_split, 1)
+        q, k = _rope(qk, cos, sin).split(self.q_k_split, 1)
+        return q, k, v
 
     def _mlp(self, L: _Layer, x: torch.Tensor) -> torch.Tensor:
         """The residual after attention plus the MLP: ``x + down(act(gate(h)) * up(h))``, ``h = norm(x)``."""
-        gu = L.gate_up(self._rmsnorm(x, L.ln2))
-        return x + L.down(L.act(gu[:, : self.inter]) * gu[:, self.inter :])
+        gate, up = L.gate_up(F.rms_norm(x, self.hshape, L.ln2, self.eps)).chunk(2, -1)
+        return x + L.down(L.act(gate) * up)
 
     # ---- one step ------------------------------------------------------------------------------
     def _step_inputs(self, seqs) -> tuple:
@@ -211,6 +214,8 @@ class ModelRunner:
         dev, bs = self.device, self.block_size
         n = len(seqs)
         lens = [len(s.token_ids) for s in seqs]
+        if max(lens) == 1:
+            return self._decode_inputs(seqs)
         offsets = list(itertools.accumulate(lens, initial=0))[:-1]
         total = offsets[-1] + lens[-1] if n else 0
         need = [-(-s.context_len // bs) for s in seqs]
@@ -229,6 +234,26 @@ class ModelRunner:
         decode = self._attn_group(dec, n, tables, start_t, lens_t, off_t, ctx_t, need, lens) if dec else None
         prefill = self._attn_group(pre, n, tables, start_t, lens_t, off_t, ctx_t, need, lens) if pre else None
         return input_ids, pos, slot, offsets, decode, prefill
+
+    def _decode_inputs(self, seqs) -> tuple:
+        """``_step_inputs`` of a decode-only step (one token per sequence) in five tensor operations.
+
+        Ids, positions and KV slots are O(batch) Python values put into one tensor; the mask
+        compares each row's position with the key index (``[n, 1, 1, keys]``, additive).
+        """
+        dev, bs, scratch = self.device, self.block_size, self.scratch_block
+        n = len(seqs)
+        pos = [s.start_pos for s in seqs]
+        width = max(pos) // bs + 1
+        meta = torch.tensor([[s.token_ids[0] for s in seqs], pos,
+                             [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)]], dtype=torch.long, device=dev)
+        tables = torch.tensor([b for s in seqs for b in s.block_table[:width] + [scratch] * (width - len(s.block_table[:width]))],
+                              dtype=torch.long, device=dev)  # [n * width]
+        keys = torch.arange(width * bs, device=dev)
+        mask = torch.zeros(n, width * bs, dtype=self.dtype, device=dev).masked_fill_(keys[None, :] > meta[1][:, None], float("-inf"))
+        group = _AttnGroup(rows=torch.arange(n, device=dev)[:, None], valid=None, tables=tables,
+                           mask=mask[:, None, None, :], m=n, q_max=1)
+        return meta[0], meta[1], meta[2], list(range(n)), group, None
 
     def _attn_group(self, idx, n, tables, start_t, lens_t, off_t, ctx_t, need, lens) -> "_AttnGroup":
         """The padded view of the sequences ``idx``: queries ``[m, q_max]`` (token rows), block tables and a mask."""
