@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -140,16 +141,25 @@ class BatchShape:
 
     @classmethod
     def of(cls, batch: Batch) -> "BatchShape":
-        tokens = attended = kv = sampled = grammar = 0
-        for s in batch.sequences:
-            n = len(s.token_ids)
-            start = s.start_pos
-            tokens += n
-            attended += n * start + n * (n + 1) // 2
-            kv += start + n
-            sampled += s.sample
-            grammar += s.sample and s.sampling.structured is not None
-        return cls(tokens, len(batch.sequences), sampled, attended, kv, grammar)
+        """The counts of ``batch``, in C-level passes over its chunks (the simulator calls this every step)."""
+        seqs = batch.sequences
+        lens = list(map(len, map(_token_ids, seqs)))
+        starts = list(map(_start_pos, seqs))
+        tokens = sum(lens)
+        kv = sum(starts) + tokens
+        if tokens == len(seqs):  # decode only: each token attends to its start_pos + 1 positions
+            attended = kv
+        else:  # n tokens from start attend n * start + n (n + 1) / 2 positions
+            attended = sum(map(operator.mul, lens, starts)) + sum(n * (n + 1) for n in lens) // 2
+        sampled = sum(map(_sample, seqs))
+        grammar = 0
+        if any(map(_structured, seqs)):
+            grammar = sum(1 for s in seqs if s.sample and s.sampling.structured is not None)
+        return cls(tokens, len(seqs), sampled, attended, kv, grammar)
+
+
+_token_ids, _start_pos = operator.attrgetter("token_ids"), operator.attrgetter("start_pos")
+_sample, _structured = operator.attrgetter("sample"), operator.attrgetter("sampling.structured")
 
 
 @dataclass(slots=True)

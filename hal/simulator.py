@@ -5,8 +5,9 @@ stage a tensor-parallel group of PEs. ``SimQueue`` is the execution queue of one
 batch passes through the stages in order, each stage busy for its share of the step time the
 cost model gives, so with ``npu_queue_limit`` > 1 batches overlap in the pipeline. Time is the
 SimPy environment's ``env.now``; the engine core reads it as its clock. Steps and JIT
-compilations are both SimPy timeouts: a step's fires with its ``StepResult`` (whose ``host_s``
-is the host time the cost model gives); when a compilation's fires, ``compiled()`` reports its
+compilations are both SimPy timeouts: a step's fires with its ``StepResult`` when its outputs
+are ready on the host, ``host_s`` (the host time the cost model gives: sampling, detokenizing)
+after the device's ``finished_at``; when a compilation's fires, ``compiled()`` reports its
 ``CompileResult``.
 
 Tokens come from a ``BatchExecutor``: ``SyntheticTokens`` for planning (output lengths come
@@ -16,6 +17,7 @@ from the workload), or the torch ``ModelRunner`` for functional runs with real t
 from __future__ import annotations
 
 import collections
+import operator
 from dataclasses import dataclass
 
 from .batch import Batch, Bucket, CompileResult, StepResult
@@ -104,13 +106,18 @@ class SyntheticTokens:
         self.token_id = token_id
 
     def execute(self, batch: Batch) -> StepResult:
-        tok = self.token_id
-        out = {}
-        for s in batch.sequences:
-            if s.sample:
+        seqs = batch.sequences
+        out = dict.fromkeys([s.request_id for s in seqs if s.sample], self.token_id)
+        if any(map(_structured, seqs)):
+            for s in seqs:
                 g = s.sampling.structured
-                out[s.request_id] = tok if g is None else g.synthetic_token(s.num_output_tokens, s.output_token_ids)
-        return StepResult(batch.step_id, out, pooled={s.request_id: [] for s in batch.sequences if s.pool})
+                if g is not None and s.sample:
+                    out[s.request_id] = g.synthetic_token(s.num_output_tokens, s.output_token_ids)
+        pooled = {s.request_id: [] for s in seqs if s.pool} if any(map(_pool, seqs)) else {}
+        return StepResult(batch.step_id, out, pooled=pooled)
+
+
+_structured, _pool = operator.attrgetter("sampling.structured"), operator.attrgetter("pool")
 
 
 class SimQueue(ExecutionQueue):
@@ -188,7 +195,7 @@ class SimQueue(ExecutionQueue):
         result.host_s = host
         self.busy_s += per_stage
         self.num_batches += 1
-        self._pending.append(self.env.timeout(ready - now, value=result))
+        self._pending.append(self.env.timeout(ready + host - now, value=result))  # the outputs reach the host
 
     def oldest(self):
         """The SimPy event that fires with the oldest in-flight batch's result (``yield`` it in a process)."""

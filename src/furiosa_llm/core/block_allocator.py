@@ -70,25 +70,38 @@ class BlockAllocator:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def cached_prefix(self, token_ids: Sequence[int]) -> list[int]:
-        """Blocks holding the longest cached prefix of ``token_ids``.
+    def block_hashes(self, token_ids: Sequence[int], num_blocks: int,
+                     memo: list[tuple[int, tuple[int, ...]]] | None = None) -> list[tuple[int, tuple[int, ...]]]:
+        """``(chain hash, token ids)`` of the first ``num_blocks`` full blocks of ``token_ids``.
+
+        ``memo`` (a request's ``block_hashes``) keeps the entries already computed for the same token
+        ids, which only ever grow at the end; it is extended in place and returned, so each block of a
+        request is hashed once in its life however often it is looked up or committed.
+        """
+        entries = [] if memo is None else memo
+        bs = self.block_size
+        prev = entries[-1][0] if entries else None
+        for i in range(len(entries), num_blocks):
+            tokens = tuple(token_ids[i * bs : (i + 1) * bs])
+            prev = hash((prev, tokens))  # chain_hash(prev, tokens), inlined
+            entries.append((prev, tokens))
+        return entries
+
+    def cached_prefix(self, token_ids: Sequence[int], memo: list | None = None) -> list[int]:
+        """Blocks holding the longest cached prefix of ``token_ids`` (``memo``: see ``block_hashes``).
 
         Only blocks that end before the last token count, so the last token is always computed
-        (its logits are needed to sample).
+        (its logits are needed to sample). A hit is checked token by token, so a hash collision is a miss.
         """
         if not self.enable_prefix_caching:
             return []
         hits: list[int] = []
-        prev: int | None = None
-        bs = self.block_size
-        for i in range((len(token_ids) - 1) // bs):
-            tokens = tuple(token_ids[i * bs : (i + 1) * bs])
-            h = chain_hash(prev, tokens)
-            bid = self.hash_to_block.get(h)
-            if bid is None or self.blocks[bid].token_ids != tokens:
+        get, blocks = self.hash_to_block.get, self.blocks
+        for h, tokens in self.block_hashes(token_ids, (len(token_ids) - 1) // self.block_size, memo):
+            bid = get(h)
+            if bid is None or blocks[bid].token_ids != tokens:
                 break
             hits.append(bid)
-            prev = h
         return hits
 
     def cost_of(self, block_table: Sequence[int], num_tokens: int, cached: Sequence[int] = ()) -> int:
@@ -98,7 +111,7 @@ class BlockAllocator:
         return new + revived
 
     # ---- verbs on a request's block table -------------------------------------------------
-    def admit(self, table: BlockTable, token_ids: Sequence[int], cached: Sequence[int]) -> bool:
+    def admit(self, table: BlockTable, token_ids: Sequence[int], cached: Sequence[int], memo: list | None = None) -> bool:
         """Give an empty ``table`` the ``cached`` prefix blocks plus fresh ones to cover ``token_ids``.
 
         Returns False and changes nothing when there are not enough free blocks.
@@ -106,7 +119,7 @@ class BlockAllocator:
         assert not table.ids, "admit() takes an empty block table"
         if not self._allocate(table.ids, len(token_ids), cached):
             return False
-        self.commit(table, token_ids, len(cached) * self.block_size)
+        self.commit(table, token_ids, len(cached) * self.block_size, memo)
         return True
 
     def grow(self, table: BlockTable, num_tokens: int) -> bool:
@@ -115,26 +128,25 @@ class BlockAllocator:
             return True  # the common decode case: the last block has room
         return self._allocate(table.ids, num_tokens)
 
-    def commit(self, table: BlockTable, token_ids: Sequence[int], num_computed: int) -> None:
-        """Offer the blocks of ``table`` that are now full of computed K/V to the prefix cache."""
+    def commit(self, table: BlockTable, token_ids: Sequence[int], num_computed: int, memo: list | None = None) -> None:
+        """Offer the blocks of ``table`` that are now full of computed K/V to the prefix cache (``memo``: see
+        ``block_hashes``)."""
         if not self.enable_prefix_caching:
             return
-        bs = self.block_size
-        num_hashed, last_hash = table.num_hashed, table.last_hash
+        num_hashed = table.num_hashed
+        full = num_computed // self.block_size
+        if full <= num_hashed:
+            return
+        entries = self.block_hashes(token_ids, full, memo)
         ids, blocks, hash_to_block = table.ids, self.blocks, self.hash_to_block
-        end = (num_hashed + 1) * bs
-        while end <= num_computed:
-            tokens = tuple(token_ids[end - bs : end])
-            h = hash((last_hash, tokens))  # chain_hash(last_hash, tokens), inlined
-            block = blocks[ids[num_hashed]]
+        for i in range(num_hashed, full):
+            h, tokens = entries[i]
+            block = blocks[ids[i]]
             if block.hash is None and h not in hash_to_block:
                 block.hash = h
                 block.token_ids = tokens
                 hash_to_block[h] = block.block_id
-            num_hashed += 1
-            end += bs
-            last_hash = h
-        table.num_hashed, table.last_hash = num_hashed, last_hash
+        table.num_hashed, table.last_hash = full, entries[full - 1][0]
 
     def free(self, table: BlockTable) -> None:
         """Drop one reference to each block of ``table`` and empty it.
@@ -162,15 +174,15 @@ class BlockAllocator:
                 del self._free[bid]
             block.ref_count += 1
             ids.append(bid)
-        blocks, popitem, hash_to_block = self.blocks, self._free.popitem, self.hash_to_block
+        blocks, popitem, hash_to_block, append = self.blocks, self._free.popitem, self.hash_to_block, ids.append
         for _ in range(self.blocks_for(num_tokens) - len(ids)):  # fresh blocks, least recently freed first
-            bid = popitem(last=False)[0]
+            bid = popitem(False)[0]
             block = blocks[bid]
-            if block.hash is not None:
-                if hash_to_block.get(block.hash) == bid:
-                    del hash_to_block[block.hash]
+            h = block.hash
+            if h is not None:  # evict it from the prefix cache (its token_ids are stale until it is hashed again)
+                if hash_to_block.get(h) == bid:
+                    del hash_to_block[h]
                 block.hash = None
-                block.token_ids = ()
             block.ref_count = 1
-            ids.append(bid)
+            append(bid)
         return True

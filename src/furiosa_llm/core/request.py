@@ -54,6 +54,9 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     block_table: BlockTable = field(default_factory=BlockTable)
+    # (chain hash, token ids) of the full blocks of token_ids hashed so far (the allocator's block_hashes
+    # memo): a block is hashed once in the request's life, however often it is looked up or committed
+    block_hashes: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
     in_batch: bool = False  # part of a batch in flight whose result is not folded in yet
     slot: int = 0  # the batch slot it belongs to while running (SchedulerConfig.num_batch_slots)
     num_preemptions: int = 0

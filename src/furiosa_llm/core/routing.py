@@ -9,7 +9,9 @@ simulated layout and a served one route alike:
 - ``choose(cost, index=None, available=None) -> replica``: where a request of ``cost`` tokens goes;
 - ``add(replica, request_id, cost)``: it went there;
 - ``progress(request_id, prompt_done, new_tokens)``: its prompt was computed and/or tokens came out;
-- ``finish(request_id)``: it ended (finished, aborted or failed).
+- ``finish(request_id)``: it ended (finished, aborted or failed);
+
+``on_core_outputs(outputs)`` does the last two for a step's engine-core outputs.
 
 A request's outstanding work is its prompt tokens until the first output, plus the output tokens
 it may still generate (``max_tokens`` minus those generated). Ties go to the lowest replica index.
@@ -59,6 +61,27 @@ class Router:
         done = rec[1] + min(new_tokens, rec[2])
         rec[1], rec[2] = 0, max(0, rec[2] - new_tokens)
         self.tokens[rec[0]] -= done
+
+    def on_core_outputs(self, outputs: Iterable) -> None:
+        """``progress`` and ``finish`` for a step's ``CoreOutput``s (``request_id``, ``new_token_ids``,
+        ``finish_reason``) in one pass: what a replica driving an ``EngineCore`` tells the router each step."""
+        live, tokens = self._live, self.tokens
+        for o in outputs:
+            rec = live.get(o.request_id)
+            if rec is None:
+                continue
+            new = len(o.new_token_ids)
+            if new:
+                left = rec[2]
+                if rec[1] or new > left:  # the first output (the prompt is done) or past max_tokens
+                    done = rec[1] + min(new, left)
+                    rec[1], rec[2] = 0, max(0, left - new)
+                    tokens[rec[0]] -= done
+                else:
+                    rec[2] = left - new
+                    tokens[rec[0]] -= new
+            if o.finish_reason is not None:
+                self.finish(o.request_id)
 
     def finish(self, request_id: str) -> int | None:
         """``request_id`` ended; its remaining work leaves its replica's book. Returns that replica (None if unknown)."""

@@ -197,11 +197,11 @@ class Scheduler:
                 break  # a pooling prompt is never chunked: it waits (FCFS) for a step with room for all of it
             # prompt logprobs need the logits of every prompt position, and a pooling request every hidden
             # state: such a prompt is computed whole
-            cached = (alloc.cached_prefix(req.token_ids)
+            cached = (alloc.cached_prefix(req.token_ids, req.block_hashes)
                       if req.sampling.prompt_logprobs is None and not req.pooling else [])
             if self.running and alloc.num_free - alloc.cost_of((), req.num_tokens, cached) < spare:
                 break  # keep spare blocks for the running requests to grow into
-            if not alloc.admit(req.block_table, req.token_ids, cached):
+            if not alloc.admit(req.block_table, req.token_ids, cached, req.block_hashes):
                 break
             self.waiting.popleft()
             req.num_computed_tokens = len(cached) * alloc.block_size
@@ -289,7 +289,7 @@ class Scheduler:
                 continue
             tokens = req.token_ids
             if hashing and (req.block_table.num_hashed + 1) * bs <= computed:  # a block became full
-                alloc.commit(req.block_table, tokens, computed)
+                alloc.commit(req.block_table, tokens, computed, req.block_hashes)
             rid = req.request_id
             prompt_lp = prompt_lps.get(rid) if prompt_lps else None
             if not chunk.sample:
