@@ -12,7 +12,9 @@ Two workloads, fixed seeds, 128 output tokens per request with ``ignore_eos``:
 
 ``--random-weights CONFIG`` builds a random-weight model of a real configuration locally
 (``benchmarks/random_model.py``) and measures that. ``--variants`` lists engine settings
-``DTYPE[+QUANTIZATION]`` measured one after another (default: ``--dtype``/``--quantization``).
+``DTYPE[+QUANTIZATION]`` measured one after another (default: ``--dtype``/``--quantization``);
+on the anchor workload ``--rounds N`` repeats every variant and Hugging Face N times, interleaved,
+and reports each one's median round (the machine's load then falls on all of them alike).
 Prints one JSON object with the CPU model and flags. Not a timed test.
 
     HF_HUB_OFFLINE=1 python benchmarks/throughput.py [--requests 64] [--hf-batches 8 32]
@@ -177,6 +179,8 @@ def main() -> None:
     ap.add_argument("--llama-python", default=os.environ.get("FURIOSA_LLAMA_CPP_PYTHON"),
                     help="a Python with llama_cpp (llama-cpp-python), when this one lacks it")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="anchor workload: measure every variant and Hugging Face this many times, interleaved; medians")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--devices", default="cpu")
     ap.add_argument("--cache-dir", default=None)
@@ -211,27 +215,24 @@ def main() -> None:
                else AutoTokenizer.from_pretrained(tok_src))
         base = [tok(p).input_ids for p in ANCHOR_PROMPTS]
         report["workload"].update(prompt_tokens=[len(p) for p in base], concurrency=args.concurrency)
-    for dtype, quant in variants:
+    if args.workload == "anchor":
+        report["workload"]["rounds"] = args.rounds
+        anchor_rounds(report, args, variants, base, model, ekw, src)
+    for dtype, quant in variants if args.workload != "anchor" else []:
         name = dtype if quant == "none" else f"{dtype}+{quant}"
         engine = LLMEngine(EngineArgs(model=model, devices=args.devices, seed=args.seed, dtype=dtype,
                                       quantization=quant, **ekw))
         entry: dict = {"dtype": str(engine.runner.dtype).replace("torch.", ""), "quantization": quant}
-        if args.workload == "anchor":
-            run_engine(engine, base[:2], 4)  # warm-up
-            for c in args.concurrency:
-                prompts = [base[i % len(base)] for i in range(c)]
-                entry[f"c{c}"] = run_engine(engine, prompts, args.output_len)
-        else:
-            prompts = workload(args.requests, args.min_prompt, args.max_prompt, engine.vocab_size, args.seed)
-            run_engine(engine, prompts[:2], 4)  # warm-up
-            entry["throughput"] = run_engine(engine, prompts, args.output_len)
-            entry["single_request_decode_tokens_per_s"] = statistics.median(
-                engine_single_decode(engine, prompts[0][: args.min_prompt], args.output_len) for _ in range(3))
+        prompts = workload(args.requests, args.min_prompt, args.max_prompt, engine.vocab_size, args.seed)
+        run_engine(engine, prompts[:2], 4)  # warm-up
+        entry["throughput"] = run_engine(engine, prompts, args.output_len)
+        entry["single_request_decode_tokens_per_s"] = statistics.median(
+            engine_single_decode(engine, prompts[0][: args.min_prompt], args.output_len) for _ in range(3))
         report["engine"][name] = entry
         engine.shutdown()
         del engine
 
-    if not args.no_hf:
+    if not args.no_hf and args.workload != "anchor":
         hf_dtype = args.hf_dtype or ("float32" if args.devices == "cpu" else str(resolve_dtype(args.dtype, args.devices)).replace("torch.", ""))
         hf_model, hf_tok, _ = load_model_and_tokenizer(src, cache_dir=args.cache_dir or EngineArgs(model=model).cache_dir,
                                                        dtype=getattr(torch, hf_dtype))
@@ -239,14 +240,10 @@ def main() -> None:
         pad = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else 0
         hf: dict = {"dtype": hf_dtype}
         hf_generate(hf_model, [[100] * 8], 2, pad)  # warm-up
-        if args.workload == "anchor":
-            for c in args.concurrency:
-                hf[f"c{c}"] = run_hf(hf_model, [base[i % len(base)] for i in range(c)], args.output_len, c, pad)
-        else:
-            prompts = workload(args.requests, args.min_prompt, args.max_prompt, hf_model.config.vocab_size, args.seed)
-            hf["batches"] = [run_hf(hf_model, prompts, args.output_len, b, pad) for b in args.hf_batches]
-            hf["single_request_decode_tokens_per_s"] = statistics.median(
-                hf_single_decode(hf_model, prompts[0][: args.min_prompt], args.output_len, pad) for _ in range(3))
+        prompts = workload(args.requests, args.min_prompt, args.max_prompt, hf_model.config.vocab_size, args.seed)
+        hf["batches"] = [run_hf(hf_model, prompts, args.output_len, b, pad) for b in args.hf_batches]
+        hf["single_request_decode_tokens_per_s"] = statistics.median(
+            hf_single_decode(hf_model, prompts[0][: args.min_prompt], args.output_len, pad) for _ in range(3))
         report["hf_generate"] = hf
         del hf_model
 
@@ -258,6 +255,53 @@ def main() -> None:
 
     report["ratios"] = ratios(report, args)
     print(json.dumps(report, indent=2))
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median tokens/s (the lower middle of an even count), with every round's tokens/s."""
+    ordered = sorted(runs, key=lambda r: r["output_tokens_per_s"])
+    return dict(ordered[(len(ordered) - 1) // 2], rounds_tokens_per_s=[r["output_tokens_per_s"] for r in runs])
+
+
+def anchor_rounds(report: dict, args, variants, base, model, ekw, src) -> None:
+    """The anchor workload, ``--rounds`` times over: each round runs every engine variant, then
+    Hugging Face, one after another, so a shared machine's load falls on all of them alike. Each
+    figure is the median round's; ``rounds_tokens_per_s`` lists them all."""
+    from furiosa_llm import EngineArgs, LLMEngine
+    from furiosa_llm.hal.torch_backend import resolve_dtype
+    from furiosa_llm.model.loader import load_model_and_tokenizer
+
+    runs: dict = {}
+    hf_model = None
+    if not args.no_hf:
+        hf_dtype = args.hf_dtype or ("float32" if args.devices == "cpu" else str(resolve_dtype(args.dtype, args.devices)).replace("torch.", ""))
+        hf_model, hf_tok, _ = load_model_and_tokenizer(src, cache_dir=args.cache_dir or EngineArgs(model=model).cache_dir,
+                                                       dtype=getattr(torch, hf_dtype))
+        hf_model = hf_model.to(args.devices)
+        pad = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else 0
+        hf_generate(hf_model, [[100] * 8], 2, pad)  # warm-up
+    for _ in range(args.rounds):
+        for dtype, quant in variants:
+            name = dtype if quant == "none" else f"{dtype}+{quant}"
+            engine = LLMEngine(EngineArgs(model=model, devices=args.devices, seed=args.seed, dtype=dtype,
+                                          quantization=quant, **ekw))
+            report["engine"].setdefault(name, {"dtype": str(engine.runner.dtype).replace("torch.", ""), "quantization": quant})
+            run_engine(engine, base[:2], 4)  # warm-up
+            for c in args.concurrency:
+                prompts = [base[i % len(base)] for i in range(c)]
+                runs.setdefault((name, c), []).append(run_engine(engine, prompts, args.output_len))
+            engine.shutdown()
+            del engine
+        if hf_model is not None:
+            for c in args.concurrency:
+                prompts = [base[i % len(base)] for i in range(c)]
+                runs.setdefault(("hf", c), []).append(run_hf(hf_model, prompts, args.output_len, c, pad))
+    for (name, c), rs in runs.items():
+        if name != "hf":
+            report["engine"][name][f"c{c}"] = _median_run(rs)
+    if hf_model is not None:
+        report["hf_generate"] = {"dtype": hf_dtype, **{f"c{c}": _median_run(runs[("hf", c)]) for c in args.concurrency}}
+    report["load_average_after"] = list(os.getloadavg())
 
 
 def ratios(report: dict, args) -> dict:

@@ -96,3 +96,40 @@ def test_quantization_argument_errors():
         TorchBackend(MODEL, dtype="float32", quantization="w8a16", cache_dir=CACHE_DIR)
     with pytest.raises(ValueError, match="quantization='fp8'"):
         TorchBackend(MODEL, quantization="fp8", cache_dir=CACHE_DIR)
+
+
+@pytest.mark.parametrize("kind", ["linear", "int8"])
+def test_fused_linears_equal_the_separate_layers(kind):
+    """q/k/v (and gate/up) run as one matmul over concatenated weights: the same output, column for
+    column, and the original modules (now views of the fused weights) still compute the same."""
+    from furiosa_llm.model.weights import INT8_KERNEL_MAX_ROWS, Int8Linear, fuse_linears
+
+    torch.manual_seed(0)
+    dtype = torch.float32 if kind == "linear" else torch.bfloat16
+    parts = [torch.nn.Linear(64, n, bias=b).to(dtype) for n, b in ((48, True), (16, False), (16, True))]
+    if kind == "int8":
+        parts = [Int8Linear(p, dtype) for p in parts]
+    xs = [torch.randn(rows, 64, dtype=dtype) for rows in (1, 3, INT8_KERNEL_MAX_ROWS + 3)]
+    with torch.no_grad():
+        before = [torch.cat([p(x) for p in parts], dim=1) for x in xs]
+        fused = fuse_linears(parts)
+        for x, ref in zip(xs, before):
+            assert torch.allclose(fused(x), ref, rtol=1e-5, atol=1e-5 if kind == "linear" else 1e-2)
+            assert torch.equal(torch.cat([p(x) for p in parts], dim=1), ref)  # originals unchanged
+    with pytest.raises(ValueError, match="fuse_linears"):
+        fuse_linears([torch.nn.Linear(4, 4), torch.nn.Conv1d(4, 4, 1)])
+
+
+def test_rope_by_roll_equals_hugging_face_bit_for_bit():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from furiosa_llm.model.runner import _rope, _signed_sin
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k = torch.randn(5, 9, 64, dtype=dtype), torch.randn(5, 3, 64, dtype=dtype)
+        ang = torch.rand(5, 1, 32) * 10
+        cos, sin = torch.cat((ang, ang), -1).cos().to(dtype), torch.cat((ang, ang), -1).sin().to(dtype)
+        hq, hk = apply_rotary_pos_emb(q, k, cos[:, 0], sin[:, 0], unsqueeze_dim=1)  # [rows, hd] -> [rows, 1, hd]
+        sin_s = _signed_sin(sin)
+        assert torch.equal(_rope(q, cos, sin_s), hq) and torch.equal(_rope(k, cos, sin_s), hk)

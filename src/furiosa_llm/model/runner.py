@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from furiosa_llm.hal import Batch, Bucket, SamplingSettings, SequenceChunk, StepResult
 
 from .sampler import Sampler, token_logprobs
+from .weights import Int8Linear, fuse_linears
 
 logger = logging.getLogger("furiosa_llm.model")
 
@@ -44,13 +45,45 @@ class _DummySeq:
         self.block_table = [scratch]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's ``x * cos + rotate_half(x) * sin`` in four operations, bit for bit.
+
+    ``rotate_half(x) = cat(-x2, x1)`` and ``roll(x, half) = cat(x2, x1)``, so with
+    ``sin_signed = cat(-sin[:half], sin[half:])`` (negation is exact) the products are equal.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + _rotate_half(x) * sin
+def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+@dataclass(slots=True)
+class _Layer:
+    """One decoder layer as the runner calls it: norm weights and fused projections (see ``fuse_linears``).
+
+    ``qkv``: ``[rows, hidden] -> [rows, (heads + 2 * kv_heads) * head_dim]``; ``gate_up``:
+    ``[rows, hidden] -> [rows, 2 * intermediate]``; ``o`` and ``down`` as in the model.
+    """
+
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    qkv: object
+    o: object
+    gate_up: object
+    down: object
+    act: object
+
+
+def _linear_fn(m):
+    """The 2-D matmul of one linear layer (``Int8Linear.mm`` or ``F.linear``), without module-call overhead."""
+    if isinstance(m, Int8Linear):
+        return m.mm
+    if type(m) is torch.nn.Linear:
+        w, b = m.weight, m.bias
+        return lambda x: F.linear(x, w, b)
+    return m
 
 
 @dataclass(slots=True)
@@ -96,6 +129,7 @@ class ModelRunner:
             len(self.layers), 2, num_blocks + 1, block_size, self.num_kv_heads, self.head_dim,
             dtype=self.dtype, device=self.device,
         )
+        self._build_fast_layers(cfg)
         self.jit_backend = os.environ.get("FURIOSA_LLM_JIT_BACKEND", "inductor")
         self._compiled: dict[Bucket, tuple] = {}
         self.sampler = Sampler(seed)
@@ -104,11 +138,70 @@ class ModelRunner:
             num_blocks, block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**20, self.device,
         )
 
-    def _embed(self, input_ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Token embeddings and the rotary cos/sin of their positions, shaped to broadcast over heads."""
-        x = self.embed(input_ids)
+    def _build_fast_layers(self, cfg) -> None:
+        """The per-layer callables of the forward pass: q/k/v and gate/up fused into one matmul each.
+
+        The Hugging Face modules keep working (their weights become views of the fused ones). The
+        rotary cos/sin of every position up to ``max_position_embeddings`` are tabulated once with
+        the model's own rotary module (the same values it computes per step), unless its rope
+        type depends on the sequence length ("dynamic"), which is then computed per step.
+        """
+        self.hidden = cfg.hidden_size
+        self.eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
+        self.q_width = self.num_heads * self.head_dim
+        self.qk_heads = self.num_heads + self.num_kv_heads
+        self.hshape = (self.hidden,)
+        self.qk_v_split = [self.qk_heads, self.num_kv_heads]
+        self.q_k_split = [self.num_heads, self.num_kv_heads]
+        self.fast_layers = []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            act = F.silu if getattr(cfg, "hidden_act", "silu") == "silu" else mlp.act_fn
+            self.fast_layers.append(_Layer(
+                ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
+                qkv=fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj]), o=_linear_fn(attn.o_proj),
+                gate_up=fuse_linears([mlp.gate_proj, mlp.up_proj]), down=_linear_fn(mlp.down_proj), act=act))
+        self.norm_w = self.norm.weight
+        self.head_fn = _linear_fn(self.lm_head)
+        self.embed_w = self.embed.weight
+        self.rope_table = None
+        if "dynamic" not in str(getattr(self.rotary, "rope_type", "default")):
+            n = int(getattr(cfg, "max_position_embeddings", 0) or 0)
+            if n > 0:
+                with torch.inference_mode():
+                    pos = torch.arange(n, device=self.device)
+                    cos, sin = self.rotary(self.embed_w[:1][None], pos[None])
+                    self.rope_table = (cos[0][:, None, :].contiguous(), _signed_sin(sin[0][:, None, :]).contiguous())  # [n, 1, hd]
+        # per layer: the K and V caches as slots [blocks * block_size, kv_heads, hd] and as blocks
+        self.kv_views = [(kv[0].view(-1, self.num_kv_heads, self.head_dim), kv[1].view(-1, self.num_kv_heads, self.head_dim),
+                          kv[0], kv[1]) for kv in self.kv_cache]
+
+    def _rmsnorm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.hshape, w, self.eps)
+
+    def _embed(self, input_ids: torch.Tensor, pos: torch.Tensor, max_pos: int | None = None) -> tuple:
+        """Token embeddings, and the rotary cos and signed sin (see ``_rope``) of their positions, ``[rows, 1, hd]``.
+
+        ``max_pos``: the largest position (host value) when known, to use the tabulated cos/sin.
+        """
+        x = F.embedding(input_ids, self.embed_w)
+        table = self.rope_table
+        if table is not None and max_pos is not None and max_pos < table[0].shape[0]:
+            return x, table[0][pos], table[1][pos]
         cos, sin = self.rotary(x[None], pos[None])
-        return x, cos[0][:, None, :].to(x.dtype), sin[0][:, None, :].to(x.dtype)
+        return x, cos[0][:, None, :].to(x.dtype), _signed_sin(sin[0][:, None, :].to(x.dtype))
+
+    def _qkv(self, L: _Layer, x: torch.Tensor, cos, sin) -> tuple:
+        """Norm, fused q/k/v projection and rotary: ``q [rows, heads, hd]``, ``k``, ``v [rows, kv_heads, hd]``."""
+        heads = L.qkv(F.rms_norm(x, self.hshape, L.ln1, self.eps)).view(x.shape[0], -1, self.head_dim)  # [rows, q+k+v heads, hd]
+        qk, v = heads.split(self.qk_v_split, 1)
+        q, k = _rope(qk, cos, sin).split(self.q_k_split, 1)
+        return q, k, v
+
+    def _mlp(self, L: _Layer, x: torch.Tensor) -> torch.Tensor:
+        """The residual after attention plus the MLP: ``x + down(act(gate(h)) * up(h))``, ``h = norm(x)``."""
+        gate, up = L.gate_up(F.rms_norm(x, self.hshape, L.ln2, self.eps)).chunk(2, -1)
+        return x + L.down(L.act(gate) * up)
 
     # ---- one step ------------------------------------------------------------------------------
     def _step_inputs(self, seqs) -> tuple:
@@ -121,6 +214,8 @@ class ModelRunner:
         dev, bs = self.device, self.block_size
         n = len(seqs)
         lens = [len(s.token_ids) for s in seqs]
+        if max(lens) == 1:
+            return self._decode_inputs(seqs)
         offsets = list(itertools.accumulate(lens, initial=0))[:-1]
         total = offsets[-1] + lens[-1] if n else 0
         need = [-(-s.context_len // bs) for s in seqs]
@@ -140,6 +235,26 @@ class ModelRunner:
         prefill = self._attn_group(pre, n, tables, start_t, lens_t, off_t, ctx_t, need, lens) if pre else None
         return input_ids, pos, slot, offsets, decode, prefill
 
+    def _decode_inputs(self, seqs) -> tuple:
+        """``_step_inputs`` of a decode-only step (one token per sequence) in five tensor operations.
+
+        Ids, positions and KV slots are O(batch) Python values put into one tensor; the mask
+        compares each row's position with the key index (``[n, 1, 1, keys]``, additive).
+        """
+        dev, bs, scratch = self.device, self.block_size, self.scratch_block
+        n = len(seqs)
+        pos = [s.start_pos for s in seqs]
+        width = max(pos) // bs + 1
+        meta = torch.tensor([[s.token_ids[0] for s in seqs], pos,
+                             [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)]], dtype=torch.long, device=dev)
+        tables = torch.tensor([b for s in seqs for b in s.block_table[:width] + [scratch] * (width - len(s.block_table[:width]))],
+                              dtype=torch.long, device=dev)  # [n * width]
+        keys = torch.arange(width * bs, device=dev)
+        mask = torch.zeros(n, width * bs, dtype=self.dtype, device=dev).masked_fill_(keys[None, :] > meta[1][:, None], float("-inf"))
+        group = _AttnGroup(rows=torch.arange(n, device=dev)[:, None], valid=None, tables=tables,
+                           mask=mask[:, None, None, :], m=n, q_max=1)
+        return meta[0], meta[1], meta[2], list(range(n)), group, None
+
     def _attn_group(self, idx, n, tables, start_t, lens_t, off_t, ctx_t, need, lens) -> "_AttnGroup":
         """The padded view of the sequences ``idx``: queries ``[m, q_max]`` (token rows), block tables and a mask."""
         dev, bs = self.device, self.block_size
@@ -155,7 +270,9 @@ class ModelRunner:
         # padded query rows attend like the last real one (finite output, discarded)
         qpos = torch.minimum(qpos, (ctx - 1)[:, None])
         key = torch.arange(width * bs, device=dev)
-        mask = key[None, None, :] <= qpos[:, :, None]  # [m, q_max, keys]: causal within the context
+        allowed = key[None, None, :] <= qpos[:, :, None]  # [m, q_max, keys]: causal within the context
+        # additive, in the activations' dtype: what SDPA would otherwise convert a bool mask to in every layer
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
         rows = off[:, None] + torch.minimum(j[None, :], (qlen - 1)[:, None])  # token row of each query slot
         return _AttnGroup(rows=rows, valid=None if bool(valid.all()) else valid.view(-1),
                           tables=tbl.reshape(-1), mask=mask[:, None], m=len(idx), q_max=q_max)
@@ -170,21 +287,14 @@ class ModelRunner:
             return StepResult(batch.step_id)
         input_ids, pos, slot, offsets, decode, prefill = self._step_inputs(seqs)
         total = input_ids.numel()
-        x, cos, sin = self._embed(input_ids, pos)
-        for li, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(total, self.num_heads, self.head_dim)
-            k = attn.k_proj(h).view(total, self.num_kv_heads, self.head_dim)
-            v = attn.v_proj(h).view(total, self.num_kv_heads, self.head_dim)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-            kc = self.kv_cache[li, 0]
-            vc = self.kv_cache[li, 1]
-            kc.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot, k)
-            vc.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot, v)
+        x, cos, sin = self._embed(input_ids, pos, max(s.context_len for s in seqs) - 1)
+        for L, (k_slots, v_slots, kc, vc) in zip(self.fast_layers, self.kv_views):
+            q, k, v = self._qkv(L, x, cos, sin)
+            k_slots.index_copy_(0, slot, k)
+            v_slots.index_copy_(0, slot, v)
             out = self._attention(q, kc, vc, decode, prefill)
-            x = x + attn.o_proj(out.reshape(total, self.num_heads * self.head_dim))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + L.o(out.reshape(total, self.q_width))
+            x = self._mlp(L, x)
         return self._sample(batch, x, offsets)
 
     def _attention(self, q, kc, vc, decode, prefill) -> torch.Tensor:
@@ -198,7 +308,7 @@ class ModelRunner:
         padding-free token-level segment softmax was 5x slower than the gathered SDPA.
         """
         if decode is not None and prefill is None and decode.m == q.shape[0]:
-            return self._attend(q, kc, vc, decode)
+            return self._attend(q, kc, vc, decode, rows_in_order=True)
         out = torch.empty_like(q)
         for group in (decode, prefill):
             if group is not None:
@@ -209,13 +319,14 @@ class ModelRunner:
                 out.index_copy_(0, rows, o)
         return out
 
-    def _attend(self, q, kc, vc, g: "_AttnGroup") -> torch.Tensor:
+    def _attend(self, q, kc, vc, g: "_AttnGroup", rows_in_order: bool = False) -> torch.Tensor:
+        """SDPA of group ``g``; ``rows_in_order``: the group's query rows are exactly ``q``'s rows, in order."""
         nkv, hd, rep = self.num_kv_heads, self.head_dim, self.num_heads // self.num_kv_heads
         kd = kc.index_select(0, g.tables).view(g.m, -1, nkv, hd).transpose(1, 2)  # [m, nkv, keys, hd]
         vd = vc.index_select(0, g.tables).view(g.m, -1, nkv, hd).transpose(1, 2)
         if g.q_max == 1:
             # GQA without repeating K/V: the rep query heads of a KV head act as rep query rows
-            qd = q.index_select(0, g.rows.view(-1)).view(g.m, nkv, rep, hd)
+            qd = (q if rows_in_order else q.index_select(0, g.rows.view(-1))).reshape(g.m, nkv, rep, hd)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=g.mask, scale=self.scale)
             return od.reshape(g.m, self.num_heads, hd)
         qd = q.index_select(0, g.rows.reshape(-1)).view(g.m, g.q_max, self.num_heads, hd).transpose(1, 2)
@@ -232,21 +343,16 @@ class ModelRunner:
         nkv, hd, g = self.num_kv_heads, self.head_dim, self.num_heads // self.num_kv_heads
         new_k, new_v = [], []
         for li in range(start, end):
-            layer = self.layers[li]
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(b, self.num_heads, hd)
-            k = attn.k_proj(h).view(b, nkv, hd)
-            v = attn.v_proj(h).view(b, nkv, hd)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            L = self.fast_layers[li]
+            q, k, v = self._qkv(L, x, cos, sin)
             kc, vc = kv[li - start, 0], kv[li - start, 1]
             kd = kc.index_select(0, block_tables).view(b, -1, nkv, hd).transpose(1, 2)
             vd = vc.index_select(0, block_tables).view(b, -1, nkv, hd).transpose(1, 2)
             kd = torch.cat((kd, k.view(b, nkv, 1, hd)), dim=2)
             vd = torch.cat((vd, v.view(b, nkv, 1, hd)), dim=2)
-            od = F.scaled_dot_product_attention(q.view(b, nkv, g, hd), kd, vd, attn_mask=mask, scale=self.scale)
-            x = x + attn.o_proj(od.reshape(b, self.num_heads * hd))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            od = F.scaled_dot_product_attention(q.reshape(b, nkv, g, hd), kd, vd, attn_mask=mask, scale=self.scale)
+            x = x + L.o(od.reshape(b, self.num_heads * hd))
+            x = self._mlp(L, x)
             new_k.append(k)
             new_v.append(v)
         return x, torch.stack(new_k), torch.stack(new_v)
@@ -294,7 +400,7 @@ class ModelRunner:
         with torch.inference_mode():
             dummy = [_DummySeq(self.scratch_block)] * bucket.batch
             tokens, pos, _slots, tables, mask = self._bucket_inputs(bucket, dummy)
-            x, cos, sin = self._embed(tokens, pos)
+            x, cos, sin = self._embed(tokens, pos, 0)
             for s, e in ranges:
                 x, _k, _v = fn(x, cos, sin, tables, mask, self.kv_cache[s:e], s, e)
         self._compiled[bucket] = (fn, ranges)
@@ -302,7 +408,7 @@ class ModelRunner:
     def _execute_compiled(self, batch: Batch, bucket: Bucket, fn, ranges) -> StepResult:
         seqs = batch.sequences
         tokens, pos, slots, tables, mask = self._bucket_inputs(bucket, seqs)
-        x, cos, sin = self._embed(tokens, pos)
+        x, cos, sin = self._embed(tokens, pos, max(s.start_pos for s in seqs))
         nkv, hd = self.num_kv_heads, self.head_dim
         for s, e in ranges:
             x, new_k, new_v = fn(x, cos, sin, tables, mask, self.kv_cache[s:e], s, e)
@@ -317,7 +423,7 @@ class ModelRunner:
         sampling = [i for i, s in enumerate(seqs) if s.sample]
         if sampling:
             rows = torch.tensor([offsets[i] + len(seqs[i].token_ids) - 1 for i in sampling], device=x.device)
-            logits = self.lm_head(self.norm(x.index_select(0, rows))).float()
+            logits = self.head_fn(self._rmsnorm(x.index_select(0, rows), self.norm_w)).float()
             chunks = [seqs[i] for i in sampling]
             toks, lps = self.sampler.sample(logits, chunks)
             for c, t, lp in zip(chunks, toks, lps):
@@ -334,8 +440,8 @@ class ModelRunner:
             entries: list = [None] if s.start_pos == 0 else []
             if last > s.start_pos:
                 lo = offsets[i]
-                h = self.norm(x[lo : lo + last - s.start_pos])
-                lps = torch.log_softmax(self.lm_head(h).float(), dim=-1)
+                h = self._rmsnorm(x[lo : lo + last - s.start_pos], self.norm_w)
+                lps = torch.log_softmax(self.head_fn(h).float(), dim=-1)
                 targets = s.prompt_token_ids[s.start_pos + 1 : last + 1]
                 entries += [token_logprobs(row, t, k if k >= 0 else row.numel()) for row, t in zip(lps, targets)]
             result.prompt_logprobs[s.request_id] = entries

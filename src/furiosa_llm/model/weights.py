@@ -71,16 +71,31 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.to(act_dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(act_dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
+    @classmethod
+    def concatenated(cls, parts: list["Int8Linear"]) -> "Int8Linear":
+        """One layer whose output rows are those of ``parts`` in order (same input); see ``fuse_linears``."""
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.in_features = parts[0].in_features
+        fused.out_features = sum(p.out_features for p in parts)
+        fused.register_buffer("weight_int8", torch.cat([p.weight_int8 for p in parts]))
+        fused.register_buffer("scale", torch.cat([p.scale for p in parts]))
+        biases = [p.bias for p in parts]
+        fused.register_buffer("bias", None if all(b is None for b in biases) else torch.cat(
+            [b if b is not None else p.scale.new_zeros(p.out_features) for p, b in zip(parts, biases)]))
+        return fused
+
+    def mm(self, x2: torch.Tensor) -> torch.Tensor:
+        """``x2``: ``[rows, in]`` -> ``[rows, out]``, without ``forward``'s reshapes (the runner's hot path)."""
         if x2.shape[0] <= INT8_KERNEL_MAX_ROWS and x2.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scale)
         else:
             y = F.linear(x2, self.weight_int8.to(x2.dtype)) * self.scale  # per-channel scale on the output: one pass fewer
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        return self.mm(x.reshape(-1, self.in_features)).view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
@@ -111,3 +126,36 @@ def quantize_w8a16(model: nn.Module) -> int:
         count += 1
     logger.info("w8a16: %d linear layers quantized to int8 (per-channel scales)", count)
     return count
+
+
+def fuse_linears(layers: list[nn.Module]):
+    """One matmul for linear layers that read the same input (q/k/v, gate/up): ``x [rows, in] -> [rows, sum(out)]``.
+
+    The output is the layers' outputs concatenated in order. ``layers`` are all ``nn.Linear`` or
+    all ``Int8Linear``. The originals are re-pointed at row slices of the concatenated weights
+    (no second copy in memory), so the Hugging Face modules stay usable and equal. Returns a callable.
+    """
+    if all(isinstance(m, Int8Linear) for m in layers):
+        fused = Int8Linear.concatenated(layers)
+        off = 0
+        for m in layers:
+            m.weight_int8 = fused.weight_int8[off : off + m.out_features]
+            m.scale = fused.scale[off : off + m.out_features]
+            if m.bias is not None:
+                m.bias = fused.bias[off : off + m.out_features]
+            off += m.out_features
+        return fused.mm
+    if not all(type(m) is nn.Linear for m in layers):
+        raise ValueError(f"fuse_linears: layers must be all nn.Linear or all Int8Linear, got {[type(m).__name__ for m in layers]}")
+    with torch.no_grad():
+        weight = torch.cat([m.weight for m in layers])
+        biases = [m.bias for m in layers]
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [b if b is not None else m.weight.new_zeros(m.out_features) for m, b in zip(layers, biases)])
+        off = 0
+        for m in layers:
+            m.weight.data = weight[off : off + m.out_features]
+            if m.bias is not None:
+                m.bias.data = bias[off : off + m.out_features]
+            off += m.out_features
+    return lambda x: F.linear(x, weight, bias)
