@@ -177,7 +177,14 @@ class ModelRunner:
                           kv[0], kv[1]) for kv in self.kv_cache]
 
     def _rmsnorm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.hshape, w, self.eps)
+        """RMSNorm as Hugging Face's Llama computes it: the statistics in float32, then ``w * x`` in the weights' dtype.
+
+        (``F.rms_norm`` on bf16 input keeps bf16 internally; its small differences flip greedy near-ties,
+        e.g. between a whole prefill and one continued from the prefix cache.)
+        """
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.hshape, w, self.eps)
+        return w * F.rms_norm(x.float(), self.hshape, None, self.eps).to(x.dtype)
 
     def _embed(self, input_ids: torch.Tensor, pos: torch.Tensor, max_pos: int | None = None) -> tuple:
         """Token embeddings, and the rotary cos and signed sin (see ``_rope``) of their positions, ``[rows, 1, hd]``.
@@ -193,14 +200,14 @@ class ModelRunner:
 
     def _qkv(self, L: _Layer, x: torch.Tensor, cos, sin) -> tuple:
         """Norm, fused q/k/v projection and rotary: ``q [rows, heads, hd]``, ``k``, ``v [rows, kv_heads, hd]``."""
-        heads = L.qkv(F.rms_norm(x, self.hshape, L.ln1, self.eps)).view(x.shape[0], -1, self.head_dim)  # [rows, q+k+v heads, hd]
+        heads = L.qkv(self._rmsnorm(x, L.ln1)).view(x.shape[0], -1, self.head_dim)  # [rows, q+k+v heads, hd]
         qk, v = heads.split(self.qk_v_split, 1)
         q, k = _rope(qk, cos, sin).split(self.q_k_split, 1)
         return q, k, v
 
     def _mlp(self, L: _Layer, x: torch.Tensor) -> torch.Tensor:
         """The residual after attention plus the MLP: ``x + down(act(gate(h)) * up(h))``, ``h = norm(x)``."""
-        gate, up = L.gate_up(F.rms_norm(x, self.hshape, L.ln2, self.eps)).chunk(2, -1)
+        gate, up = L.gate_up(self._rmsnorm(x, L.ln2)).chunk(2, -1)
         return x + L.down(L.act(gate) * up)
 
     # ---- one step ------------------------------------------------------------------------------
