@@ -62,12 +62,7 @@ def main() -> None:
     if a.suite:
         return suite(a)
 
-    engine = LLMEngine(EngineArgs(model=a.model, cache_dir=a.cache_dir, devices="cpu", num_kv_blocks=1024, seed=0))
-    t0 = time.perf_counter()
-    cost, shape = calibrate(engine)
-    calib_s = time.perf_counter() - t0
-    if a.profile_out:
-        cost.save(a.profile_out, shape)
+    engine, cost, shape, calib_s = calibrated_engine(a)
     wl = Workload(num_requests=a.num_requests, request_rate=a.request_rate, input_len=a.input_len,
                   output_len=a.output_len, seed=a.seed)
     rows = compare(engine, cost, shape, wl)  # the engine's own arguments with the calibrated profile
@@ -81,6 +76,18 @@ def main() -> None:
         "within_target": {k: abs(rows[k]["rel_error"]) <= 0.10 for k in ("output_throughput", "median_ttft_ms", "median_tpot_ms")},
         "os_loadavg_at_end": os.getloadavg(),
     }, indent=2, default=str))
+
+
+def calibrated_engine(a: argparse.Namespace) -> tuple:
+    """The real engine on cpu, calibrated: ``(engine, cost model, model shape, calibration seconds)``; the
+    profile is also saved to ``--profile-out`` when given."""
+    engine = LLMEngine(EngineArgs(model=a.model, cache_dir=a.cache_dir, devices="cpu", num_kv_blocks=1024, seed=0))
+    t0 = time.perf_counter()
+    cost, shape = calibrate(engine)
+    calib_s = time.perf_counter() - t0
+    if a.profile_out:
+        cost.save(a.profile_out, shape)
+    return engine, cost, shape, calib_s
 
 
 def compare(engine, cost, shape, wl: Workload) -> dict:
@@ -115,12 +122,7 @@ def step_errors(cost, shape, samples) -> dict:
 
 def suite(a: argparse.Namespace) -> None:
     load0 = os.getloadavg()  # 1, 5, 15 minutes: real runs are wall-clock, other processes move them
-    engine = LLMEngine(EngineArgs(model=a.model, cache_dir=a.cache_dir, devices="cpu", num_kv_blocks=1024, seed=0))
-    t0 = time.perf_counter()
-    cost, shape = calibrate(engine)
-    calib_s = time.perf_counter() - t0
-    if a.profile_out:
-        cost.save(a.profile_out, shape)
+    engine, cost, shape, calib_s = calibrated_engine(a)
     sim_cfg = SimConfig.from_engine_args(engine.args, model=shape, profile=cost)
     out = {}
     for name, (input_len, output_len, n) in SUITE.items():

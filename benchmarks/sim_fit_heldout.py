@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -25,7 +24,7 @@ import numpy as np  # noqa: E402
 from furiosa_llm import EngineArgs, LLMEngine  # noqa: E402
 from furiosa_llm.api.sampling_params import RequestOutputKind, SamplingParams  # noqa: E402
 from furiosa_llm.hal.cost_model import CostModel, ModelShape, fit_cost_model  # noqa: E402
-from furiosa_llm.sim.calibrate import Sweep, measure  # noqa: E402
+from furiosa_llm.sim.calibrate import Sweep, drain, measure  # noqa: E402
 from furiosa_llm.sim.real import synthetic_prompt  # noqa: E402
 
 
@@ -62,22 +61,13 @@ def main() -> None:
     def params(n: int) -> SamplingParams:
         return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, output_kind=RequestOutputKind.FINAL)
 
-    def drain(join_at: int = -1, rid: str = "") -> None:
-        n = 0
-        while engine.has_unfinished_requests():
-            if n == join_at:
-                engine.add_request(rid, {"prompt_token_ids": synthetic_prompt(rng, engine.vocab_size, a.long)}, params(2))
-            t = time.monotonic()
-            engine.step()
-            n += 1
-            held.extend(rec.take_samples(time.monotonic() - t))
-
     for rep in range(2):
         for j in range(4):
             engine.add_request(f"h{rep}-{j}", {"prompt_token_ids": synthetic_prompt(rng, engine.vocab_size, 200)}, params(8))
-        drain(3, f"h{rep}-join")
+        held += drain(engine, rec, 3, (f"h{rep}-join", {"prompt_token_ids": synthetic_prompt(rng, engine.vocab_size, a.long)},
+                                       params(2)))
         engine.add_request(f"h{rep}-alone", {"prompt_token_ids": synthetic_prompt(rng, engine.vocab_size, a.long)}, params(2))
-        drain()
+        held += drain(engine, rec)
     engine.shutdown()
     fit = fit_cost_model(shape, cal, name="fit", dtype_bytes=2)
     ctx_max = max(sweep.prompt_lens) + sweep.decode_tokens  # the grid's longest context: no long prompts

@@ -91,19 +91,30 @@ def measure(engine, sweep: Sweep, progress: bool = False) -> list[StepSample]:
             engine.add_request(f"cal{i}-{j}", {"prompt_token_ids": synthetic_prompt(rng, engine.vocab_size, p)}, params)
         # the joiner arrives after the prefill chunks and half the decode steps of the others
         join_at = -(-b * p // budget) + sweep.decode_tokens // 2 if sweep.join and i < long_start else -1
-        n_steps = 0
-        while engine.has_unfinished_requests():
-            if n_steps == join_at:
-                engine.add_request(f"cal{i}-join", {"prompt_token_ids": synthetic_prompt(rng, engine.vocab_size, p)},
-                                   join_params)
-            start = time.monotonic()
-            engine.step()
-            n_steps += 1
-            samples += rec.take_samples(time.monotonic() - start)
+        joiner = ((f"cal{i}-join", {"prompt_token_ids": synthetic_prompt(rng, engine.vocab_size, p)}, join_params)
+                  if join_at >= 0 else ())
+        samples += drain(engine, rec, join_at, joiner)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
+    return samples
+
+
+def drain(engine, rec, join_at: int = -1, joiner: tuple = ()) -> list[StepSample]:
+    """Step ``engine`` (an ``LLMEngine`` whose queue is the recorder ``rec``) until it is idle; every step's sample.
+
+    ``joiner``: ``add_request``'s arguments for a request added just before step ``join_at`` (0-based).
+    """
+    samples: list[StepSample] = []
+    n = 0
+    while engine.has_unfinished_requests():
+        if n == join_at:
+            engine.add_request(*joiner)
+        start = time.monotonic()
+        engine.step()
+        n += 1
+        samples += rec.take_samples(time.monotonic() - start)
     return samples
 
 

@@ -146,12 +146,10 @@ class ModelRunner:
         the model's own rotary module (the same values it computes per step), unless its rope
         type depends on the sequence length ("dynamic"), which is then computed per step.
         """
-        self.hidden = cfg.hidden_size
         self.eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
         self.q_width = self.num_heads * self.head_dim
-        self.qk_heads = self.num_heads + self.num_kv_heads
-        self.hshape = (self.hidden,)
-        self.qk_v_split = [self.qk_heads, self.num_kv_heads]
+        self.hshape = (cfg.hidden_size,)
+        self.qk_v_split = [self.num_heads + self.num_kv_heads, self.num_kv_heads]
         self.q_k_split = [self.num_heads, self.num_kv_heads]
         self.fast_layers = []
         for layer in self.layers:
@@ -257,10 +255,15 @@ class ModelRunner:
         tables = torch.tensor([b for s in seqs for b in s.block_table[:width] + [scratch] * (width - len(s.block_table[:width]))],
                               dtype=torch.long, device=dev)  # [n * width]
         keys = torch.arange(width * bs, device=dev)
-        mask = torch.zeros(n, width * bs, dtype=self.dtype, device=dev).masked_fill_(keys[None, :] > meta[1][:, None], float("-inf"))
+        mask = self._additive_mask(keys[None, :] <= meta[1][:, None])
         group = _AttnGroup(rows=torch.arange(n, device=dev)[:, None], valid=None, tables=tables,
                            mask=mask[:, None, None, :], m=n, q_max=1)
         return meta[0], meta[1], meta[2], list(range(n)), group, None
+
+    def _additive_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """0 where ``allowed``, -inf elsewhere, in the activations' dtype: what SDPA would otherwise convert a
+        bool mask to in every layer."""
+        return torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
     def _attn_group(self, idx, n, tables, start_t, lens_t, off_t, ctx_t, need, lens) -> "_AttnGroup":
         """The padded view of the sequences ``idx``: queries ``[m, q_max]`` (token rows), block tables and a mask."""
@@ -277,9 +280,7 @@ class ModelRunner:
         # padded query rows attend like the last real one (finite output, discarded)
         qpos = torch.minimum(qpos, (ctx - 1)[:, None])
         key = torch.arange(width * bs, device=dev)
-        allowed = key[None, None, :] <= qpos[:, :, None]  # [m, q_max, keys]: causal within the context
-        # additive, in the activations' dtype: what SDPA would otherwise convert a bool mask to in every layer
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
+        mask = self._additive_mask(key[None, None, :] <= qpos[:, :, None])  # [m, q_max, keys]: causal within the context
         rows = off[:, None] + torch.minimum(j[None, :], (qlen - 1)[:, None])  # token row of each query slot
         return _AttnGroup(rows=rows, valid=None if bool(valid.all()) else valid.view(-1),
                           tables=tbl.reshape(-1), mask=mask[:, None], m=len(idx), q_max=q_max)

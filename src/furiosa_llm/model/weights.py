@@ -80,9 +80,7 @@ class Int8Linear(nn.Module):
         fused.out_features = sum(p.out_features for p in parts)
         fused.register_buffer("weight_int8", torch.cat([p.weight_int8 for p in parts]))
         fused.register_buffer("scale", torch.cat([p.scale for p in parts]))
-        biases = [p.bias for p in parts]
-        fused.register_buffer("bias", None if all(b is None for b in biases) else torch.cat(
-            [b if b is not None else p.scale.new_zeros(p.out_features) for p, b in zip(parts, biases)]))
+        fused.register_buffer("bias", _concat_biases(parts, parts[0].scale))
         return fused
 
     def mm(self, x2: torch.Tensor) -> torch.Tensor:
@@ -149,9 +147,7 @@ def fuse_linears(layers: list[nn.Module]):
         raise ValueError(f"fuse_linears: layers must be all nn.Linear or all Int8Linear, got {[type(m).__name__ for m in layers]}")
     with torch.no_grad():
         weight = torch.cat([m.weight for m in layers])
-        biases = [m.bias for m in layers]
-        bias = None if all(b is None for b in biases) else torch.cat(
-            [b if b is not None else m.weight.new_zeros(m.out_features) for m, b in zip(layers, biases)])
+        bias = _concat_biases(layers, weight)
         off = 0
         for m in layers:
             m.weight.data = weight[off : off + m.out_features]
@@ -159,3 +155,10 @@ def fuse_linears(layers: list[nn.Module]):
                 m.bias.data = bias[off : off + m.out_features]
             off += m.out_features
     return lambda x: F.linear(x, weight, bias)
+
+
+def _concat_biases(layers: list[nn.Module], like: torch.Tensor) -> torch.Tensor | None:
+    """The layers' biases concatenated in order (zeros for a layer without one); None when none has one."""
+    if all(m.bias is None for m in layers):
+        return None
+    return torch.cat([m.bias if m.bias is not None else like.new_zeros(m.out_features) for m in layers])
