@@ -60,6 +60,20 @@ class IncrementalDetokenizer:
         return None
 
     def visible_text(self, finished: bool) -> str:
-        if finished or not self.hold_back:
+        """The text to show: all of it once ``finished`` (with any incomplete UTF-8 tail, see ``_flush``), else
+        without the held-back characters that may begin a stop string."""
+        if finished:
+            self._flush()
+            return self.text
+        if not self.hold_back:
             return self.text
         return self.text[: max(0, len(self.text) - self.hold_back)]
+
+    def _flush(self) -> None:
+        """At the end, the tokens still held back as an incomplete UTF-8 sequence join the text as the tokenizer
+        decodes them (``\ufffd`` where a character is cut), so the final text is the decoded output ids."""
+        if self._read_offset < len(self._ids):
+            prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+            full = self._decode(self._ids[self._prefix_offset :])
+            self.text += full[len(prefix) :]
+            self._prefix_offset = self._read_offset = len(self._ids)
