@@ -128,20 +128,24 @@ class TorchBackend:
         self.device = select_device(devices, pipeline_parallel_size, data_parallel_size).torch_device
         import torch
 
-        from furiosa_llm.model.weights import QUANTIZATIONS, quantize_w8a16
+        from furiosa_llm.model.weights import QUANTIZATIONS, quantize_w4a16, quantize_w8a16
 
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization={quantization!r}: the torch backend runs one of {', '.join(QUANTIZATIONS)}"
                              " (fp8 is costed by the simulator only)")
+        if quantization == "w4a16" and self.device != "cpu":
+            raise ValueError(f"quantization='w4a16' on {self.device}: W4A16 runs PyTorch's CPU int4 kernel; "
+                             "use w8a16 or none on cuda")
         src = resolve_model(model, revision)
         if (dtype == "auto" and quantization == "none" and self.device == "cpu"
                 and (task == "embed" or _is_encoder_folder(src, ENCODER_MODEL_TYPES))):
             dtype = "float32"  # auto's bf16 choice is for generation; embedders stay float32 (bf16 not measured for them)
-        # w8a16: 16-bit activations, so dtype auto means bfloat16 there whatever the cpu
-        self.dtype = resolve_dtype("bfloat16" if quantization == "w8a16" and dtype == "auto" else dtype, self.device)
-        if quantization == "w8a16" and self.dtype == torch.float32:
-            raise ValueError(f"quantization='w8a16' with dtype={dtype!r}: W8A16 keeps 16-bit activations; "
-                             "use dtype auto, bfloat16 or float16")
+        # w8a16 / w4a16: 16-bit activations, so dtype auto means bfloat16 there whatever the cpu
+        weight_only = quantization in ("w8a16", "w4a16")
+        self.dtype = resolve_dtype("bfloat16" if weight_only and dtype == "auto" else dtype, self.device)
+        if weight_only and self.dtype == torch.float32:
+            raise ValueError(f"quantization={quantization!r} with dtype={dtype!r}: {quantization.upper()} keeps 16-bit "
+                             "activations; use dtype auto, bfloat16 or float16")
         self.quantization = quantization
         self.block_size = block_size
         self.seed = seed
@@ -149,11 +153,11 @@ class TorchBackend:
             src, cache_dir=cache_dir, tokenizer=tokenizer, tokenizer_mode=tokenizer_mode,
             revision=revision, dtype=self.dtype,
         )
-        if quantization == "w8a16":
+        if weight_only:
             if getattr(hf_model.config, "model_type", None) in ENCODER_MODEL_TYPES:
-                raise ValueError(f"quantization='w8a16': model {model!r} is an encoder (embedding) model; "
-                                 "W8A16 is for generating models")
-            quantize_w8a16(hf_model)
+                raise ValueError(f"quantization={quantization!r}: model {model!r} is an encoder (embedding) model; "
+                                 f"{quantization.upper()} is for generating models")
+            (quantize_w8a16 if quantization == "w8a16" else quantize_w4a16)(hf_model)
         logger.info("loaded %s in %.1fs on %s (%s, quantization %s)", model, self.load_seconds, self.device,
                     self.dtype, quantization)
         self._hf_model = hf_model

@@ -1,9 +1,9 @@
-"""Weight formats of the torch backend: ``--dtype auto``, bf16 and ``--quantization w8a16``.
+"""Weight formats of the torch backend: ``--dtype auto``, bf16 and ``--quantization w8a16|w4a16``.
 
 Quality is measured, not assumed: the perplexity of the embedded model on a fixed English text
 (``tests/data/ppl_english.txt``, public domain: the opening of *Pride and Prejudice*), scored
 through the engine's own paged forward pass (``prompt_logprobs``), must stay within 1% of float32's
-in bfloat16 and within 3% with W8A16.
+in bfloat16 and within 3% with W8A16 and W4A16.
 """
 
 from __future__ import annotations
@@ -54,6 +54,48 @@ def test_w8a16_perplexity_within_3_percent_of_fp32(fp32_ppl):
     assert abs(ppl / fp32_ppl - 1) < 0.03, (ppl, fp32_ppl)
 
 
+def test_w4a16_perplexity_within_3_percent_of_fp32(fp32_ppl):
+    ppl = _perplexity(quantization="w4a16")
+    assert abs(ppl / fp32_ppl - 1) < 0.03, (ppl, fp32_ppl)
+
+
+def test_w4a16_keeps_the_gguf_q4_1_weights_exactly():
+    """The embedded model's linear layers are GGUF Q4_1 blocks: their minimum and maximum give back each
+    block's scale, offset and codes, so the 4-bit weights are the file's, not a second rounding of them."""
+    from furiosa_llm.model.loader import load_model_and_tokenizer, resolve_model
+    from furiosa_llm.model.weights import Int4Linear
+
+    model, _, _ = load_model_and_tokenizer(resolve_model(MODEL), cache_dir=CACHE_DIR, dtype=torch.float32)
+    layer = model.model.layers[3]
+    for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.mlp.down_proj):
+        q = Int4Linear(lin, torch.float32)  # float32 scales: nothing rounded but the codes
+        assert torch.equal(q.dequantized(), lin.weight.detach()), lin
+
+
+def test_int4_linear_matches_dequantized_weights():
+    from furiosa_llm.model.weights import INT4_KERNEL_MAX_ROWS, Int4Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 48, bias=True)
+    q = Int4Linear(lin, torch.bfloat16)
+    assert q.codes.shape == (48, 64) and q.codes.dtype == torch.uint8 and q.scale_zero.shape == (48, 4, 2)
+    deq = q.dequantized().float()
+    # every group of 32 uses the whole 0..15 range: its minimum and maximum are exact but for bf16 scales
+    w = lin.weight.detach().view(48, 4, 32)
+    assert torch.allclose(deq.view(48, 4, 32).amin(-1), w.amin(-1), atol=0.02)
+    assert (deq - lin.weight.detach()).abs().max() < 0.7 * float(q.scale_zero[..., 0].float().max())
+    for rows in (1, INT4_KERNEL_MAX_ROWS, INT4_KERNEL_MAX_ROWS + 5):  # the int4 kernel, and the dequantized path
+        x = torch.randn(rows, 128)
+        y = q(x.bfloat16()).float()
+        ref = x.bfloat16().float() @ deq.T + lin.bias.detach().bfloat16().float()
+        assert y.shape == (rows, 48)
+        assert torch.allclose(y, ref, atol=0.05, rtol=0.02)
+    with pytest.raises(ValueError, match="in_features=40"):
+        Int4Linear(torch.nn.Linear(40, 48), torch.bfloat16)
+    with pytest.raises(ValueError, match="out_features=40"):
+        Int4Linear(torch.nn.Linear(64, 40), torch.bfloat16)
+
+
 def test_int8_linear_matches_dequantized_weights():
     from furiosa_llm.model.weights import INT8_KERNEL_MAX_ROWS, Int8Linear
 
@@ -94,28 +136,38 @@ def test_quantization_argument_errors():
         EngineArgs(model=MODEL, quantization="int4")
     with pytest.raises(ValueError, match="quantization='w8a16' with dtype='float32'"):
         TorchBackend(MODEL, dtype="float32", quantization="w8a16", cache_dir=CACHE_DIR)
+    with pytest.raises(ValueError, match="quantization='w4a16' with dtype='float32'"):
+        TorchBackend(MODEL, dtype="float32", quantization="w4a16", cache_dir=CACHE_DIR)
     with pytest.raises(ValueError, match="quantization='fp8'"):
         TorchBackend(MODEL, quantization="fp8", cache_dir=CACHE_DIR)
 
 
-@pytest.mark.parametrize("kind", ["linear", "int8"])
+@pytest.mark.parametrize("kind", ["linear", "int8", "int4", "mixed"])
 def test_fused_linears_equal_the_separate_layers(kind):
     """q/k/v (and gate/up) run as one matmul over concatenated weights: the same output, column for
     column, and the original modules (now views of the fused weights) still compute the same."""
-    from furiosa_llm.model.weights import INT8_KERNEL_MAX_ROWS, Int8Linear, fuse_linears
+    from furiosa_llm.model.weights import INT4_KERNEL_MAX_ROWS, INT8_KERNEL_MAX_ROWS, Int4Linear, Int8Linear, fuse_linears
 
     torch.manual_seed(0)
     dtype = torch.float32 if kind == "linear" else torch.bfloat16
     parts = [torch.nn.Linear(64, n, bias=b).to(dtype) for n, b in ((48, True), (16, False), (16, True))]
     if kind == "int8":
         parts = [Int8Linear(p, dtype) for p in parts]
-    xs = [torch.randn(rows, 64, dtype=dtype) for rows in (1, 3, INT8_KERNEL_MAX_ROWS + 3)]
+    elif kind == "int4":
+        parts = [Int4Linear(p, dtype) for p in parts]
+    elif kind == "mixed":  # w4a16 with a layer the int4 kernel cannot take
+        parts = [Int4Linear(parts[0], dtype), Int8Linear(parts[1], dtype), Int4Linear(parts[2], dtype)]
+    xs = [torch.randn(rows, 64, dtype=dtype) for rows in (1, 3, INT8_KERNEL_MAX_ROWS + 3, INT4_KERNEL_MAX_ROWS + 3)]
     with torch.no_grad():
         before = [torch.cat([p(x) for p in parts], dim=1) for x in xs]
         fused = fuse_linears(parts)
         for x, ref in zip(xs, before):
             assert torch.allclose(fused(x), ref, rtol=1e-5, atol=1e-5 if kind == "linear" else 1e-2)
-            assert torch.equal(torch.cat([p(x) for p in parts], dim=1), ref)  # originals unchanged
+            after = torch.cat([p(x) for p in parts], dim=1)  # the originals, now views of the fused weights
+            if kind == "int4":  # the parts compute through their dequantized weights: equal up to rounding
+                assert torch.allclose(after, ref, rtol=1e-2, atol=3e-2)
+            else:
+                assert torch.equal(after, ref)
     with pytest.raises(ValueError, match="fuse_linears"):
         fuse_linears([torch.nn.Linear(4, 4), torch.nn.Conv1d(4, 4, 1)])
 

@@ -42,6 +42,7 @@ def _int_at_least(name: str, value: Any, minimum: int, *, optional: bool = False
 
 TASKS = ("auto", "generate", "embed")  # vLLM's --task values this engine serves
 CONVERTS = ("auto", "none", "embed")  # vLLM's --convert values this engine serves
+QUANTIZATIONS = ("none", "w8a16", "w4a16", "fp8")  # --quantization: w8a16 everywhere, w4a16 torch CPU only, fp8 simulator only
 
 
 @dataclass
@@ -77,7 +78,7 @@ class EngineArgs:
     convert: str = "auto"
     pooling_type: str | None = None
     structured_outputs_backend: str = "auto"  # auto | xgrammar | guidance (llguidance)
-    quantization: str = "none"  # none | w8a16 (torch backend and simulator) | fp8 (simulator only)
+    quantization: str = "none"  # none | w8a16 (torch backend and simulator) | w4a16 (torch backend, CPU) | fp8 (simulator only)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -123,8 +124,8 @@ class EngineArgs:
         if self.structured_outputs_backend not in ("auto", "xgrammar", "guidance"):
             raise ValueError(f"structured_outputs_backend={self.structured_outputs_backend!r}: "
                              "must be one of auto, xgrammar, guidance")
-        if self.quantization not in ("none", "w8a16", "fp8"):
-            raise ValueError(f"quantization={self.quantization!r}: must be one of none, w8a16, fp8")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization={self.quantization!r}: must be one of {', '.join(QUANTIZATIONS)}")
 
     @property
     def requested_task(self) -> str:
@@ -217,9 +218,10 @@ class EngineArgs:
         a("--enable-prefix-caching", type=_str2bool, nargs="?", const=True, default=True, metavar="BOOL", help="Reuse KV blocks of shared prompt prefixes (default on; a bare switch, or true/false).")
         a("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false", help="Disable prefix caching.")
         a("--dtype", type=str, default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="Weight dtype: auto = bfloat16 on cuda and on a cpu with native bf16 (AVX512-BF16/AMX), else float32.")
-        a("--quantization", "-q", type=str, default="none", choices=["none", "w8a16", "fp8"],
+        a("--quantization", "-q", type=str, default="none", choices=list(QUANTIZATIONS),
           help="Weight format: none (the --dtype), w8a16 (int8 weights with per-channel scales, 16-bit activations; "
-               "torch backend and simulator), fp8 (W8A8 FP8 matmuls; simulator only).")
+               "torch backend and simulator), w4a16 (4-bit weights in groups of 32 with a scale and offset, as GGUF "
+               "Q4_1, 16-bit activations; torch backend on CPU), fp8 (W8A8 FP8 matmuls; simulator only).")
         a("--max-logprobs", type=int, default=20, help="Maximum number of log probabilities a request may ask for "
           "(logprobs, prompt_logprobs); default 20, as OpenAI's API. -1 means no cap: the whole vocabulary, "
           "which may cost a lot of memory and time.")

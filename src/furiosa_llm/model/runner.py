@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from furiosa_llm.hal import Batch, Bucket, SamplingSettings, SequenceChunk, StepResult
 
 from .sampler import Sampler, token_logprobs
-from .weights import Int8Linear, fuse_linears
+from .weights import fuse_linears, linear_mm
 
 logger = logging.getLogger("furiosa_llm.model")
 
@@ -74,16 +74,6 @@ class _Layer:
     gate_up: object
     down: object
     act: object
-
-
-def _linear_fn(m):
-    """The 2-D matmul of one linear layer (``Int8Linear.mm`` or ``F.linear``), without module-call overhead."""
-    if isinstance(m, Int8Linear):
-        return m.mm
-    if type(m) is torch.nn.Linear:
-        w, b = m.weight, m.bias
-        return lambda x: F.linear(x, w, b)
-    return m
 
 
 @dataclass(slots=True)
@@ -157,10 +147,10 @@ class ModelRunner:
             act = F.silu if getattr(cfg, "hidden_act", "silu") == "silu" else mlp.act_fn
             self.fast_layers.append(_Layer(
                 ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
-                qkv=fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj]), o=_linear_fn(attn.o_proj),
-                gate_up=fuse_linears([mlp.gate_proj, mlp.up_proj]), down=_linear_fn(mlp.down_proj), act=act))
+                qkv=fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj]), o=linear_mm(attn.o_proj),
+                gate_up=fuse_linears([mlp.gate_proj, mlp.up_proj]), down=linear_mm(mlp.down_proj), act=act))
         self.norm_w = self.norm.weight
-        self.head_fn = _linear_fn(self.lm_head)
+        self.head_fn = linear_mm(self.lm_head)
         self.embed_w = self.embed.weight
         self.rope_table = None
         if "dynamic" not in str(getattr(self.rotary, "rope_type", "default")):
