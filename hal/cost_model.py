@@ -341,7 +341,8 @@ def rngd_cost_model(num_pes: int, *, compute_efficiency: float = 0.6, bandwidth_
     (``KV_CACHE_DTYPES``) the bytes per KV element. Every byte term and the memory fit follow.
     """
     if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization={quantization!r}: must be one of {', '.join(QUANTIZATIONS)}")
+        raise ValueError(f"quantization={quantization!r}: the RNGD cost model prices {', '.join(QUANTIZATIONS)} (the formats "
+                         "Furiosa-LLM artifacts ship; w4a16 runs on the torch backend's CPU only)")
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: must be one of {', '.join(KV_CACHE_DTYPES)}")
     weight_bytes, peak_flops = QUANTIZATIONS[quantization]
