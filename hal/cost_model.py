@@ -140,6 +140,7 @@ class BatchShape:
     kv_read_tokens: int  # sum of context lengths: K/V positions read
     num_grammar_rows: int = 0  # sampled rows with structured outputs (a grammar bitmask each)
     num_decode_seqs: int | None = None  # sequences computing one token; None: not recorded
+    decode_max_context: int = 0  # the longest context (positions attended) among the decode rows; 0: not recorded
 
     @property
     def kind(self) -> str:
@@ -153,6 +154,12 @@ class BatchShape:
         """K/V positions touched: read, plus the new ones written."""
         return self.kv_read_tokens + self.num_tokens
 
+    @property
+    def decode_kv_padded(self) -> int:
+        """K/V positions of the decode rows padded to the longest of them (``rows x longest context``): what a
+        backend that attends the decode rows as one padded batch gathers (the torch runner)."""
+        return (self.num_decode_seqs or 0) * self.decode_max_context
+
     @classmethod
     def of(cls, batch: Batch) -> "BatchShape":
         """The counts of ``batch``, in C-level passes over its chunks (the simulator calls this every step)."""
@@ -164,14 +171,16 @@ class BatchShape:
         if tokens == len(seqs):  # decode only: each token attends to its start_pos + 1 positions
             attended = kv
             decode = tokens
+            longest = max(starts) + 1 if starts else 0
         else:  # n tokens from start attend n * start + n (n + 1) / 2 positions
             attended = sum(map(operator.mul, lens, starts)) + sum(n * (n + 1) for n in lens) // 2
             decode = lens.count(1)
+            longest = max((s for s, n in zip(starts, lens) if n == 1), default=-1) + 1
         sampled = sum(map(_sample, seqs))
         grammar = 0
         if any(map(_structured, seqs)):
             grammar = sum(1 for s in seqs if s.sample and s.sampling.structured is not None)
-        return cls(tokens, len(seqs), sampled, attended, kv, grammar, decode)
+        return cls(tokens, len(seqs), sampled, attended, kv, grammar, decode, longest)
 
 
 _token_ids, _start_pos = operator.attrgetter("token_ids"), operator.attrgetter("start_pos")
@@ -188,6 +197,15 @@ class CostModel:
     s_per_weight_byte: float
     s_per_kv_byte: float
     s_per_seq: float = 0.0
+    # fixed seconds a step pays on top when it mixes decode rows and prefill chunks (``BatchShape.kind`` "mixed"):
+    # the torch runner attends the two groups in two calls per layer and builds the general step inputs. Fitted
+    # on a measured backend (``Sweep.join``); 0 in the RNGD spec model, which does not model it
+    mixed_overhead_s: float = 0.0
+    # seconds per byte of the decode rows' K/V padded to the step's longest decode context
+    # (``BatchShape.decode_kv_padded``): the torch runner gathers and attends the decode rows as one padded batch,
+    # so ragged contexts cost rows x longest. Fitted on a measured backend (``Sweep.ragged``); 0 in the RNGD spec
+    # model, whose attention reads each context as it is
+    s_per_padded_kv_byte: float = 0.0
     # seconds per attention FLOP; None: as ``s_per_flop``. Fitted apart on a measured backend, where attention
     # (softmax, masks, K/V gathers) runs at another rate than the weight matmuls and grows with the square of a prompt
     s_per_attn_flop: float | None = None
@@ -212,7 +230,8 @@ class CostModel:
     def __post_init__(self) -> None:
         if self.combine not in ("max", "sum"):
             raise ValueError(f"combine={self.combine!r}: must be 'max' or 'sum'")
-        for k in ("overhead_s", "s_per_flop", "s_per_weight_byte", "s_per_kv_byte", "s_per_seq", "s_per_token_comm",
+        for k in ("overhead_s", "s_per_flop", "s_per_weight_byte", "s_per_kv_byte", "s_per_seq", "mixed_overhead_s",
+                  "s_per_padded_kv_byte", "s_per_token_comm",
                   "comm_latency_s", "s_per_token_stage_transfer", "stage_transfer_latency_s",
                   "host_overhead_s", "host_s_per_seq", "host_s_per_grammar_row", "jit_compile_s_per_unit"):
             v = getattr(self, k)
@@ -238,10 +257,12 @@ class CostModel:
     def breakdown(self, model: ModelShape, b: BatchShape) -> "StepCost":
         """The terms of one step's device time (seconds, the whole model on one stage's PEs)."""
         return StepCost(
-            fixed=self.overhead_s + self.s_per_seq * b.num_seqs,
+            fixed=self.overhead_s + self.s_per_seq * b.num_seqs
+            + (self.mixed_overhead_s if b.num_decode_seqs and b.num_tokens != b.num_seqs else 0.0),
             compute=model.matmul_flops(b) * self.s_per_flop + model.attention_flops(b) * self.attn_rate,
             weights=model.weight_bytes(self.dtype_bytes) * self.s_per_weight_byte,
-            kv=b.kv_tokens * model.kv_bytes_per_token(self.kv_bytes) * self.s_per_kv_byte,
+            kv=(b.kv_tokens * self.s_per_kv_byte + b.decode_kv_padded * self.s_per_padded_kv_byte)
+            * model.kv_bytes_per_token(self.kv_bytes),
             tp_comm=self.comm_latency_s + self.s_per_token_comm * b.num_tokens,
             combine=self.combine,
         )
@@ -386,21 +407,19 @@ def rngd_cost_model(num_pes: int, *, compute_efficiency: float = 0.6, bandwidth_
 
 # ---- fitting -------------------------------------------------------------------------------
 def _nnls(rows: list[list[float]], y: list[float]) -> list[float]:
-    """Least squares with non-negative coefficients (drop the most negative column, refit)."""
+    """Least squares with non-negative coefficients (Lawson-Hanson, ``scipy.optimize.nnls``).
+
+    The columns are scaled to unit norm first (their units differ by many orders of magnitude);
+    an all-zero column (a term the samples do not exercise) gets 0.
+    """
     import numpy as np
+    from scipy.optimize import nnls
 
     a = np.asarray(rows, dtype=float)
-    b = np.asarray(y, dtype=float)
-    active = list(range(a.shape[1]))
-    coef = np.zeros(a.shape[1])
-    while active:
-        sol, *_ = np.linalg.lstsq(a[:, active], b, rcond=None)
-        if (sol >= 0).all():
-            coef[:] = 0
-            coef[active] = sol
-            break
-        del active[int(np.argmin(sol))]
-    return coef.tolist()
+    norms = np.linalg.norm(a, axis=0)
+    norms[norms == 0] = 1.0
+    coef, _ = nnls(a / norms, np.asarray(y, dtype=float))
+    return (coef / norms).tolist()
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,7 +435,10 @@ def fit_cost_model(model: ModelShape, samples: Sequence[StepSample], *, name: st
     """Fit a ``sum`` cost model to measured steps, minimising relative error.
 
     Device: overhead (which absorbs the constant weight traffic), seconds per matmul FLOP, per
-    attention FLOP, per KV byte and per sequence. Attention gets its own rate when the samples
+    attention FLOP, per KV byte and per sequence, the extra fixed cost of a mixed step (decode
+    rows and prefill chunks together) and seconds per byte of the decode rows' K/V padded to the
+    longest (``BatchShape.decode_kv_padded``), each fitted only as far as the samples exercise
+    it (mixed steps; decode rows of ragged contexts). Attention gets its own rate when the samples
     pin it (prompts long enough that attention is a visible share of a prefill): a backend runs
     it at another rate than the weight matmuls, and a prompt's attention grows with its square,
     so a shared rate under-predicts the prompts longer than the sweep's. Host: overhead and
@@ -431,15 +453,18 @@ def fit_cost_model(model: ModelShape, samples: Sequence[StepSample], *, name: st
     for s in samples:
         b = s.shape
         w = 1.0 / max(s.device_s, 1e-6)
-        rows.append([w, model.matmul_flops(b) * w, model.attention_flops(b) * w, b.kv_tokens * kvb * w, b.num_seqs * w])
+        mixed = w if b.kind == "mixed" else 0.0
+        rows.append([w, model.matmul_flops(b) * w, model.attention_flops(b) * w, b.kv_tokens * kvb * w, b.num_seqs * w, mixed,
+                     b.decode_kv_padded * kvb * w])
         ys.append(1.0)
         hw = 1.0 / max(s.host_s, 1e-4)
         hrows.append([hw, b.num_seqs * hw])
         hys.append(s.host_s * hw)
-    o, f, fa, k, q = _nnls(rows, ys)
+    o, f, fa, k, q, mx, kp = _nnls(rows, ys)
     ho, hq = _nnls(hrows, hys)
     cm = CostModel(name=name, overhead_s=o, s_per_flop=f, s_per_weight_byte=0.0, s_per_kv_byte=k, s_per_seq=q,
-                   s_per_attn_flop=fa, combine="sum", dtype_bytes=dtype_bytes, host_overhead_s=ho, host_s_per_seq=hq)
+                   s_per_attn_flop=fa, mixed_overhead_s=mx, s_per_padded_kv_byte=kp, combine="sum", dtype_bytes=dtype_bytes, host_overhead_s=ho,
+                   host_s_per_seq=hq)
     errs: dict[str, list[float]] = {}
     for s in samples:
         e = abs(cm.device_time(model, s.shape) - s.device_s) / s.device_s

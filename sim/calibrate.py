@@ -32,15 +32,19 @@ class Sweep:
     the vendor engine's steps are read off its token stream, which needs requests that arrive
     together) one more request of the same prompt length arrives midway through their decode and
     its prefill shares a step with them. Then each of ``long_prompt_lens`` alone (batch 1), when
-    it fits the engine's ``max_model_len``.
+    it fits the engine's ``max_model_len``. With ``ragged`` (torch backend only, as ``join``), for
+    each batch size of two or more, that many requests whose prompt lengths spread evenly over
+    ``prompt_lens``' range arrive together and decode side by side: decode steps of unequal
+    contexts, which pin the cost of padding decode rows to the longest.
     """
 
     batch_sizes: tuple[int, ...] = (1, 4, 8, 16, 32)
     prompt_lens: tuple[int, ...] = (32, 128, 384)
     decode_tokens: int = 16
     seed: int = 0
-    long_prompt_lens: tuple[int, ...] = (512, 768, 1024)
+    long_prompt_lens: tuple[int, ...] = (512, 1024, 1536, 2048)
     join: bool = True
+    ragged: bool = True
 
     def __post_init__(self) -> None:
         for name in ("batch_sizes", "prompt_lens", "long_prompt_lens"):
@@ -56,9 +60,16 @@ class Sweep:
         fits = lambda p: max_model_len is None or p + self.decode_tokens <= max_model_len  # noqa: E731
         return grid + [(1, p) for p in self.long_prompt_lens if fits(p) and (1, p) not in grid]
 
+    def ragged_prompt_lens(self) -> list[list[int]]:
+        """The prompt lengths of each ragged group (empty without ``ragged``): b lengths spread over ``prompt_lens``."""
+        lo, hi = min(self.prompt_lens), max(self.prompt_lens)
+        if not self.ragged or lo == hi:
+            return []
+        return [[lo + (hi - lo) * j // (b - 1) for j in range(b)] for b in self.batch_sizes if b >= 2]
+
     def describe(self) -> dict:
         return {"batch_sizes": list(self.batch_sizes), "prompt_lens": list(self.prompt_lens),
-                "decode_tokens": self.decode_tokens, "long_prompt_lens": list(self.long_prompt_lens), "join": self.join}
+                "decode_tokens": self.decode_tokens, "long_prompt_lens": list(self.long_prompt_lens), "join": self.join, "ragged": self.ragged}
 
 
 def measure(engine, sweep: Sweep, progress: bool = False) -> list[StepSample]:
@@ -96,6 +107,11 @@ def measure(engine, sweep: Sweep, progress: bool = False) -> list[StepSample]:
         samples += drain(engine, rec, join_at, joiner)
         if bar is not None:
             bar.update(1)
+    for i, lens in enumerate(sweep.ragged_prompt_lens()):
+        for j, p in enumerate(lens):
+            engine.add_request(f"cal-ragged{i}-{j}", {"prompt_token_ids": synthetic_prompt(rng, engine.vocab_size, p)},
+                               params)
+        samples += drain(engine, rec)
     if bar is not None:
         bar.close()
     return samples
@@ -159,7 +175,7 @@ def _prefill_shape(b: int, p: int) -> BatchShape:
 
 def _decode_shape(b: int, start: int) -> BatchShape:
     return BatchShape(num_tokens=b, num_seqs=b, num_sampled=b, attended=b * (start + 1), kv_read_tokens=b * (start + 1),
-                      num_decode_seqs=b)
+                      num_decode_seqs=b, decode_max_context=start + 1)
 
 
 def stream_samples(log: list[tuple[str, int, float]], t0: float, b: int, p: int) -> list[StepSample]:

@@ -72,26 +72,63 @@ def test_rngd_decode_is_memory_bound_and_prefill_compute_bound():
 def test_fit_recovers_known_parameters():
     m = ModelShape("tiny", 4, 64, 4, 2, 16, 128, 1000)
     truth = CostModel("truth", overhead_s=2e-3, s_per_flop=1e-10, s_per_weight_byte=0.0, s_per_kv_byte=5e-9,
-                      s_per_seq=1e-4, s_per_attn_flop=4e-10, combine="sum", dtype_bytes=4, host_overhead_s=1e-3,
-                      host_s_per_seq=2e-5)
+                      s_per_seq=1e-4, s_per_attn_flop=4e-10, mixed_overhead_s=3e-3, s_per_padded_kv_byte=2e-9,
+                      combine="sum", dtype_bytes=4, host_overhead_s=1e-3, host_s_per_seq=2e-5)
     samples = []
     for b in (1, 2, 4, 8, 16, 32):
         for ctx in (16, 64, 256):
-            shape = BatchShape(b, b, b, b * ctx, b * ctx)
+            shape = BatchShape(b, b, b, b * ctx, b * ctx, num_decode_seqs=b, decode_max_context=ctx)
+            samples.append(StepSample(shape, truth.device_time(m, shape), truth.host_time(shape)))
+        if b > 1:  # ragged decodes: contexts 16..256, padded to the longest
+            ctxs = [16 + 240 * j // (b - 1) for j in range(b)]
+            shape = BatchShape(b, b, b, sum(ctxs), sum(ctxs), num_decode_seqs=b, decode_max_context=256)
             samples.append(StepSample(shape, truth.device_time(m, shape), truth.host_time(shape)))
         for p in (64, 512):  # prompts of two lengths: attention (quadratic) apart from KV traffic (linear)
             shape = BatchShape(b * p, b, b, b * p * (p + 1) // 2, b * p, num_decode_seqs=0)
             samples.append(StepSample(shape, truth.device_time(m, shape), truth.host_time(shape)))
         # a prompt of 64 joining b decodes at context 100: a mixed step
-        shape = BatchShape(64 + b, b + 1, b + 1, 64 * 65 // 2 + b * 101, 64 + b * 101, num_decode_seqs=b)
+        shape = BatchShape(64 + b, b + 1, b + 1, 64 * 65 // 2 + b * 101, 64 + b * 101, num_decode_seqs=b,
+                           decode_max_context=101)
         samples.append(StepSample(shape, truth.device_time(m, shape), truth.host_time(shape)))
     fit = fit_cost_model(m, samples, name="fit", dtype_bytes=4)
-    for k in ("overhead_s", "s_per_flop", "s_per_attn_flop", "s_per_kv_byte", "s_per_seq", "host_overhead_s",
-              "host_s_per_seq"):
+    for k in ("overhead_s", "s_per_flop", "s_per_attn_flop", "s_per_kv_byte", "s_per_seq", "mixed_overhead_s",
+              "s_per_padded_kv_byte", "host_overhead_s", "host_s_per_seq"):
         assert getattr(fit, k) == pytest.approx(getattr(truth, k), rel=1e-3), k
     assert fit.notes["median_rel_error"] < 1e-6
     assert set(fit.notes["by_kind"]) == {"decode", "prefill", "mixed"}
     assert fit.notes["by_kind"]["mixed"]["samples"] == 6
+
+
+def test_backend_terms_apply_only_where_they_belong():
+    """The mixed-step overhead is paid by steps holding decode rows and a prefill chunk; the padded-K/V rate by
+    the decode rows' positions padded to the longest. Both are 0 unless fitted, and 0 in the RNGD spec model."""
+    from furiosa_llm.hal import Batch, SamplingSettings, SequenceChunk
+    from furiosa_llm.sim.calibrate import Sweep
+
+    m = ModelShape("tiny", 4, 64, 4, 2, 16, 128, 1000)
+    base = dict(overhead_s=1e-3, s_per_flop=0.0, s_per_weight_byte=0.0, s_per_kv_byte=0.0, combine="sum")
+    cm = CostModel("t", mixed_overhead_s=5e-3, s_per_padded_kv_byte=1e-9, **base)
+    kvb = m.kv_bytes_per_token(2.0)
+
+    def shape(*chunks):  # (tokens, start_pos) per sequence
+        seqs = [SequenceChunk(f"r{i}", [1] * n, start, [0], True, SamplingSettings())
+                for i, (n, start) in enumerate(chunks)]
+        return BatchShape.of(Batch(step_id=0, sequences=seqs))
+
+    ragged = shape((1, 9), (1, 99), (1, 49))  # contexts 10, 100, 50
+    assert (ragged.kind, ragged.decode_max_context, ragged.decode_kv_padded) == ("decode", 100, 300)
+    assert cm.device_time(m, ragged) == pytest.approx(1e-3 + 300 * kvb * 1e-9)
+    mixed = shape((1, 19), (40, 0), (1, 29))  # two decodes at contexts 20 and 30, a 40-token prompt
+    assert (mixed.kind, mixed.decode_max_context, mixed.decode_kv_padded) == ("mixed", 30, 60)
+    assert cm.device_time(m, mixed) == pytest.approx(1e-3 + 5e-3 + 60 * kvb * 1e-9)
+    prefill = shape((24, 0), (8, 0))
+    assert (prefill.kind, prefill.decode_kv_padded) == ("prefill", 0)
+    assert cm.device_time(m, prefill) == pytest.approx(1e-3)
+    spec = rngd_cost_model(8, model=m)
+    assert spec.mixed_overhead_s == spec.s_per_padded_kv_byte == 0.0
+    # the sweep's ragged groups: prompts spread over the prompt lengths' range, one group per batch size >= 2
+    assert Sweep(batch_sizes=(1, 3), prompt_lens=(32, 128)).ragged_prompt_lens() == [[32, 80, 128]]
+    assert Sweep(batch_sizes=(4,), prompt_lens=(32, 128), ragged=False).ragged_prompt_lens() == []
 
 
 def test_attention_rate_defaults_to_the_matmul_rate():

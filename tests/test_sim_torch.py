@@ -88,7 +88,8 @@ def test_calibrated_simulator_predicts_the_real_engine(engine):
     from furiosa_llm.sim.calibrate import Sweep, calibrate
     from furiosa_llm.sim.real import run_workload
 
-    cost, shape = calibrate(engine, Sweep(batch_sizes=(1, 4, 16), prompt_lens=(32, 256), decode_tokens=8))
+    cost, shape = calibrate(engine, Sweep(batch_sizes=(1, 4, 16), prompt_lens=(32, 256), decode_tokens=8,
+                                          long_prompt_lens=(512, 1024)))
     assert cost.notes["median_rel_error"] < 0.3
     # the sweep has steps where a prefill joins running decodes, and long prompts that set the attention rate
     assert cost.notes["by_kind"]["mixed"]["samples"] >= 6 and cost.s_per_attn_flop is not None

@@ -202,7 +202,8 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
 
     sweep = Sweep(batch_sizes=tuple(int(v) for v in ns.batch_sizes.split(",")),
                   prompt_lens=tuple(int(v) for v in ns.prompt_lens.split(",")), decode_tokens=ns.decode_tokens,
-                  long_prompt_lens=tuple(int(v) for v in ns.long_prompt_lens.split(",") if v.strip()), join=not ns.no_join)
+                  long_prompt_lens=tuple(int(v) for v in ns.long_prompt_lens.split(",") if v.strip()), join=not ns.no_join,
+                  ragged=not ns.no_ragged)
     engine = LLMEngine(EngineArgs.from_cli_args(ns))
     try:
         cost, model = calibrate(engine, sweep, progress=True)
@@ -331,11 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", default="1,4,8,16,32", help="Comma-separated batch sizes of the sweep.")
     p.add_argument("--prompt-lens", default="32,128,384", help="Comma-separated prompt lengths of the sweep.")
     p.add_argument("--decode-tokens", type=int, default=16, help="Tokens each sweep request decodes.")
-    p.add_argument("--long-prompt-lens", default="512,768,1024",
+    p.add_argument("--long-prompt-lens", default="512,1024,1536,2048",
                    help="Comma-separated lengths of prompts measured alone (batch 1) to fit the attention rate; '' for none. "
                         "Those longer than the model's max_model_len are left out.")
     p.add_argument("--no-join", action="store_true",
                    help="Torch backend: no request joins a shape's running decodes (no mixed steps in the sweep).")
+    p.add_argument("--no-ragged", action="store_true",
+                   help="Torch backend: no groups of requests with unequal prompts decoding side by side (no ragged "
+                        "decode steps in the sweep).")
     p.add_argument("--out", required=True, help="Where to write the profile (JSON).")
     p.set_defaults(func=cmd_calibrate)
 
