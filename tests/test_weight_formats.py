@@ -84,12 +84,7 @@ def test_int4_linear_matches_dequantized_weights():
     w = lin.weight.detach().view(48, 4, 32)
     assert torch.allclose(deq.view(48, 4, 32).amin(-1), w.amin(-1), atol=0.02)
     assert (deq - lin.weight.detach()).abs().max() < 0.7 * float(q.scale_zero[..., 0].float().max())
-    for rows in (1, INT4_KERNEL_MAX_ROWS, INT4_KERNEL_MAX_ROWS + 5):  # the int4 kernel, and the dequantized path
-        x = torch.randn(rows, 128)
-        y = q(x.bfloat16()).float()
-        ref = x.bfloat16().float() @ deq.T + lin.bias.detach().bfloat16().float()
-        assert y.shape == (rows, 48)
-        assert torch.allclose(y, ref, atol=0.05, rtol=0.02)
+    list(_check_kernel_and_dequantized_paths(q, lin, deq, INT4_KERNEL_MAX_ROWS))
     with pytest.raises(ValueError, match="in_features=40"):
         Int4Linear(torch.nn.Linear(40, 48), torch.bfloat16)
     with pytest.raises(ValueError, match="out_features=40"):
@@ -106,14 +101,20 @@ def test_int8_linear_matches_dequantized_weights():
     # per-channel symmetric: every row uses its full int8 range
     assert int(q.weight_int8.abs().amax(dim=1).min()) == 127
     deq = q.weight_int8.float() * q.scale.float()[:, None]
-    for rows in (1, INT8_KERNEL_MAX_ROWS, INT8_KERNEL_MAX_ROWS + 5):  # the int8 kernel, and the dequantized path
-        x = torch.randn(rows, 64)
-        y = q(x.bfloat16()).float()
-        ref = x.bfloat16().float() @ deq.T + lin.bias.detach().bfloat16().float()
-        assert y.shape == (rows, 48)
-        assert torch.allclose(y, ref, atol=0.05, rtol=0.02)
+    for x, y in _check_kernel_and_dequantized_paths(q, lin, deq, INT8_KERNEL_MAX_ROWS):
         # and close to the float weights: int8 rounding is at most half a step per weight
         assert torch.allclose(y, lin(x).detach(), atol=0.1, rtol=0.05)
+
+
+def _check_kernel_and_dequantized_paths(q, lin, deq, kernel_max_rows):
+    """``q``'s output equals ``x @ deq.T + bias`` (bf16) on the kernel's row counts and past them; yields (x, y)."""
+    for rows in (1, kernel_max_rows, kernel_max_rows + 5):
+        x = torch.randn(rows, lin.in_features)
+        y = q(x.bfloat16()).float()
+        ref = x.bfloat16().float() @ deq.T + lin.bias.detach().bfloat16().float()
+        assert y.shape == (rows, lin.out_features)
+        assert torch.allclose(y, ref, atol=0.05, rtol=0.02)
+        yield x, y
 
 
 def test_auto_dtype_follows_cpu_bf16_support(monkeypatch):

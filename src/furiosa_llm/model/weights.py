@@ -64,41 +64,44 @@ def auto_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
-class Int8Linear(nn.Module):
-    """A linear layer with int8 weights ``[out, in]`` and per-output-channel scales ``[out]``.
+class _WeightOnlyLinear(nn.Module):
+    """A linear layer whose weights are stored quantized; the activations keep a 16-bit dtype.
 
-    Input ``[..., in]`` in the 16-bit activation dtype (``scale.dtype``); output ``[..., out]`` in the same.
+    A subclass names its per-output-row buffers in ``ROW_BUFFERS`` (concatenated by
+    ``concatenated``, sliced by ``fuse_linears``) and its other settings in ``SETTINGS``, and
+    computes ``_product`` (the matmul without bias).
     """
 
-    def __init__(self, linear: nn.Linear, act_dtype: torch.dtype) -> None:
-        super().__init__()
-        with torch.no_grad():
-            w = linear.weight.detach().to(torch.float32, copy=True)
-            scale = torch.linalg.vector_norm(w, float("inf"), dim=1).clamp_(min=1e-12).div_(127.0)
-            q = w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    ROW_BUFFERS: tuple[str, ...] = ()
+    SETTINGS: tuple[str, ...] = ("in_features",)
+
+    def _init_common(self, linear: nn.Linear, act_dtype: torch.dtype) -> None:
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight_int8", q.contiguous())
-        self.register_buffer("scale", scale.to(act_dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(act_dtype))
 
     @classmethod
-    def concatenated(cls, parts: list["Int8Linear"]) -> "Int8Linear":
+    def concatenated(cls, parts: list["_WeightOnlyLinear"]) -> "_WeightOnlyLinear":
         """One layer whose output rows are those of ``parts`` in order (same input); see ``fuse_linears``."""
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
-        fused.in_features = parts[0].in_features
+        for name in cls.SETTINGS:
+            setattr(fused, name, getattr(parts[0], name))
         fused.out_features = sum(p.out_features for p in parts)
-        fused.register_buffer("weight_int8", torch.cat([p.weight_int8 for p in parts]))
-        fused.register_buffer("scale", torch.cat([p.scale for p in parts]))
-        fused.register_buffer("bias", _concat_biases(parts, parts[0].scale))
+        for name in cls.ROW_BUFFERS:
+            fused.register_buffer(name, torch.cat([getattr(p, name) for p in parts]))
+        fused.register_buffer("bias", _concat_biases(parts, getattr(parts[0], cls.ROW_BUFFERS[-1])))
+        fused._rows_changed(is_view=False)
         return fused
+
+    def _rows_changed(self, is_view: bool) -> None:
+        """Hook: the row buffers were replaced, by concatenated ones or (``is_view``) by rows of a fused layer's."""
+
+    def _product(self, x2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def mm(self, x2: torch.Tensor) -> torch.Tensor:
         """``x2``: ``[rows, in]`` -> ``[rows, out]``, without ``forward``'s reshapes (the runner's hot path)."""
-        if x2.shape[0] <= INT8_KERNEL_MAX_ROWS and x2.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scale)
-        else:
-            y = F.linear(x2, self.weight_int8.to(x2.dtype)) * self.scale  # per-channel scale on the output: one pass fewer
+        y = self._product(x2)
         return y if self.bias is None else y + self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +109,37 @@ class Int8Linear(nn.Module):
         return self.mm(x.reshape(-1, self.in_features)).view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self._format()}"
+
+    def _format(self) -> str:
+        raise NotImplementedError
+
+
+class Int8Linear(_WeightOnlyLinear):
+    """A linear layer with int8 weights ``[out, in]`` and per-output-channel scales ``[out]``.
+
+    Input ``[..., in]`` in the 16-bit activation dtype (``scale.dtype``); output ``[..., out]`` in the same.
+    """
+
+    ROW_BUFFERS = ("weight_int8", "scale")
+
+    def __init__(self, linear: nn.Linear, act_dtype: torch.dtype) -> None:
+        super().__init__()
+        with torch.no_grad():
+            w = linear.weight.detach().to(torch.float32, copy=True)
+            scale = torch.linalg.vector_norm(w, float("inf"), dim=1).clamp_(min=1e-12).div_(127.0)
+            q = w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        self._init_common(linear, act_dtype)
+        self.register_buffer("weight_int8", q.contiguous())
+        self.register_buffer("scale", scale.to(act_dtype))
+
+    def _product(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.shape[0] <= INT8_KERNEL_MAX_ROWS and x2.device.type == "cpu":
+            return torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scale)
+        return F.linear(x2, self.weight_int8.to(x2.dtype)) * self.scale  # per-channel scale on the output: one pass fewer
+
+    def _format(self) -> str:
+        return "int8 per-channel"
 
 
 # Rows up to which ``_weight_int4pack_mm_for_cpu`` beats dequantizing the 4-bit weights and a 16-bit matmul
@@ -117,7 +150,7 @@ INT4_KERNEL_MAX_ROWS = 128
 INT4_GROUP_SIZE = 32  # input columns per scale and offset: GGUF's Q4_0/Q4_1 block; the kernel takes 32..256
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_WeightOnlyLinear):
     """A linear layer with 4-bit weights: ``w = scale * (q - 8) + zero`` per group of ``group_size`` inputs.
 
     ``codes``: ``[out, in / 2]`` uint8, two codes ``q`` in 0..15 a byte (even input column in the low
@@ -128,6 +161,9 @@ class Int4Linear(nn.Module):
     through dequantized weights. Input ``[..., in]`` in the activation dtype, output ``[..., out]``.
     Raises ``ValueError`` when ``in`` is not a multiple of ``group_size`` or ``out`` of 16 (the kernel's).
     """
+
+    ROW_BUFFERS = ("codes", "scale_zero")
+    SETTINGS = ("in_features", "group_size")
 
     def __init__(self, linear: nn.Linear, act_dtype: torch.dtype, group_size: int = INT4_GROUP_SIZE) -> None:
         super().__init__()
@@ -141,30 +177,24 @@ class Int4Linear(nn.Module):
             scale = ((hi - lo) / 15.0).clamp_(min=1e-12)  # a constant group: every code 0, the value in ``lo``
             q = (w - lo[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).to(torch.uint8).reshape(out_f, in_f)
             scale_zero = torch.stack([scale, lo + 8.0 * scale], dim=-1).to(act_dtype)
-        self.in_features, self.out_features, self.group_size = in_f, out_f, group_size
+        self._init_common(linear, act_dtype)
+        self.group_size = group_size
         self.register_buffer("codes", (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous())
         self.register_buffer("scale_zero", scale_zero.contiguous())
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(act_dtype))
-        self._pack()
+        self._rows_changed(is_view=False)
 
-    def _pack(self) -> None:
-        """Build the kernel's layout (``packed`` ``[out, in / 2]``, ``kernel_scales`` ``[in / group, out, 2]``)."""
+    def _format(self) -> str:
+        return f"int4 groups of {self.group_size}"
+
+    def _rows_changed(self, is_view: bool) -> None:
+        """Build the kernel's layout (``packed`` ``[out, in / 2]``, ``kernel_scales`` ``[in / group, out, 2]``)
+        unless the rows are a view of a fused layer's (``fuse_linears``), which runs the kernel for them."""
+        if is_view:
+            self.packed = self.kernel_scales = None
+            return
         q = torch.stack([self.codes & 15, self.codes >> 4], dim=-1).reshape(self.out_features, self.in_features)
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
         self.kernel_scales = self.scale_zero.transpose(0, 1).contiguous()
-
-    @classmethod
-    def concatenated(cls, parts: list["Int4Linear"]) -> "Int4Linear":
-        """One layer whose output rows are those of ``parts`` in order (same input); see ``fuse_linears``."""
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused.in_features, fused.group_size = parts[0].in_features, parts[0].group_size
-        fused.out_features = sum(p.out_features for p in parts)
-        fused.register_buffer("codes", torch.cat([p.codes for p in parts]))
-        fused.register_buffer("scale_zero", torch.cat([p.scale_zero for p in parts]))
-        fused.register_buffer("bias", _concat_biases(parts, parts[0].scale_zero))
-        fused._pack()
-        return fused
 
     def dequantized(self) -> torch.Tensor:
         """The weights ``[out, in]`` in the activation dtype (``(q - 8) * scale + zero``, the kernel's formula)."""
@@ -172,21 +202,11 @@ class Int4Linear(nn.Module):
         sz = self.scale_zero
         return torch.addcmul(sz[..., 1:], q.to(sz.dtype) - 8, sz[..., :1]).view(self.out_features, self.in_features)
 
-    def mm(self, x2: torch.Tensor) -> torch.Tensor:
-        """``x2``: ``[rows, in]`` -> ``[rows, out]``, without ``forward``'s reshapes (the runner's hot path)."""
+    def _product(self, x2: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and x2.shape[0] <= INT4_KERNEL_MAX_ROWS:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group_size,
-                                                          self.kernel_scales)
-        else:
-            y = F.linear(x2, self.dequantized())
-        return y if self.bias is None else y + self.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        return self.mm(x.reshape(-1, self.in_features)).view(*shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group_size}"
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group_size,
+                                                             self.kernel_scales)
+        return F.linear(x2, self.dequantized())
 
 
 def quantize_w8a16(model: nn.Module) -> int:
@@ -245,28 +265,17 @@ def fuse_linears(layers: list[nn.Module]):
     equal (``Int4Linear`` parts then compute through their dequantized weights, equal up to
     rounding). Returns a callable.
     """
-    if all(isinstance(m, Int4Linear) for m in layers):
-        fused = Int4Linear.concatenated(layers)
-        off = 0
-        for m in layers:
-            m.codes = fused.codes[off : off + m.out_features]
-            m.scale_zero = fused.scale_zero[off : off + m.out_features]
-            if m.bias is not None:
-                m.bias = fused.bias[off : off + m.out_features]
-            m.packed = m.kernel_scales = None
-            off += m.out_features
-        return fused.mm
-    if all(isinstance(m, Int8Linear) for m in layers):
-        fused = Int8Linear.concatenated(layers)
-        off = 0
-        for m in layers:
-            m.weight_int8 = fused.weight_int8[off : off + m.out_features]
-            m.scale = fused.scale[off : off + m.out_features]
-            if m.bias is not None:
-                m.bias = fused.bias[off : off + m.out_features]
-            off += m.out_features
-        return fused.mm
     kinds = {type(m) for m in layers}
+    if len(kinds) == 1 and issubclass(next(iter(kinds)), _WeightOnlyLinear):
+        cls = next(iter(kinds))
+        fused = cls.concatenated(layers)
+        off = 0
+        for m in layers:
+            for name in cls.ROW_BUFFERS + (("bias",) if m.bias is not None else ()):
+                setattr(m, name, getattr(fused, name)[off : off + m.out_features])
+            m._rows_changed(is_view=True)
+            off += m.out_features
+        return fused.mm
     if not kinds <= {nn.Linear, Int8Linear, Int4Linear}:
         raise ValueError(f"fuse_linears: layers must be all nn.Linear, all Int8Linear or all Int4Linear, got {[type(m).__name__ for m in layers]}")
     if len(kinds) > 1:  # e.g. w4a16 with a layer the int4 kernel cannot take: one matmul each
@@ -287,7 +296,7 @@ def fuse_linears(layers: list[nn.Module]):
 def linear_mm(m: nn.Module):
     """The 2-D matmul of one linear layer (``Int8Linear.mm``, ``Int4Linear.mm`` or ``F.linear``), without
     module-call overhead; any other module is returned as it is."""
-    if isinstance(m, (Int8Linear, Int4Linear)):
+    if isinstance(m, _WeightOnlyLinear):
         return m.mm
     if type(m) is nn.Linear:
         w, b = m.weight, m.bias
