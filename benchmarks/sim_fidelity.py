@@ -8,6 +8,10 @@
    relative errors (target: within 10% each); ``steps``: the real run's steps by kind (decode,
    prefill, mixed) with measured and predicted device and host seconds, to tell which kind of
    step the fit gets wrong; the load average (other processes move wall-clock measurements).
+   With ``--suite``, also the share of CPU time the hypervisor stole during the calibration and
+   each real run (``cpu_steal_share``, Linux) and a fixed probe step's time after each real run
+   relative to right after calibrating (``probe_step_vs_after_calibration``): a machine whose
+   speed moved between calibration and measurement, which no cost model predicts.
 
 ``--suite`` (issue 13) calibrates once, then predicts two workloads the fit never saw, each under
 Poisson load near saturation: decode-heavy (prompts ~64, outputs ~512) and prefill-heavy (prompts
@@ -32,8 +36,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from furiosa_llm import EngineArgs, LLMEngine  # noqa: E402
 from furiosa_llm.sim import SimConfig, Workload, simulate  # noqa: E402
-from furiosa_llm.sim.calibrate import Sweep, calibrate  # noqa: E402
-from furiosa_llm.sim.real import run_workload  # noqa: E402
+from furiosa_llm.sim.calibrate import Sweep, calibrate, drain  # noqa: E402
+from furiosa_llm.sim.real import install_recorder, run_workload  # noqa: E402
 
 # the suite's unseen workloads: (input lengths, output lengths, requests at --scale 1)
 SUITE = {
@@ -120,23 +124,72 @@ def step_errors(cost, shape, samples) -> dict:
     return out
 
 
+def cpu_steal() -> tuple[int, int] | None:
+    """(steal, total) CPU time in jiffies since boot from ``/proc/stat`` (Linux); None elsewhere.
+
+    Steal is time this virtual machine's CPUs were runnable but the hypervisor ran something else:
+    a VM slowed by its neighbours shows it, a process on this machine does not.
+    """
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields)
+
+
+def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of CPU time stolen by the hypervisor between two ``cpu_steal`` readings."""
+    if before is None or after is None or after[1] == before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
+def probe(engine, rec) -> float:
+    """Median seconds of a fixed decode step (4 requests, 64-token prompts): the machine's speed right now.
+
+    Measured after calibrating and after each real run, its ratio tells a machine that slowed down or
+    sped up between calibration and measurement (which no cost model can predict) from model error.
+    """
+    import numpy as np
+
+    from furiosa_llm import SamplingParams
+    from furiosa_llm.sim.real import synthetic_prompt
+
+    rng = np.random.default_rng(123)
+    params = SamplingParams(temperature=0.0, max_tokens=17, ignore_eos=True)
+    for j in range(4):
+        engine.add_request(f"probe{time.monotonic_ns()}-{j}",
+                           {"prompt_token_ids": synthetic_prompt(rng, engine.vocab_size, 64)}, params)
+    decode = sorted(s.device_s for s in drain(engine, rec) if s.shape.kind == "decode")
+    return decode[len(decode) // 2]
+
+
 def suite(a: argparse.Namespace) -> None:
     load0 = os.getloadavg()  # 1, 5, 15 minutes: real runs are wall-clock, other processes move them
+    steal0 = cpu_steal()
     engine, cost, shape, calib_s = calibrated_engine(a)
+    rec = install_recorder(engine)
+    steal1 = cpu_steal()
+    probe0 = probe(engine, rec)
     sim_cfg = SimConfig.from_engine_args(engine.args, model=shape, profile=cost)
     out = {}
     for name, (input_len, output_len, n) in SUITE.items():
         wl = Workload(num_requests=max(4, int(n * a.scale)), input_len=input_len, output_len=output_len, seed=a.seed)
         saturation = simulate(sim_cfg, wl).report["metrics"]["request_throughput"]  # offline: all at t=0
         wl = wl.with_rate(a.load * saturation)
-        t1 = time.perf_counter()
+        t1, s1 = time.perf_counter(), cpu_steal()
         rows = compare(engine, cost, shape, wl)
+        s2 = cpu_steal()
         out[name] = {"workload": wl.describe(), "simulated_saturation_req_s": saturation,
                      "wall_s": round(time.perf_counter() - t1, 1), "results": rows,
-                     "within_target": {k: abs(rows[k]["rel_error"]) <= t for k, t in TARGETS.items()}}
+                     "within_target": {k: abs(rows[k]["rel_error"]) <= t for k, t in TARGETS.items()},
+                     "cpu_steal_share": steal_share(s1, s2),
+                     "probe_step_vs_after_calibration": probe(engine, rec) / probe0}
     engine.shutdown()
     print(json.dumps({"benchmark": "sim_fidelity_suite", "os_loadavg_at_start": load0,
-                      "calibration": {"seconds": round(calib_s, 1), **cost.notes},
+                      "calibration": {"seconds": round(calib_s, 1), "cpu_steal_share": steal_share(steal0, steal1),
+                                      **cost.notes},
                       "load": a.load, "targets_abs_rel_error": TARGETS, "workloads": out,
                       "os_loadavg_at_end": os.getloadavg()}, indent=2, default=str))
 
