@@ -106,6 +106,19 @@ def test_int8_linear_matches_dequantized_weights():
         assert torch.allclose(y, lin(x).detach(), atol=0.1, rtol=0.05)
 
 
+def test_int8_linear_on_widths_the_int8_kernel_cannot_take():
+    """PyTorch's int8 kernel returns NaN (1 row) or crashes the process (2-16 rows) when in_features is not a
+    multiple of 16; such a layer takes the converted path (found by a fresh user with intermediate_size=100)."""
+    from furiosa_llm.model.weights import Int8Linear
+
+    torch.manual_seed(0)
+    for width in (8, 24, 100):
+        lin = torch.nn.Linear(width, 32)
+        q = Int8Linear(lin, torch.bfloat16)
+        deq = q.weight_int8.float() * q.scale.float()[:, None]
+        list(_check_kernel_and_dequantized_paths(q, lin, deq, 16))
+
+
 def _check_kernel_and_dequantized_paths(q, lin, deq, kernel_max_rows):
     """``q``'s output equals ``x @ deq.T + bias`` (bf16) on the kernel's row counts and past them; yields (x, y)."""
     for rows in (1, kernel_max_rows, kernel_max_rows + 5):

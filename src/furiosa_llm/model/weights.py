@@ -36,6 +36,8 @@ logger = logging.getLogger("furiosa_llm.model")
 
 QUANTIZATIONS = ("none", "w8a16", "w4a16")  # what the torch backend executes (the simulator also costs "fp8")
 
+# ``_weight_int8pack_mm`` (torch 2.13, CPU) needs ``in_features`` to be a multiple of 16: on other widths it
+# returns NaN for one row and crashes the process (SIGSEGV) for 2-16 rows, so such layers take the converted path.
 # Rows up to which ``_weight_int8pack_mm`` beats converting the int8 weights to 16 bits and a 16-bit
 # matmul. Measured on this project's 2-core AVX512/AMX Xeon, one thread, bf16 activations (ms; the
 # machine was shared): a 1536x576 layer at 8/16/32 rows: 0.25/1.1/3.0 int8 kernel vs 0.7/0.9/1.0
@@ -134,7 +136,7 @@ class Int8Linear(_WeightOnlyLinear):
         self.register_buffer("scale", scale.to(act_dtype))
 
     def _product(self, x2: torch.Tensor) -> torch.Tensor:
-        if x2.shape[0] <= INT8_KERNEL_MAX_ROWS and x2.device.type == "cpu":
+        if x2.shape[0] <= INT8_KERNEL_MAX_ROWS and self.in_features % 16 == 0 and x2.device.type == "cpu":
             return torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scale)
         return F.linear(x2, self.weight_int8.to(x2.dtype)) * self.scale  # per-channel scale on the output: one pass fewer
 
