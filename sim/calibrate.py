@@ -13,6 +13,7 @@ quadratic in the prompt, sets the cost model's attention rate). Each step's devi
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ import numpy as np
 from furiosa_llm.hal.cost_model import BatchShape, CostModel, ModelShape, StepSample, fit_cost_model
 
 from .real import install_recorder, synthetic_prompt
+
+logger = logging.getLogger("furiosa_llm.sim")
 
 
 @dataclass(frozen=True)
@@ -55,10 +58,22 @@ class Sweep:
             raise ValueError(f"decode_tokens={self.decode_tokens!r}: must be >= 2")
 
     def shapes(self, max_model_len: int | None = None) -> list[tuple[int, int]]:
-        """(batch size, prompt length) in the order measured; long prompts that do not fit are left out."""
-        grid = [(b, p) for p in self.prompt_lens for b in self.batch_sizes]
+        """(batch size, prompt length) in the order measured; long prompts that do not fit are left out.
+
+        Raises ``ValueError`` when a prompt of ``prompt_lens`` (which every shape needs) does not fit.
+        """
         fits = lambda p: max_model_len is None or p + self.decode_tokens <= max_model_len  # noqa: E731
+        too_long = [p for p in self.prompt_lens if not fits(p)]
+        if too_long:
+            raise ValueError(f"prompt_lens={list(self.prompt_lens)}: {too_long} + decode_tokens={self.decode_tokens} "
+                             f"exceed the engine's max_model_len={max_model_len}; use shorter prompt lengths")
+        grid = [(b, p) for p in self.prompt_lens for b in self.batch_sizes]
         return grid + [(1, p) for p in self.long_prompt_lens if fits(p) and (1, p) not in grid]
+
+    def join_step(self, num_prefill_steps: int) -> int:
+        """The step (0-based) before which a shape's joining request is added: midway through the others'
+        ``decode_tokens - 1`` decode steps, so that at least one decode step remains to share with it."""
+        return num_prefill_steps + (self.decode_tokens - 1) // 2
 
     def ragged_prompt_lens(self) -> list[list[int]]:
         """The prompt lengths of each ragged group (empty without ``ragged``): b lengths spread over ``prompt_lens``."""
@@ -67,9 +82,11 @@ class Sweep:
             return []
         return [[lo + (hi - lo) * j // (b - 1) for j in range(b)] for b in self.batch_sizes if b >= 2]
 
-    def describe(self) -> dict:
+    def describe(self, max_model_len: int | None = None) -> dict:
+        """The sweep as measured: ``long_prompt_lens`` lists only the long prompts that fit ``max_model_len``."""
+        long = [p for b, p in self.shapes(max_model_len)[len(self.prompt_lens) * len(self.batch_sizes):]]
         return {"batch_sizes": list(self.batch_sizes), "prompt_lens": list(self.prompt_lens),
-                "decode_tokens": self.decode_tokens, "long_prompt_lens": list(self.long_prompt_lens), "join": self.join, "ragged": self.ragged}
+                "decode_tokens": self.decode_tokens, "long_prompt_lens": long, "join": self.join, "ragged": self.ragged}
 
 
 def measure(engine, sweep: Sweep, progress: bool = False) -> list[StepSample]:
@@ -83,6 +100,10 @@ def measure(engine, sweep: Sweep, progress: bool = False) -> list[StepSample]:
     samples: list[StepSample] = []
     grid = sweep.shapes(getattr(engine, "max_model_len", None))
     long_start = len(sweep.prompt_lens) * len(sweep.batch_sizes)
+    left_out = [p for p in sweep.long_prompt_lens if (1, p) not in grid]
+    if left_out:
+        logger.warning("calibrate: long prompts %s do not fit max_model_len=%s and are left out; the attention "
+                       "rate rests on the shorter prompts", left_out, getattr(engine, "max_model_len", None))
     budget = engine.args.max_num_batched_tokens
     join_params = SamplingParams(temperature=0.0, max_tokens=max(2, sweep.decode_tokens // 2), ignore_eos=True,
                                  output_kind=RequestOutputKind.FINAL)
@@ -101,7 +122,7 @@ def measure(engine, sweep: Sweep, progress: bool = False) -> list[StepSample]:
         for j in range(b):
             engine.add_request(f"cal{i}-{j}", {"prompt_token_ids": synthetic_prompt(rng, engine.vocab_size, p)}, params)
         # the joiner arrives after the prefill chunks and half the decode steps of the others
-        join_at = -(-b * p // budget) + sweep.decode_tokens // 2 if sweep.join and i < long_start else -1
+        join_at = sweep.join_step(-(-b * p // budget)) if sweep.join and i < long_start else -1
         joiner = ((f"cal{i}-join", {"prompt_token_ids": synthetic_prompt(rng, engine.vocab_size, p)}, join_params)
                   if join_at >= 0 else ())
         samples += drain(engine, rec, join_at, joiner)
@@ -152,7 +173,9 @@ def calibrate(engine, sweep: Sweep | None = None, *, progress: bool = False) -> 
         "num_kv_blocks": engine.num_total_blocks,
         "block_size": engine.args.block_size,
         "device": device,
-        "sweep": sweep.describe(),
+        "sweep": sweep.describe(getattr(engine, "max_model_len", None)),
+        "dtype": str(engine.runner.dtype).replace("torch.", ""),
+        "quantization": engine.args.quantization,
         "torch_threads": torch.get_num_threads(),
     })
     return cost, model
@@ -240,6 +263,6 @@ def calibrate_rngd(engine, sweep: Sweep | None = None, *, progress: bool = False
     cost.notes.update({
         "devices": devices, "fxb": native.artifact.fxb_path.name, "furiosa_llm_native": NATIVE_VERSION,
         "source": "vendor engine token-stream timing (prefill: submit to last first token; decode: per-token gaps)",
-        "sweep": {**sweep.describe(), "join": False},
+        "sweep": {**sweep.describe(getattr(engine, "max_model_len", None)), "join": False, "ragged": False},
     })
     return cost, model

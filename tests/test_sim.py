@@ -131,6 +131,20 @@ def test_backend_terms_apply_only_where_they_belong():
     assert Sweep(batch_sizes=(4,), prompt_lens=(32, 128), ragged=False).ragged_prompt_lens() == []
 
 
+def test_sweep_fits_the_engine_or_says_why():
+    """A sweep prompt over max_model_len is refused before anything is measured; long prompts that do not fit
+    are left out and the profile's notes list only those measured; the joiner always meets a decode step."""
+    from furiosa_llm.sim.calibrate import Sweep
+
+    sweep = Sweep(batch_sizes=(1, 4), prompt_lens=(32, 128), decode_tokens=4, long_prompt_lens=(512, 1024))
+    with pytest.raises(ValueError, match=r"prompt_lens=\[32, 128\]: \[128\] \+ decode_tokens=4 exceed the engine's max_model_len=100"):
+        sweep.shapes(100)
+    assert sweep.shapes(600)[-1] == (1, 512) and sweep.describe(600)["long_prompt_lens"] == [512]
+    assert sweep.describe()["long_prompt_lens"] == [512, 1024]
+    # decode_tokens - 1 decode steps follow the prefill steps; the joiner comes before one of them
+    assert Sweep(decode_tokens=2).join_step(3) == 3 and Sweep(decode_tokens=16).join_step(1) == 8
+
+
 def test_attention_rate_defaults_to_the_matmul_rate():
     m = ModelShape("tiny", 4, 64, 4, 2, 16, 128, 1000)
     prefill = BatchShape(512, 1, 1, 512 * 513 // 2, 512, num_decode_seqs=0)

@@ -200,10 +200,18 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
     from furiosa_llm.api.llm_engine import LLMEngine
     from furiosa_llm.sim.calibrate import Sweep, calibrate
 
-    sweep = Sweep(batch_sizes=tuple(int(v) for v in ns.batch_sizes.split(",")),
-                  prompt_lens=tuple(int(v) for v in ns.prompt_lens.split(",")), decode_tokens=ns.decode_tokens,
-                  long_prompt_lens=tuple(int(v) for v in ns.long_prompt_lens.split(",") if v.strip()), join=not ns.no_join,
-                  ragged=not ns.no_ragged)
+    def ints(flag: str, text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"{flag}={text!r}: expected comma-separated integers, e.g. 32,128") from None
+
+    sweep = Sweep(batch_sizes=ints("--batch-sizes", ns.batch_sizes), prompt_lens=ints("--prompt-lens", ns.prompt_lens),
+                  decode_tokens=ns.decode_tokens, long_prompt_lens=ints("--long-prompt-lens", ns.long_prompt_lens),
+                  join=not ns.no_join, ragged=not ns.no_ragged)
+    out_dir = os.path.dirname(os.path.abspath(ns.out))
+    if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
+        raise ValueError(f"--out={ns.out!r}: the folder {out_dir!r} does not exist or is not writable")
     engine = LLMEngine(EngineArgs.from_cli_args(ns))
     try:
         cost, model = calibrate(engine, sweep, progress=True)
