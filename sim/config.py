@@ -74,6 +74,7 @@ class SimConfig:
             model = engine_args.model if engine_args is not None else (profile_shape or DEFAULT_MODEL)
         if profile_shape is not None and model in ("profile", profile_shape.name):
             model = profile_shape  # the model the profile was measured on
+        self._profile_model = profile_shape
         self.model = model if isinstance(model, ModelShape) else load_model_shape(model)
         if engine_args is None:
             engine_args = EngineArgs(model=self.model.name, **knobs)
@@ -142,6 +143,11 @@ class SimConfig:
             if dp > 1 and [d.kind for d in devices] == ["cpu"]:  # a CPU split: dp replicas, each as calibrated
                 return [ReplicaPlacement(((devices[0],),))] * dp
             return [ReplicaPlacement(((d,),)) for d in devices]
+        measured_on = self.profile.notes.get("device") if isinstance(self.profile, CostModel) else None
+        if measured_on is not None and not str(measured_on).startswith("npu"):
+            raise ValueError(f"devices={self.devices!r}: profile {self.profile.name!r} was calibrated on {measured_on} "
+                             "(the torch backend); npu devices need the rngd profile or a profile calibrated on a card "
+                             "('furiosa-llm calibrate --devices npu:N')")
         return place_replicas(devices, self.tensor_parallel_size, self.pipeline_parallel_size,
                               self.engine_args.data_parallel_size)
 
@@ -164,6 +170,11 @@ class SimConfig:
             blocks = cost.notes.get("num_kv_blocks")
             if blocks is None:
                 raise ValueError(f"num_kv_blocks=None: profile {cost.name!r} does not model memory; pass --num-kv-blocks")
+            measured = self._profile_model
+            if measured is not None and (measured.num_layers, measured.num_kv_heads, measured.head_dim) != (
+                    self.model.num_layers, self.model.num_kv_heads, self.model.head_dim):
+                raise ValueError(f"num_kv_blocks=None: profile {cost.name!r} counted {blocks} KV blocks of "
+                                 f"{measured.name}, whose blocks differ from {self.model.name}'s; pass --num-kv-blocks")
             return int(blocks)
         pp = self.pipeline_parallel_size
         weights = self.model.weight_bytes(cost.dtype_bytes) / pp

@@ -131,6 +131,25 @@ def test_backend_terms_apply_only_where_they_belong():
     assert Sweep(batch_sizes=(4,), prompt_lens=(32, 128), ragged=False).ragged_prompt_lens() == []
 
 
+def test_a_torch_profile_is_refused_where_it_does_not_apply(tmp_path):
+    """A profile calibrated on the torch backend does not model npu devices, and its KV block count belongs to
+    the model it was measured on: another model needs --num-kv-blocks (found by a fresh user)."""
+    from furiosa_llm.sim import SimConfig
+
+    small = ModelShape("small", 4, 64, 4, 2, 16, 128, 1000)
+    cm = CostModel("torch-cpu-small", overhead_s=1e-3, s_per_flop=1e-12, s_per_weight_byte=0.0, s_per_kv_byte=1e-10,
+                   combine="sum", notes={"device": "cpu", "num_kv_blocks": 100})
+    path = tmp_path / "cpu.json"
+    cm.save(path, small)
+    assert SimConfig(profile=str(path), devices="cpu").plan().engine_config.scheduler_config.num_blocks == 100
+    with pytest.raises(ValueError, match="was calibrated on cpu"):
+        SimConfig(profile=str(path), devices="npu:0").plan()
+    with pytest.raises(ValueError, match="counted 100 KV blocks of small"):
+        SimConfig(model="llama-3.1-8b", profile=str(path), devices="cpu").plan()
+    plan = SimConfig(model="llama-3.1-8b", profile=str(path), devices="cpu", num_kv_blocks=50).plan()
+    assert plan.engine_config.scheduler_config.num_blocks == 50
+
+
 def test_sweep_fits_the_engine_or_says_why():
     """A sweep prompt over max_model_len is refused before anything is measured; long prompts that do not fit
     are left out and the profile's notes list only those measured; the joiner always meets a decode step."""
