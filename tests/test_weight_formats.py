@@ -72,6 +72,21 @@ def test_w4a16_keeps_the_gguf_q4_1_weights_exactly():
         assert torch.equal(q.dequantized(), lin.weight.detach()), lin
 
 
+def test_gguf_conversion_cache_holds_float32_whatever_dtype_converted_first(tmp_path):
+    """The first load of a GGUF converts and caches it; a bf16 first load must not leave bf16-rounded weights
+    for later float32 loads (found by the clean-clone CI, where a bf16 test happened to convert first)."""
+    from furiosa_llm.model.loader import load_model_and_tokenizer, resolve_model
+
+    src = resolve_model(MODEL)
+    first, _, _ = load_model_and_tokenizer(src, cache_dir=str(tmp_path), dtype=torch.bfloat16)
+    assert first.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    cached, _, _ = load_model_and_tokenizer(src, cache_dir=str(tmp_path), dtype=torch.float32)
+    for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.7.self_attn.q_proj.weight"):
+        w = cached.get_parameter(name).detach()
+        # Q4_1's d * q + m (fp16 d and m) needs more mantissa than bf16's 8 bits: a bf16 cache would round it
+        assert w.dtype == torch.float32 and not torch.equal(w, w.bfloat16().float()), name
+
+
 def test_int4_linear_matches_dequantized_weights():
     from furiosa_llm.model.weights import INT4_KERNEL_MAX_ROWS, Int4Linear
 

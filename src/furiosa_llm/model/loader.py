@@ -151,7 +151,9 @@ def resolve_model(model: str, revision: str | None = None) -> ModelSource:
 
 def _gguf_cache_folder(src: ModelSource, cache_dir: str) -> Path:
     st = src.path.stat()
-    key = hashlib.sha256(f"{src.path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    # "f32": the cache holds float32 weights (the GGUF dequantized exactly); earlier caches could hold the dtype
+    # of whichever load converted first
+    key = hashlib.sha256(f"{src.path.resolve()}:{st.st_size}:{st.st_mtime_ns}:f32".encode()).hexdigest()[:16]
     return Path(cache_dir) / "converted" / f"{src.path.stem}-{key}"
 
 
@@ -192,7 +194,9 @@ def load_model_and_tokenizer(
         tok = AutoTokenizer.from_pretrained(tokenizer or folder, use_fast=use_fast)
     else:
         logger.info("converting GGUF %s (first start; cached afterwards)", src.path)
-        model = AutoModelForCausalLM.from_pretrained(src.path.parent, dtype=dtype, **gguf_kwargs)
+        # converted and cached in float32, which holds the GGUF's dequantized weights exactly, whatever ``dtype``
+        # this load asks for: a bf16 cache would hand every later float32 load bf16-rounded weights
+        model = AutoModelForCausalLM.from_pretrained(src.path.parent, dtype=torch.float32, **gguf_kwargs)
         gguf_tok = AutoTokenizer.from_pretrained(src.path.parent, use_fast=use_fast, **gguf_kwargs)
         tok = AutoTokenizer.from_pretrained(tokenizer, use_fast=use_fast) if tokenizer else gguf_tok
         model.hf_quantizer = None  # the GGUF weights are already dequantized to plain tensors
@@ -208,6 +212,8 @@ def load_model_and_tokenizer(
             else:
                 tmp.rename(cached)
             logger.info("cached converted weights in %s", cached)
+        if dtype != torch.float32:
+            model = model.to(dtype)
     model_type = getattr(model.config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model={src.name!r}: model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
