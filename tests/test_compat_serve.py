@@ -257,6 +257,8 @@ async def test_model_card_and_retrieve(client, async_engine):
         assert card["max_prompt_len"] == async_engine.max_model_len - 1 and card["artifact_id"]
         rc = card["runtime_config"]
         assert rc["block_size"] == 16 and rc["num_kv_blocks"] == 512 and rc["prefill_buckets"] == []
+        # the dtype ``auto`` resolved to, and the weight format
+        assert rc["dtype"] in ("float32", "bfloat16", "float16") and rc["quantization"] == "none"
         one = await c.get(f"/v1/models/{MODEL}")
         assert one.status_code == 200 and one.json() == card
         missing = await c.get("/v1/models/no/such-model")

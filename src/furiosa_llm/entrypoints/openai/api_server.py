@@ -197,8 +197,10 @@ def _runtime_config(engine, sched) -> dict:
         jit = getattr(cfg, "jit_config", None)
         if jit is not None:
             out["enable_jit_compilation"] = jit.enabled
-    if args is not None:
-        out["dtype"] = getattr(args, "dtype", None)
+    if args is not None:  # the dtype the backend resolved ``auto`` to, where it has one, and the weight format
+        resolved = _attr(engine, "native_engine.runner.dtype")
+        out["dtype"] = str(resolved).replace("torch.", "") if resolved is not None else getattr(args, "dtype", None)
+        out["quantization"] = getattr(args, "quantization", None)
     return out
 
 
