@@ -143,11 +143,16 @@ class BatchShape:
     decode_max_context: int = 0  # the longest context (positions attended) among the decode rows; 0: not recorded
 
     @property
+    def is_mixed(self) -> bool:
+        """Decode rows and prefill chunks in one step (a sequence computes several tokens, another one)."""
+        return bool(self.num_decode_seqs) and self.num_tokens != self.num_seqs
+
+    @property
     def kind(self) -> str:
         """``decode`` (one token per sequence), ``prefill`` (no sequence decodes) or ``mixed`` (both)."""
         if self.num_tokens == self.num_seqs:
             return "decode"
-        return "mixed" if self.num_decode_seqs else "prefill"  # None (not recorded) counts as prefill
+        return "mixed" if self.is_mixed else "prefill"  # num_decode_seqs None (not recorded) counts as prefill
 
     @property
     def kv_tokens(self) -> int:
@@ -258,7 +263,7 @@ class CostModel:
         """The terms of one step's device time (seconds, the whole model on one stage's PEs)."""
         return StepCost(
             fixed=self.overhead_s + self.s_per_seq * b.num_seqs
-            + (self.mixed_overhead_s if b.num_decode_seqs and b.num_tokens != b.num_seqs else 0.0),
+            + (self.mixed_overhead_s if b.is_mixed else 0.0),
             compute=model.matmul_flops(b) * self.s_per_flop + model.attention_flops(b) * self.attn_rate,
             weights=model.weight_bytes(self.dtype_bytes) * self.s_per_weight_byte,
             kv=(b.kv_tokens * self.s_per_kv_byte + b.decode_kv_padded * self.s_per_padded_kv_byte)
@@ -453,9 +458,8 @@ def fit_cost_model(model: ModelShape, samples: Sequence[StepSample], *, name: st
     for s in samples:
         b = s.shape
         w = 1.0 / max(s.device_s, 1e-6)
-        mixed = w if b.kind == "mixed" else 0.0
-        rows.append([w, model.matmul_flops(b) * w, model.attention_flops(b) * w, b.kv_tokens * kvb * w, b.num_seqs * w, mixed,
-                     b.decode_kv_padded * kvb * w])
+        rows.append([w, model.matmul_flops(b) * w, model.attention_flops(b) * w, b.kv_tokens * kvb * w, b.num_seqs * w,
+                     w if b.is_mixed else 0.0, b.decode_kv_padded * kvb * w])
         ys.append(1.0)
         hw = 1.0 / max(s.host_s, 1e-4)
         hrows.append([hw, b.num_seqs * hw])

@@ -57,18 +57,26 @@ class Sweep:
         if self.decode_tokens < 2:
             raise ValueError(f"decode_tokens={self.decode_tokens!r}: must be >= 2")
 
+    def fits(self, prompt_len: int, max_model_len: int | None) -> bool:
+        """Whether a prompt of ``prompt_len`` and its ``decode_tokens`` fit ``max_model_len`` (None: no limit)."""
+        return max_model_len is None or prompt_len + self.decode_tokens <= max_model_len
+
+    def long_prompts(self, max_model_len: int | None = None) -> list[int]:
+        """The long prompts measured alone: those of ``long_prompt_lens`` that fit and are not a batch-1 grid shape."""
+        return [p for p in self.long_prompt_lens
+                if self.fits(p, max_model_len) and not (p in self.prompt_lens and 1 in self.batch_sizes)]
+
     def shapes(self, max_model_len: int | None = None) -> list[tuple[int, int]]:
-        """(batch size, prompt length) in the order measured; long prompts that do not fit are left out.
+        """(batch size, prompt length) in the order measured: the grid, then ``long_prompts`` at batch 1.
 
         Raises ``ValueError`` when a prompt of ``prompt_lens`` (which every shape needs) does not fit.
         """
-        fits = lambda p: max_model_len is None or p + self.decode_tokens <= max_model_len  # noqa: E731
-        too_long = [p for p in self.prompt_lens if not fits(p)]
+        too_long = [p for p in self.prompt_lens if not self.fits(p, max_model_len)]
         if too_long:
             raise ValueError(f"prompt_lens={list(self.prompt_lens)}: {too_long} + decode_tokens={self.decode_tokens} "
                              f"exceed the engine's max_model_len={max_model_len}; use shorter prompt lengths")
         grid = [(b, p) for p in self.prompt_lens for b in self.batch_sizes]
-        return grid + [(1, p) for p in self.long_prompt_lens if fits(p) and (1, p) not in grid]
+        return grid + [(1, p) for p in self.long_prompts(max_model_len)]
 
     def join_step(self, num_prefill_steps: int) -> int:
         """The step (0-based) before which a shape's joining request is added: midway through the others'
@@ -84,9 +92,19 @@ class Sweep:
 
     def describe(self, max_model_len: int | None = None) -> dict:
         """The sweep as measured: ``long_prompt_lens`` lists only the long prompts that fit ``max_model_len``."""
-        long = [p for b, p in self.shapes(max_model_len)[len(self.prompt_lens) * len(self.batch_sizes):]]
         return {"batch_sizes": list(self.batch_sizes), "prompt_lens": list(self.prompt_lens),
-                "decode_tokens": self.decode_tokens, "long_prompt_lens": long, "join": self.join, "ragged": self.ragged}
+                "decode_tokens": self.decode_tokens, "long_prompt_lens": self.long_prompts(max_model_len),
+                "join": self.join, "ragged": self.ragged}
+
+
+def _grid(engine, sweep: Sweep) -> list[tuple[int, int]]:
+    """``sweep.shapes`` for ``engine``'s ``max_model_len``, logging the long prompts left out for not fitting."""
+    max_model_len = getattr(engine, "max_model_len", None)
+    left_out = [p for p in sweep.long_prompt_lens if not sweep.fits(p, max_model_len)]
+    if left_out:
+        logger.warning("calibrate: long prompts %s do not fit max_model_len=%s and are left out; the attention "
+                       "rate rests on the shorter prompts", left_out, max_model_len)
+    return sweep.shapes(max_model_len)
 
 
 def measure(engine, sweep: Sweep, progress: bool = False) -> list[StepSample]:
@@ -98,12 +116,8 @@ def measure(engine, sweep: Sweep, progress: bool = False) -> list[StepSample]:
     params = SamplingParams(temperature=0.0, max_tokens=sweep.decode_tokens, ignore_eos=True,
                             output_kind=RequestOutputKind.FINAL)
     samples: list[StepSample] = []
-    grid = sweep.shapes(getattr(engine, "max_model_len", None))
+    grid = _grid(engine, sweep)
     long_start = len(sweep.prompt_lens) * len(sweep.batch_sizes)
-    left_out = [p for p in sweep.long_prompt_lens if (1, p) not in grid]
-    if left_out:
-        logger.warning("calibrate: long prompts %s do not fit max_model_len=%s and are left out; the attention "
-                       "rate rests on the shorter prompts", left_out, getattr(engine, "max_model_len", None))
     budget = engine.args.max_num_batched_tokens
     join_params = SamplingParams(temperature=0.0, max_tokens=max(2, sweep.decode_tokens // 2), ignore_eos=True,
                                  output_kind=RequestOutputKind.FINAL)
@@ -229,7 +243,7 @@ def measure_rngd(engine, sweep: Sweep, progress: bool = False) -> list[StepSampl
     while engine.has_unfinished_requests():
         engine.step()
     samples: list[StepSample] = []
-    grid = sweep.shapes(getattr(engine, "max_model_len", None))  # no joiner: the stream needs requests that arrive together
+    grid = _grid(engine, sweep)  # no joiner: the stream needs requests that arrive together
     try:
         for i, (b, p) in enumerate(grid):
             native.token_log = log = []

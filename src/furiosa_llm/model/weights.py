@@ -167,10 +167,15 @@ class Int4Linear(_WeightOnlyLinear):
     ROW_BUFFERS = ("codes", "scale_zero")
     SETTINGS = ("in_features", "group_size")
 
+    @staticmethod
+    def supports(linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> bool:
+        """Whether the int4 kernel takes this layer's shape: ``in`` a multiple of ``group_size``, ``out`` of 16."""
+        return linear.in_features % group_size == 0 and linear.out_features % 16 == 0
+
     def __init__(self, linear: nn.Linear, act_dtype: torch.dtype, group_size: int = INT4_GROUP_SIZE) -> None:
         super().__init__()
         out_f, in_f = linear.out_features, linear.in_features
-        if in_f % group_size or out_f % 16:
+        if not self.supports(linear, group_size):
             raise ValueError(f"Int4Linear: in_features={in_f} must be a multiple of group_size={group_size} and "
                              f"out_features={out_f} a multiple of 16")
         with torch.no_grad():
@@ -228,7 +233,7 @@ def quantize_w4a16(model: nn.Module) -> int:
     replaced. Raises ``ValueError`` for a float32 model.
     """
     def int4_or_int8(linear: nn.Linear, act: torch.dtype) -> nn.Module:
-        if linear.in_features % INT4_GROUP_SIZE or linear.out_features % 16:
+        if not Int4Linear.supports(linear):
             logger.info("w4a16: a %dx%d layer stays int8 (the int4 kernel needs in %% %d == 0, out %% 16 == 0)",
                         linear.out_features, linear.in_features, INT4_GROUP_SIZE)
             return Int8Linear(linear, act)
