@@ -168,6 +168,8 @@ class CoreMachine(RuleBasedStateMachine):
         for h, bid in alloc.hash_to_block.items():  # cached content is what the hash says
             blk = alloc.blocks[bid]
             assert blk.hash == h and len(blk.token_ids) == alloc.block_size
+        for blk in alloc.blocks:  # a block has a hash exactly while the cache maps that hash to it
+            assert blk.hash is None or alloc.hash_to_block.get(blk.hash) == blk.block_id
 
     @invariant()
     def prefix_hits_match_content(self):

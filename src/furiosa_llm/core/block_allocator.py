@@ -124,9 +124,14 @@ class BlockAllocator:
 
     def grow(self, table: BlockTable, num_tokens: int) -> bool:
         """Append fresh blocks so ``table`` covers ``num_tokens``; False (and no change) when they are lacking."""
-        if len(table.ids) * self.block_size >= num_tokens:
+        ids = table.ids
+        missing = -(-num_tokens // self.block_size) - len(ids)
+        if missing <= 0:
             return True  # the common decode case: the last block has room
-        return self._allocate(table.ids, num_tokens)
+        if missing > len(self._free):
+            return False
+        self._take_fresh(ids, missing)
+        return True
 
     def commit(self, table: BlockTable, token_ids: Sequence[int], num_computed: int, memo: list | None = None) -> None:
         """Offer the blocks of ``table`` that are now full of computed K/V to the prefix cache (``memo``: see
@@ -136,6 +141,17 @@ class BlockAllocator:
         num_hashed = table.num_hashed
         full = num_computed // self.block_size
         if full <= num_hashed:
+            return
+        if memo is not None and len(memo) == num_hashed == full - 1:  # the common decode case: one block filled
+            bs = self.block_size
+            tokens = tuple(token_ids[num_hashed * bs : full * bs])
+            h = hash((memo[-1][0] if memo else None, tokens))  # chain_hash, inlined
+            memo.append((h, tokens))
+            block = self.blocks[table.ids[num_hashed]]
+            if block.hash is None and h not in self.hash_to_block:
+                block.hash, block.token_ids = h, tokens
+                self.hash_to_block[h] = block.block_id
+            table.num_hashed, table.last_hash = full, h
             return
         entries = self.block_hashes(token_ids, full, memo)
         ids, blocks, hash_to_block = table.ids, self.blocks, self.hash_to_block
@@ -174,15 +190,16 @@ class BlockAllocator:
                 del self._free[bid]
             block.ref_count += 1
             ids.append(bid)
+        self._take_fresh(ids, self.blocks_for(num_tokens) - len(ids))
+        return True
+
+    def _take_fresh(self, ids: list[int], n: int) -> None:
+        """Append ``n`` free blocks to ``ids``, least recently freed first (the caller checked there are enough)."""
         blocks, popitem, hash_to_block, append = self.blocks, self._free.popitem, self.hash_to_block, ids.append
-        for _ in range(self.blocks_for(num_tokens) - len(ids)):  # fresh blocks, least recently freed first
-            bid = popitem(False)[0]
-            block = blocks[bid]
-            h = block.hash
-            if h is not None:  # evict it from the prefix cache (its token_ids are stale until it is hashed again)
-                if hash_to_block.get(h) == bid:
-                    del hash_to_block[h]
+        for _ in range(n):
+            block = blocks[popitem(False)[0]]
+            if block.hash is not None:  # evict it from the prefix cache (its token_ids are stale until it is hashed again)
+                del hash_to_block[block.hash]  # a block has a hash exactly while the cache maps that hash to it
                 block.hash = None
             block.ref_count = 1
-            append(bid)
-        return True
+            append(block.block_id)
