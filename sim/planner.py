@@ -88,6 +88,12 @@ def max_rate(config: SimConfig, workload: Workload, slo: SLO, *, start: float = 
     an address) each round probes, as Ray tasks, the next rates the search may need (as many as the
     cluster has CPUs, nearest first) and keeps only those on the search's path: the result, probe
     history included, is the same as without Ray, in fewer rounds.
+
+    Returns ``max_request_rate`` (the highest rate that passed), ``upper_bound`` (the lowest that
+    failed; None if none did), ``at_max`` (the passing probe at the max), ``probes`` (every probe in
+    order) and ``unbounded``. When no probed rate fails, one more run puts every request at t=0
+    (offline); if the SLOs hold even then, ``max_request_rate`` is ``math.inf`` (null in JSON),
+    ``unbounded`` is True and ``at_max`` is that offline run.
     """
     if slo.empty:
         raise ValueError("slo: give at least one of ttft_ms, tpot_ms, e2el_ms")
@@ -120,7 +126,11 @@ def max_rate(config: SimConfig, workload: Workload, slo: SLO, *, start: float = 
         state = _advance(state, entry["passes"], rel_tol, max_probes)
     lo, hi = state[1], state[2]
     best = max((h for h in history if h["passes"]), key=lambda h: h["request_rate"], default=None)
-    return {"max_request_rate": lo, "upper_bound": hi, "at_max": best, "probes": history}
+    if lo and hi is None:  # no probed rate failed: the SLOs may hold however fast requests come
+        offline = _probe(config, workload, slo, math.inf, sim)
+        if offline["passes"]:
+            lo, best = math.inf, offline
+    return {"max_request_rate": lo, "upper_bound": hi, "unbounded": math.isinf(lo), "at_max": best, "probes": history}
 
 
 SWEEPABLE = ("devices", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "npu_queue_limit",

@@ -39,9 +39,9 @@ class LengthDist:
     def parse(cls, spec: "str | int | LengthDist", name: str = "length") -> "LengthDist":
         if isinstance(spec, LengthDist):
             return spec
-        if isinstance(spec, int) and not isinstance(spec, bool):
-            spec = f"fixed:{spec}"
-        usage = f"{name}={spec!r}: expected fixed:N, uniform:LO:HI, lognormal:MEAN:SIGMA or trace"
+        if isinstance(spec, int) and not isinstance(spec, bool) or isinstance(spec, str) and spec.strip().isdigit():
+            spec = f"fixed:{int(spec)}"  # a bare count, as vLLM's --random-input-len takes it
+        usage = f"{name}={spec!r}: expected N (fixed), fixed:N, uniform:LO:HI, lognormal:MEAN:SIGMA or trace"
         if not isinstance(spec, str):
             raise ValueError(usage)
         kind, *vals = spec.strip().split(":")

@@ -236,8 +236,9 @@ def test_sim_queue_carries_host_time_and_reports_compilations_as_events():
 # ---- workloads ------------------------------------------------------------------------------
 def test_length_specs_parse_and_reject():
     assert LengthDist.parse("fixed:128") == LengthDist("fixed", 128)
+    assert LengthDist.parse("128") == LengthDist.parse(128) == LengthDist("fixed", 128)  # a bare count is fixed
     assert str(LengthDist.parse("lognormal:512:0.5")) == "lognormal:512:0.5"
-    for bad in ("fixed", "uniform:9:3", "normal:3:1", "lognormal:0:1", "fixed:x"):
+    for bad in ("fixed", "uniform:9:3", "normal:3:1", "lognormal:0:1", "fixed:x", "0", "-5", "1.5"):
         with pytest.raises(ValueError, match="input_len"):
             Workload(input_len=bad)
 
@@ -323,7 +324,7 @@ def test_max_rate_and_sweep():
     w = Workload(seed=4, **SMALL)
     slo = SLO(ttft_ms=1000, tpot_ms=60)
     one = max_rate(SimConfig(devices="npu:0"), w, slo, rel_tol=0.1)
-    assert one["max_request_rate"] > 0 and one["upper_bound"] > one["max_request_rate"]
+    assert one["max_request_rate"] > 0 and one["upper_bound"] > one["max_request_rate"] and not one["unbounded"]
     assert one["at_max"]["slo_attainment"] >= 0.9
     rows = sweep(SimConfig(), w, slo, {"devices": ["npu:0", "npu:0,npu:1"], "tensor_parallel_size": [8, 16]}, rel_tol=0.1)
     by = {(r["point"]["devices"], r["point"]["tensor_parallel_size"]): r for r in rows}
@@ -481,3 +482,17 @@ def test_rngd_profile_refuses_a_dtype_it_cannot_serve():
     with pytest.raises(ValueError, match="dtype='float32': the rngd profile serves BF16"):
         SimConfig(model="llama-3.1-8b", dtype="float32")
     SimConfig(model="llama-3.1-8b", dtype="bfloat16")
+
+
+def test_max_rate_is_unbounded_when_the_slo_holds_offline():
+    """No probed rate fails and the SLOs hold with every request at t=0: the max is infinite, not the
+    search's last probe (it used to report 2**(max_probes-1) req/s)."""
+    w = Workload(seed=4, num_requests=20, input_len="lognormal:256:0.5", output_len="lognormal:16:0.5")
+    res = max_rate(SimConfig(devices="npu:0"), w, SLO(ttft_ms=1e9, tpot_ms=1e9), max_probes=4)
+    assert res["unbounded"] and res["max_request_rate"] == math.inf and res["upper_bound"] is None
+    assert res["at_max"]["request_rate"] == math.inf and res["at_max"]["passes"]
+    assert [p["request_rate"] for p in res["probes"]] == [1.0, 2.0, 4.0, 8.0]  # the offline run is not a probe
+    assert json.loads(json.dumps(jsonable(res)))["max_request_rate"] is None  # strict JSON
+    # the SLOs fail offline but no probe failed: the search's highest passing rate, no upper bound
+    tight = max_rate(SimConfig(devices="npu:0"), w, SLO(ttft_ms=300), max_probes=2)
+    assert not tight["unbounded"] and tight["max_request_rate"] == 2.0 and tight["upper_bound"] is None

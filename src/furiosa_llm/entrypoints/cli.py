@@ -186,7 +186,8 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     if ns.plot:
         plot_plan(plan, ns.plot)
     key = "max_request_rate" if ns.objective == "max_rate" else "output_throughput"
-    table = [{**r["point"], key: r.get(key), **({"error": r["error"]} if "error" in r else {})} for r in rows]
+    table = [{**r["point"], key: r.get(key), **({"unbounded": True} if r.get("unbounded") else {}),
+              **({"error": r["error"]} if "error" in r else {})} for r in rows]
     print(json.dumps(jsonable(table), indent=2))
     print(f"planned {len(rows)} configuration(s) in {time.perf_counter() - t0:.1f} wall s", file=sys.stderr)
     if rows and all("error" in r for r in rows):
