@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import operator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
@@ -192,6 +192,14 @@ _token_ids, _start_pos = operator.attrgetter("token_ids"), operator.attrgetter("
 _sample, _structured = operator.attrgetter("sample"), operator.attrgetter("sampling.structured")
 
 
+# the CostModel fields that are seconds (per step, per unit of work or per compilation unit), besides
+# ``s_per_attn_flop`` (which may be None): what ``CostModel.scaled`` multiplies
+TIME_FIELDS = ("overhead_s", "s_per_flop", "s_per_weight_byte", "s_per_kv_byte", "s_per_seq", "mixed_overhead_s",
+               "s_per_padded_kv_byte", "s_per_token_comm", "comm_latency_s", "s_per_token_stage_transfer",
+               "stage_transfer_latency_s", "host_overhead_s", "host_s_per_seq", "host_s_per_grammar_row",
+               "jit_compile_s_per_unit")
+
+
 @dataclass(slots=True)
 class CostModel:
     """Seconds per unit of work for one replica stage (all its PEs together)."""
@@ -235,10 +243,7 @@ class CostModel:
     def __post_init__(self) -> None:
         if self.combine not in ("max", "sum"):
             raise ValueError(f"combine={self.combine!r}: must be 'max' or 'sum'")
-        for k in ("overhead_s", "s_per_flop", "s_per_weight_byte", "s_per_kv_byte", "s_per_seq", "mixed_overhead_s",
-                  "s_per_padded_kv_byte", "s_per_token_comm",
-                  "comm_latency_s", "s_per_token_stage_transfer", "stage_transfer_latency_s",
-                  "host_overhead_s", "host_s_per_seq", "host_s_per_grammar_row", "jit_compile_s_per_unit"):
+        for k in TIME_FIELDS:
             v = getattr(self, k)
             if not isinstance(v, (int, float)) or v < 0 or math.isnan(v):
                 raise ValueError(f"{k}={v!r}: must be a number >= 0")
@@ -247,6 +252,15 @@ class CostModel:
             raise ValueError(f"s_per_attn_flop={a!r}: must be a number >= 0, or None (as s_per_flop)")
         if not isinstance(self.jit_slow_factor, (int, float)) or not self.jit_slow_factor >= 1:
             raise ValueError(f"jit_slow_factor={self.jit_slow_factor!r}: must be a number >= 1")
+
+    def scaled(self, factor: float) -> "CostModel":
+        """A copy whose every time term (``TIME_FIELDS`` and ``s_per_attn_flop``) is ``factor`` times this one's:
+        the same machine running ``factor`` times slower (< 1: faster). Raises ``ValueError`` unless factor > 0."""
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not 0 < factor < math.inf:
+            raise ValueError(f"factor={factor!r}: must be a number > 0")
+        times = {k: getattr(self, k) * factor for k in TIME_FIELDS}
+        attn = None if self.s_per_attn_flop is None else self.s_per_attn_flop * factor
+        return replace(self, **times, s_per_attn_flop=attn, notes={**self.notes, "scaled_by": factor})
 
     @property
     def kv_bytes(self) -> float:

@@ -496,3 +496,22 @@ def test_max_rate_is_unbounded_when_the_slo_holds_offline():
     # the SLOs fail offline but no probe failed: the search's highest passing rate, no upper bound
     tight = max_rate(SimConfig(devices="npu:0"), w, SLO(ttft_ms=300), max_probes=2)
     assert not tight["unbounded"] and tight["max_request_rate"] == 2.0 and tight["upper_bound"] is None
+
+
+def test_cost_model_scaled_multiplies_every_time_term():
+    """``CostModel.scaled(f)``: the same machine f times slower, every time term (device, host, JIT) times f."""
+    m = load_model_shape("llama-3.1-8b")
+    c = rngd_cost_model(8, model=m)
+    c.s_per_attn_flop, c.host_s_per_seq = 3e-15, 1e-6
+    shapes = [BatchShape(2048, 1, 1, 2048 * 2049 // 2, 2048, num_decode_seqs=0),
+              BatchShape(16, 16, 16, 16 * 300, 16 * 300, num_decode_seqs=16, decode_max_context=300)]
+    slow = c.scaled(1.25)
+    for b in shapes:
+        assert slow.device_time(m, b) == pytest.approx(1.25 * c.device_time(m, b))
+        assert slow.host_time(b) == pytest.approx(1.25 * c.host_time(b))
+    assert slow.jit_compile_s_per_unit == pytest.approx(1.25 * c.jit_compile_s_per_unit)
+    assert slow.dtype_bytes == c.dtype_bytes and slow.jit_slow_factor == c.jit_slow_factor  # not times
+    assert c.scaled(1.0).device_time(m, shapes[0]) == c.device_time(m, shapes[0])
+    for bad in (0, -1.0, math.inf, math.nan, True, "2"):
+        with pytest.raises(ValueError, match="factor"):
+            c.scaled(bad)

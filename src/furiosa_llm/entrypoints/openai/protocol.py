@@ -66,8 +66,8 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "bad_words": (_empty, "bad_words is not supported"),
     "logits_processors": (_empty, "logits processors are not supported"),
     "truncate_prompt_tokens": (_unset, "prompt truncation is not supported; shorten the prompt"),
-    "prompt_logprobs": (_unset, "prompt_logprobs is not supported by the server; use /v1/completions with "
-                                "echo=true and logprobs"),
+    "prompt_logprobs": (_unset, "prompt_logprobs is not supported by the server; for the prompt's log-probabilities "
+                                "send echo=true with logprobs=N to /v1/completions"),
     "return_tokens_as_token_ids": (_off, "return_tokens_as_token_ids is not supported"),
     # completions only
     "suffix": (_empty, "suffix (insertion) is not supported"),
