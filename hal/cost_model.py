@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import operator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
@@ -59,25 +59,34 @@ class ModelShape:
     @classmethod
     def from_hf_config(cls, cfg, name: str | None = None) -> "ModelShape":
         get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
-        try:
-            hidden = int(get("hidden_size"))
-            heads = int(get("num_attention_heads"))
-            shape = cls(
-                name=name or get("_name_or_path") or get("model_type") or "model",
-                num_layers=int(get("num_hidden_layers")),
-                hidden_size=hidden,
-                num_heads=heads,
-                num_kv_heads=int(get("num_key_value_heads") or heads),
-                head_dim=int(get("head_dim") or hidden // heads),
-                intermediate_size=int(get("intermediate_size")),
-                vocab_size=int(get("vocab_size")),
-                tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-                max_position_embeddings=int(get("max_position_embeddings") or 8192),
-            )
-        except (TypeError, KeyError) as e:
-            raise ValueError(f"model config {name or ''}: missing or bad field ({e}); need hidden_size, "
-                             "num_hidden_layers, num_attention_heads, intermediate_size, vocab_size") from None
-        return shape
+
+        def whole(key: str, default: int | None = None) -> int:
+            v = get(key)
+            if v is None and default is not None:
+                return default
+            if v is None:
+                raise ValueError(f"model config {name or ''}: {key} is missing; need hidden_size, num_hidden_layers, "
+                                 "num_attention_heads, intermediate_size, vocab_size")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1 <= v < math.inf or v != int(v):
+                raise ValueError(f"model config {name or ''}: {key}={v!r}: must be a whole number >= 1")
+            return int(v)
+
+        hidden, heads = whole("hidden_size"), whole("num_attention_heads")
+        return cls(
+            name=name or get("_name_or_path") or get("model_type") or "model",
+            num_layers=whole("num_hidden_layers"), hidden_size=hidden, num_heads=heads,
+            num_kv_heads=whole("num_key_value_heads", heads), head_dim=whole("head_dim", hidden // heads),
+            intermediate_size=whole("intermediate_size"), vocab_size=whole("vocab_size"),
+            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+            max_position_embeddings=whole("max_position_embeddings", 8192),
+        )
+
+    def __post_init__(self) -> None:
+        for f in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
+                  "vocab_size", "max_position_embeddings"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"model {self.name!r}: {f}={v!r}: must be an int >= 1")
 
     @property
     def layer_params(self) -> int:
@@ -97,6 +106,10 @@ class ModelShape:
     def attention_flops(self, b: "BatchShape") -> float:
         """FLOPs of one step's attention (QK^T and PV): per attended position of every computed token."""
         return 4.0 * self.num_layers * self.num_heads * self.head_dim * b.attended
+
+    def padded_prefill_attention_flops(self, b: "BatchShape") -> float:
+        """FLOPs of the prefill chunks' attention padded to one batch (``BatchShape.prefill_attn_padded``)."""
+        return 4.0 * self.num_layers * self.num_heads * self.head_dim * b.prefill_attn_padded
 
     def step_flops(self, b: "BatchShape") -> float:
         """FLOPs of one step: the layers' matmuls per token, attention per attended position, the LM head per sample."""
@@ -141,6 +154,10 @@ class BatchShape:
     num_grammar_rows: int = 0  # sampled rows with structured outputs (a grammar bitmask each)
     num_decode_seqs: int | None = None  # sequences computing one token; None: not recorded
     decode_max_context: int = 0  # the longest context (positions attended) among the decode rows; 0: not recorded
+    # query x key products of the prefill chunks (sequences computing several tokens) padded to the longest chunk
+    # and the longest context among them: chunks x longest chunk x longest context, what a backend that attends
+    # them as one padded batch computes (the torch runner); 0: none, or not recorded
+    prefill_attn_padded: int = 0
 
     @property
     def is_mixed(self) -> bool:
@@ -177,15 +194,18 @@ class BatchShape:
             attended = kv
             decode = tokens
             longest = max(starts) + 1 if starts else 0
+            padded = 0
         else:  # n tokens from start attend n * start + n (n + 1) / 2 positions
             attended = sum(map(operator.mul, lens, starts)) + sum(n * (n + 1) for n in lens) // 2
             decode = lens.count(1)
             longest = max((s for s, n in zip(starts, lens) if n == 1), default=-1) + 1
+            chunks = [(n, s + n) for s, n in zip(starts, lens) if n > 1]
+            padded = len(chunks) * max(n for n, _ in chunks) * max(c for _, c in chunks)
         sampled = sum(map(_sample, seqs))
         grammar = 0
         if any(map(_structured, seqs)):
             grammar = sum(1 for s in seqs if s.sample and s.sampling.structured is not None)
-        return cls(tokens, len(seqs), sampled, attended, kv, grammar, decode, longest)
+        return cls(tokens, len(seqs), sampled, attended, kv, grammar, decode, longest, padded)
 
 
 _token_ids, _start_pos = operator.attrgetter("token_ids"), operator.attrgetter("start_pos")
@@ -193,9 +213,9 @@ _sample, _structured = operator.attrgetter("sample"), operator.attrgetter("sampl
 
 
 # the CostModel fields that are seconds (per step, per unit of work or per compilation unit), besides
-# ``s_per_attn_flop`` (which may be None): what ``CostModel.scaled`` multiplies
+# ``s_per_attn_flop`` (which may be None): each a finite number >= 0
 TIME_FIELDS = ("overhead_s", "s_per_flop", "s_per_weight_byte", "s_per_kv_byte", "s_per_seq", "mixed_overhead_s",
-               "s_per_padded_kv_byte", "s_per_token_comm", "comm_latency_s", "s_per_token_stage_transfer",
+               "s_per_padded_kv_byte", "s_per_padded_attn_flop", "s_per_token_comm", "comm_latency_s", "s_per_token_stage_transfer",
                "stage_transfer_latency_s", "host_overhead_s", "host_s_per_seq", "host_s_per_grammar_row",
                "jit_compile_s_per_unit")
 
@@ -219,6 +239,11 @@ class CostModel:
     # so ragged contexts cost rows x longest. Fitted on a measured backend (``Sweep.ragged``); 0 in the RNGD spec
     # model, whose attention reads each context as it is
     s_per_padded_kv_byte: float = 0.0
+    # seconds per attention FLOP of the prefill chunks padded to the longest chunk and context
+    # (``ModelShape.padded_prefill_attention_flops``): the torch runner attends a step's prefill chunks as one padded
+    # batch under a mask, so chunks of unequal lengths and contexts cost chunks x longest x longest. Fitted on a
+    # measured backend (the sweep's ragged groups and chunked prompts); 0 in the RNGD spec model
+    s_per_padded_attn_flop: float = 0.0
     # seconds per attention FLOP; None: as ``s_per_flop``. Fitted apart on a measured backend, where attention
     # (softmax, masks, K/V gathers) runs at another rate than the weight matmuls and grows with the square of a prompt
     s_per_attn_flop: float | None = None
@@ -245,22 +270,13 @@ class CostModel:
             raise ValueError(f"combine={self.combine!r}: must be 'max' or 'sum'")
         for k in TIME_FIELDS:
             v = getattr(self, k)
-            if not isinstance(v, (int, float)) or v < 0 or math.isnan(v):
-                raise ValueError(f"{k}={v!r}: must be a number >= 0")
+            if not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+                raise ValueError(f"{k}={v!r}: must be a finite number >= 0")
         a = self.s_per_attn_flop
-        if a is not None and (not isinstance(a, (int, float)) or a < 0 or math.isnan(a)):
-            raise ValueError(f"s_per_attn_flop={a!r}: must be a number >= 0, or None (as s_per_flop)")
-        if not isinstance(self.jit_slow_factor, (int, float)) or not self.jit_slow_factor >= 1:
-            raise ValueError(f"jit_slow_factor={self.jit_slow_factor!r}: must be a number >= 1")
-
-    def scaled(self, factor: float) -> "CostModel":
-        """A copy whose every time term (``TIME_FIELDS`` and ``s_per_attn_flop``) is ``factor`` times this one's:
-        the same machine running ``factor`` times slower (< 1: faster). Raises ``ValueError`` unless factor > 0."""
-        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not 0 < factor < math.inf:
-            raise ValueError(f"factor={factor!r}: must be a number > 0")
-        times = {k: getattr(self, k) * factor for k in TIME_FIELDS}
-        attn = None if self.s_per_attn_flop is None else self.s_per_attn_flop * factor
-        return replace(self, **times, s_per_attn_flop=attn, notes={**self.notes, "scaled_by": factor})
+        if a is not None and (not isinstance(a, (int, float)) or not 0 <= a < math.inf):
+            raise ValueError(f"s_per_attn_flop={a!r}: must be a finite number >= 0, or None (as s_per_flop)")
+        if not isinstance(self.jit_slow_factor, (int, float)) or not 1 <= self.jit_slow_factor < math.inf:
+            raise ValueError(f"jit_slow_factor={self.jit_slow_factor!r}: must be a finite number >= 1")
 
     @property
     def kv_bytes(self) -> float:
@@ -278,7 +294,8 @@ class CostModel:
         return StepCost(
             fixed=self.overhead_s + self.s_per_seq * b.num_seqs
             + (self.mixed_overhead_s if b.is_mixed else 0.0),
-            compute=model.matmul_flops(b) * self.s_per_flop + model.attention_flops(b) * self.attn_rate,
+            compute=model.matmul_flops(b) * self.s_per_flop + model.attention_flops(b) * self.attn_rate
+            + model.padded_prefill_attention_flops(b) * self.s_per_padded_attn_flop,
             weights=model.weight_bytes(self.dtype_bytes) * self.s_per_weight_byte,
             kv=(b.kv_tokens * self.s_per_kv_byte + b.decode_kv_padded * self.s_per_padded_kv_byte)
             * model.kv_bytes_per_token(self.kv_bytes),
@@ -456,8 +473,10 @@ def fit_cost_model(model: ModelShape, samples: Sequence[StepSample], *, name: st
     Device: overhead (which absorbs the constant weight traffic), seconds per matmul FLOP, per
     attention FLOP, per KV byte and per sequence, the extra fixed cost of a mixed step (decode
     rows and prefill chunks together) and seconds per byte of the decode rows' K/V padded to the
-    longest (``BatchShape.decode_kv_padded``), each fitted only as far as the samples exercise
-    it (mixed steps; decode rows of ragged contexts). Attention gets its own rate when the samples
+    longest (``BatchShape.decode_kv_padded``) and per attention FLOP of the prefill chunks padded
+    to one batch (``BatchShape.prefill_attn_padded``), each fitted only as far as the samples
+    exercise it (mixed steps; decode rows of ragged contexts; prompts of unequal lengths or chunked
+    in one step). Attention gets its own rate when the samples
     pin it (prompts long enough that attention is a visible share of a prefill): a backend runs
     it at another rate than the weight matmuls, and a prompt's attention grows with its square,
     so a shared rate under-predicts the prompts longer than the sweep's. Host: overhead and
@@ -473,15 +492,15 @@ def fit_cost_model(model: ModelShape, samples: Sequence[StepSample], *, name: st
         b = s.shape
         w = 1.0 / max(s.device_s, 1e-6)
         rows.append([w, model.matmul_flops(b) * w, model.attention_flops(b) * w, b.kv_tokens * kvb * w, b.num_seqs * w,
-                     w if b.is_mixed else 0.0, b.decode_kv_padded * kvb * w])
+                     w if b.is_mixed else 0.0, b.decode_kv_padded * kvb * w, model.padded_prefill_attention_flops(b) * w])
         ys.append(1.0)
         hw = 1.0 / max(s.host_s, 1e-4)
         hrows.append([hw, b.num_seqs * hw])
         hys.append(s.host_s * hw)
-    o, f, fa, k, q, mx, kp = _nnls(rows, ys)
+    o, f, fa, k, q, mx, kp, pa = _nnls(rows, ys)
     ho, hq = _nnls(hrows, hys)
     cm = CostModel(name=name, overhead_s=o, s_per_flop=f, s_per_weight_byte=0.0, s_per_kv_byte=k, s_per_seq=q,
-                   s_per_attn_flop=fa, mixed_overhead_s=mx, s_per_padded_kv_byte=kp, combine="sum", dtype_bytes=dtype_bytes, host_overhead_s=ho,
+                   s_per_attn_flop=fa, mixed_overhead_s=mx, s_per_padded_kv_byte=kp, s_per_padded_attn_flop=pa, combine="sum", dtype_bytes=dtype_bytes, host_overhead_s=ho,
                    host_s_per_seq=hq)
     errs: dict[str, list[float]] = {}
     for s in samples:

@@ -121,6 +121,9 @@ class SimConfig:
     # ---- the plan --------------------------------------------------------------------------------
     def plan(self) -> "SimPlan":
         """Resolve the configuration once; a ``ValueError`` names what cannot run (PEs short, model too big)."""
+        if self.pipeline_parallel_size > self.model.num_layers:
+            raise ValueError(f"pipeline_parallel_size={self.pipeline_parallel_size}: {self.model.name} has "
+                             f"{self.model.num_layers} layers, at most one stage per layer")
         placements = self._placements()
         cost = self._stage_cost()
         num_blocks = self.engine_args.num_kv_blocks
@@ -182,6 +185,9 @@ class SimConfig:
         per_block = self.model.kv_bytes_per_token(cost.kv_bytes) / pp * self.engine_args.block_size
         blocks = int(free // per_block)
         budget = self.engine_args.kv_cache_memory_bytes  # per stage, as on a real device
+        if budget is not None and budget < per_block:
+            raise ValueError(f"kv_cache_memory_bytes={budget}: less than one KV block ({per_block:.0f} bytes per stage: "
+                             f"{self.engine_args.block_size} tokens of {self.model.name})")
         if budget is not None and blocks >= 1:
             if budget // per_block > blocks:
                 raise ValueError(f"kv_cache_memory_bytes={budget}: a stage's memory holds at most "

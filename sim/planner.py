@@ -32,6 +32,9 @@ def _probe(config: SimConfig, workload: Workload, slo: SLO, rate: float, sim: di
             "p99_ttft_ms": m["p99_ttft_ms"], "p99_tpot_ms": m["p99_tpot_ms"]}
 
 
+MIN_RATE = 1e-4  # req/s: the search stops halving below this (no rate passes)
+
+
 # The search as a state machine, so it can look ahead: (phase, lo, hi, rate to probe, probes so far).
 def _settle(lo: float, hi: float | None, n: int, rel_tol: float, max_probes: int) -> tuple:
     if lo and hi and hi / lo > 1 + rel_tol and n < max_probes:
@@ -55,7 +58,7 @@ def _advance(state: tuple, ok: bool, rel_tol: float, max_probes: int) -> tuple:
         if lo:
             return _settle(lo, hi, n, rel_tol, max_probes)
         rate /= 2
-        if rate < 1e-4:
+        if rate < MIN_RATE:
             return _settle(lo, hi, n, rel_tol, max_probes)
     if n >= max_probes:
         return _settle(lo, hi, n, rel_tol, max_probes)
@@ -91,14 +94,21 @@ def max_rate(config: SimConfig, workload: Workload, slo: SLO, *, start: float = 
 
     Returns ``max_request_rate`` (the highest rate that passed), ``upper_bound`` (the lowest that
     failed; None if none did), ``at_max`` (the passing probe at the max), ``probes`` (every probe in
-    order) and ``unbounded``. When no probed rate fails, one more run puts every request at t=0
-    (offline); if the SLOs hold even then, ``max_request_rate`` is ``math.inf`` (null in JSON),
-    ``unbounded`` is True and ``at_max`` is that offline run.
+    order), ``unbounded`` and ``converged`` (False when ``max_probes`` ran out before the search
+    closed: the max is then only the best rate probed). When no probed rate fails, one more run
+    puts every request at t=0 (offline); if the SLOs hold even then, ``max_request_rate`` is
+    ``math.inf`` (null in JSON), ``unbounded`` is True and ``at_max`` is that offline run. Raises
+    ``ValueError`` for an empty or missing SLO, a start rate that is not finite and > 0, ``rel_tol``
+    outside (0, 1] or ``max_probes`` < 1.
     """
-    if slo.empty:
-        raise ValueError("slo: give at least one of ttft_ms, tpot_ms, e2el_ms")
-    if not start > 0:
-        raise ValueError(f"start={start!r}: must be > 0")
+    if not isinstance(slo, SLO) or slo.empty:
+        raise ValueError(f"slo={slo!r}: give an SLO with at least one of ttft_ms, tpot_ms, e2el_ms")
+    if not isinstance(start, (int, float)) or isinstance(start, bool) or not 0 < start < math.inf:
+        raise ValueError(f"start={start!r}: must be a finite rate > 0 (req/s)")
+    if not isinstance(rel_tol, (int, float)) or isinstance(rel_tol, bool) or not 0 < rel_tol <= 1:
+        raise ValueError(f"rel_tol={rel_tol!r}: must be a number in (0, 1] (the bracket's relative width at the end)")
+    if not isinstance(max_probes, int) or isinstance(max_probes, bool) or max_probes < 1:
+        raise ValueError(f"max_probes={max_probes!r}: must be an int >= 1")
     width = 1
     if ray is not None:
         from .distributed import connect
@@ -130,7 +140,11 @@ def max_rate(config: SimConfig, workload: Workload, slo: SLO, *, start: float = 
         offline = _probe(config, workload, slo, math.inf, sim)
         if offline["passes"]:
             lo, best = math.inf, offline
-    return {"max_request_rate": lo, "upper_bound": hi, "unbounded": math.isinf(lo), "at_max": best, "probes": history}
+    unbounded = math.isinf(lo)
+    # the search ended on its own terms: unbounded, a bracket within rel_tol, or no rate passing down to the floor
+    converged = unbounded or (hi is not None and (hi / lo <= 1 + rel_tol if lo else hi < 2 * MIN_RATE))
+    return {"max_request_rate": lo, "upper_bound": hi, "unbounded": unbounded, "converged": converged, "at_max": best,
+            "probes": history}
 
 
 SWEEPABLE = ("devices", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "npu_queue_limit",
@@ -186,6 +200,10 @@ def sweep(config: SimConfig, workload: Workload, slo: SLO | None, grid: dict[str
     for k in grid:
         if k not in SWEEPABLE:
             raise ValueError(f"sweep key {k!r}: must be one of {', '.join(SWEEPABLE)}")
+        if not isinstance(grid[k], (list, tuple)) or not grid[k]:
+            raise ValueError(f"sweep {k}={grid[k]!r}: must be a non-empty list of values")
+    if objective == "max_rate" and (not isinstance(slo, SLO) or slo.empty):
+        raise ValueError(f"slo={slo!r}: objective 'max_rate' needs an SLO with at least one of ttft_ms, tpot_ms, e2el_ms")
     kw = {**kw, "objective": objective}
     keys = list(grid)
     points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]

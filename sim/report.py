@@ -138,22 +138,35 @@ def plot_run(result: SimResult, path: str | Path) -> None:
     ax[1, 1].set_title("Request throughput")
     ax[1, 1].grid(alpha=0.3)
     cfg = result.report["config"]
+    rate = result.report["workload"]["request_rate"]
+    load = f"{rate:g} req/s" if isinstance(rate, (int, float)) and math.isfinite(rate) else "offline (all at t=0)"
     fig.suptitle(f"{cfg['model']} on {cfg['devices']} (tp={cfg['tensor_parallel_size']}, "
-                 f"pp={cfg['pipeline_parallel_size']}), {result.report['workload']['request_rate']} req/s")
+                 f"pp={cfg['pipeline_parallel_size']}), {load}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_plan(plan: dict, path: str | Path) -> None:
-    """SLO attainment against request rate for each probed configuration, and the max rate of each."""
+    """SLO attainment against request rate for each probed configuration, and the max rate of each; for the
+    ``offline_throughput`` objective, each configuration's offline output throughput. A point that could not
+    run is labelled with "(error)"."""
     plt = _pyplot()
     rows = plan["results"]
+    labels = [(", ".join(f"{k}={v}" for k, v in row["point"].items()) or "config") + (" (error)" if "error" in row else "")
+              for row in rows]
+    if plan.get("objective") == "offline_throughput":
+        fig, a = plt.subplots(figsize=(8, 1.5 + 0.4 * len(rows)))
+        a.barh(range(len(rows)), [row.get("output_throughput") or 0.0 for row in rows])
+        a.set_yticks(range(len(rows)), labels, fontsize=7)
+        a.set_xlabel("offline output throughput (tokens/s, every request at t=0)")
+        a.grid(alpha=0.3, axis="x")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels = []
-    for row in rows:
-        label = ", ".join(f"{k}={v}" for k, v in row["point"].items()) or "config"
-        labels.append(label)
+    for row, label in zip(rows, labels):
         probes = sorted(row.get("probes", []), key=lambda h: h["request_rate"])
         if probes:
             ax[0].plot([h["request_rate"] for h in probes], [h["slo_attainment"] for h in probes], marker="o",

@@ -2,7 +2,7 @@
 
 Arrivals are Poisson or Gamma (``burstiness`` is the Gamma shape, as in vLLM's serving
 benchmark: 1.0 is Poisson, lower is burstier), or the ``arrived_at`` column of a trace.
-Lengths are ``fixed:N``, ``uniform:LO:HI``, ``lognormal:MEAN:SIGMA`` or ``trace`` (the trace's
+Lengths are ``N`` or ``fixed:N``, ``uniform:LO:HI``, ``lognormal:MEAN:SIGMA`` or ``trace`` (the trace's
 ``num_prefill_tokens`` / ``num_decode_tokens`` columns, in order).
 ``embed_fraction`` of the requests (chosen at random, seeded) are embedding (pooling) requests:
 prefill only, no output tokens (their ``output_len`` is not used).
@@ -29,6 +29,10 @@ def _is_number(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v)
 
 
+MAX_LENGTH = 1 << 24  # tokens: far beyond any model's context, and safe in int64 sums over many requests
+MAX_SIGMA = 4.0  # lognormal: at 4 the 99.99th percentile is ~e^15 x the median, already absurd for lengths
+
+
 @dataclass(frozen=True, slots=True)
 class LengthDist:
     kind: str  # fixed | uniform | lognormal | trace
@@ -51,13 +55,17 @@ class LengthDist:
             raise ValueError(usage) from None
         if kind == "trace" and not nums:
             return cls("trace")
-        if kind == "fixed" and len(nums) == 1 and nums[0] >= 1:
-            return cls("fixed", nums[0])
-        if kind == "uniform" and len(nums) == 2 and 1 <= nums[0] <= nums[1]:
-            return cls("uniform", nums[0], nums[1])
-        if kind == "lognormal" and len(nums) == 2 and nums[0] >= 1 and nums[1] >= 0:
-            return cls("lognormal", nums[0], nums[1])
-        raise ValueError(usage)
+        if kind not in ("fixed", "uniform", "lognormal") or len(nums) != (1 if kind == "fixed" else 2):
+            raise ValueError(usage)
+        # token counts: whole numbers from 1 to MAX_LENGTH; a lognormal's SIGMA from 0 to MAX_SIGMA
+        counts = nums if kind != "lognormal" else nums[:1]
+        if not all(1 <= v <= MAX_LENGTH and (v == int(v) or kind == "lognormal") for v in counts):
+            raise ValueError(f"{usage}; token counts must be whole numbers from 1 to {MAX_LENGTH}")
+        if kind == "uniform" and nums[0] > nums[1]:
+            raise ValueError(f"{usage}; LO must not exceed HI")
+        if kind == "lognormal" and not 0 <= nums[1] <= MAX_SIGMA:
+            raise ValueError(f"{usage}; SIGMA must be from 0 to {MAX_SIGMA}")
+        return cls(kind, *nums)
 
     def sample(self, rng: np.random.Generator, n: int, trace: np.ndarray | None = None) -> np.ndarray:
         if self.kind == "fixed":
@@ -66,7 +74,7 @@ class LengthDist:
             return rng.integers(int(self.a), int(self.b) + 1, size=n)
         if self.kind == "lognormal":
             mu = math.log(self.a) - self.b**2 / 2  # so that the mean is ``a``
-            return np.maximum(1, np.rint(rng.lognormal(mu, self.b, size=n))).astype(np.int64)
+            return np.clip(np.rint(rng.lognormal(mu, self.b, size=n)), 1, MAX_LENGTH).astype(np.int64)
         if trace is None or not len(trace):
             raise ValueError("length 'trace' needs a trace file (--trace)")
         return np.resize(trace, n).astype(np.int64)

@@ -73,7 +73,8 @@ def test_fit_recovers_known_parameters():
     m = ModelShape("tiny", 4, 64, 4, 2, 16, 128, 1000)
     truth = CostModel("truth", overhead_s=2e-3, s_per_flop=1e-10, s_per_weight_byte=0.0, s_per_kv_byte=5e-9,
                       s_per_seq=1e-4, s_per_attn_flop=4e-10, mixed_overhead_s=3e-3, s_per_padded_kv_byte=2e-9,
-                      combine="sum", dtype_bytes=4, host_overhead_s=1e-3, host_s_per_seq=2e-5)
+                      s_per_padded_attn_flop=1e-10, combine="sum", dtype_bytes=4, host_overhead_s=1e-3,
+                      host_s_per_seq=2e-5)
     samples = []
     for b in (1, 2, 4, 8, 16, 32):
         for ctx in (16, 64, 256):
@@ -84,15 +85,19 @@ def test_fit_recovers_known_parameters():
             shape = BatchShape(b, b, b, sum(ctxs), sum(ctxs), num_decode_seqs=b, decode_max_context=256)
             samples.append(StepSample(shape, truth.device_time(m, shape), truth.host_time(shape)))
         for p in (64, 512):  # prompts of two lengths: attention (quadratic) apart from KV traffic (linear)
-            shape = BatchShape(b * p, b, b, b * p * (p + 1) // 2, b * p, num_decode_seqs=0)
+            shape = BatchShape(b * p, b, b, b * p * (p + 1) // 2, b * p, num_decode_seqs=0, prefill_attn_padded=b * p * p)
             samples.append(StepSample(shape, truth.device_time(m, shape), truth.host_time(shape)))
+        # b - 1 prompts of 64 beside one of 512 in one step: padded to 512 x 512 each
+        shape = BatchShape(64 * (b - 1) + 512, b, b, (b - 1) * 64 * 65 // 2 + 512 * 513 // 2, 64 * (b - 1) + 512,
+                           num_decode_seqs=0, prefill_attn_padded=b * 512 * 512)
+        samples.append(StepSample(shape, truth.device_time(m, shape), truth.host_time(shape)))
         # a prompt of 64 joining b decodes at context 100: a mixed step
         shape = BatchShape(64 + b, b + 1, b + 1, 64 * 65 // 2 + b * 101, 64 + b * 101, num_decode_seqs=b,
-                           decode_max_context=101)
+                           decode_max_context=101, prefill_attn_padded=64 * 64)
         samples.append(StepSample(shape, truth.device_time(m, shape), truth.host_time(shape)))
     fit = fit_cost_model(m, samples, name="fit", dtype_bytes=4)
     for k in ("overhead_s", "s_per_flop", "s_per_attn_flop", "s_per_kv_byte", "s_per_seq", "mixed_overhead_s",
-              "s_per_padded_kv_byte", "host_overhead_s", "host_s_per_seq"):
+              "s_per_padded_kv_byte", "s_per_padded_attn_flop", "host_overhead_s", "host_s_per_seq"):
         assert getattr(fit, k) == pytest.approx(getattr(truth, k), rel=1e-3), k
     assert fit.notes["median_rel_error"] < 1e-6
     assert set(fit.notes["by_kind"]) == {"decode", "prefill", "mixed"}
@@ -124,8 +129,15 @@ def test_backend_terms_apply_only_where_they_belong():
     prefill = shape((24, 0), (8, 0))
     assert (prefill.kind, prefill.decode_kv_padded) == ("prefill", 0)
     assert cm.device_time(m, prefill) == pytest.approx(1e-3)
+    # prefill chunks attend as one padded batch: chunks x longest chunk x longest context
+    assert prefill.prefill_attn_padded == 2 * 24 * 24 and ragged.prefill_attn_padded == 0
+    assert mixed.prefill_attn_padded == 40 * 40
+    assert shape((100, 412), (300, 0), (1, 5)).prefill_attn_padded == 2 * 300 * 512  # a continuation: context 512
+    padded = CostModel("p", s_per_padded_attn_flop=1e-12, **base)
+    assert padded.device_time(m, prefill) == pytest.approx(1e-3 + m.padded_prefill_attention_flops(prefill) * 1e-12)
+    assert padded.device_time(m, ragged) == pytest.approx(1e-3)  # decode rows pay nothing for it
     spec = rngd_cost_model(8, model=m)
-    assert spec.mixed_overhead_s == spec.s_per_padded_kv_byte == 0.0
+    assert spec.mixed_overhead_s == spec.s_per_padded_kv_byte == spec.s_per_padded_attn_flop == 0.0
     # the sweep's ragged groups: prompts spread over the prompt lengths' range, one group per batch size >= 2
     assert Sweep(batch_sizes=(1, 3), prompt_lens=(32, 128)).ragged_prompt_lens() == [[32, 80, 128]]
     assert Sweep(batch_sizes=(4,), prompt_lens=(32, 128), ragged=False).ragged_prompt_lens() == []
@@ -238,9 +250,16 @@ def test_length_specs_parse_and_reject():
     assert LengthDist.parse("fixed:128") == LengthDist("fixed", 128)
     assert LengthDist.parse("128") == LengthDist.parse(128) == LengthDist("fixed", 128)  # a bare count is fixed
     assert str(LengthDist.parse("lognormal:512:0.5")) == "lognormal:512:0.5"
-    for bad in ("fixed", "uniform:9:3", "normal:3:1", "lognormal:0:1", "fixed:x", "0", "-5", "1.5"):
+    for bad in ("fixed", "uniform:9:3", "normal:3:1", "lognormal:0:1", "fixed:x", "0", "-5", "1.5", "fixed:10.5",
+                "uniform:1:inf", "lognormal:100:inf", "lognormal:1e30:1", "lognormal:100:nan", "fixed:1e9"):
         with pytest.raises(ValueError, match="input_len"):
             Workload(input_len=bad)
+    with pytest.raises(ValueError, match="LO must not exceed HI"):
+        LengthDist.parse("uniform:100:10")
+    with pytest.raises(ValueError, match="whole numbers from 1"):
+        LengthDist.parse("fixed:0")
+    wide = Workload(num_requests=2000, input_len="lognormal:1000:4", output_len="fixed:1").generate()
+    assert wide.input_lens.min() >= 1 and wide.input_lens.max() <= 1 << 24  # clipped, never negative or overflowing
 
 
 def test_workload_rates_and_lengths():
@@ -498,20 +517,45 @@ def test_max_rate_is_unbounded_when_the_slo_holds_offline():
     assert not tight["unbounded"] and tight["max_request_rate"] == 2.0 and tight["upper_bound"] is None
 
 
-def test_cost_model_scaled_multiplies_every_time_term():
-    """``CostModel.scaled(f)``: the same machine f times slower, every time term (device, host, JIT) times f."""
-    m = load_model_shape("llama-3.1-8b")
-    c = rngd_cost_model(8, model=m)
-    c.s_per_attn_flop, c.host_s_per_seq = 3e-15, 1e-6
-    shapes = [BatchShape(2048, 1, 1, 2048 * 2049 // 2, 2048, num_decode_seqs=0),
-              BatchShape(16, 16, 16, 16 * 300, 16 * 300, num_decode_seqs=16, decode_max_context=300)]
-    slow = c.scaled(1.25)
-    for b in shapes:
-        assert slow.device_time(m, b) == pytest.approx(1.25 * c.device_time(m, b))
-        assert slow.host_time(b) == pytest.approx(1.25 * c.host_time(b))
-    assert slow.jit_compile_s_per_unit == pytest.approx(1.25 * c.jit_compile_s_per_unit)
-    assert slow.dtype_bytes == c.dtype_bytes and slow.jit_slow_factor == c.jit_slow_factor  # not times
-    assert c.scaled(1.0).device_time(m, shapes[0]) == c.device_time(m, shapes[0])
-    for bad in (0, -1.0, math.inf, math.nan, True, "2"):
-        with pytest.raises(ValueError, match="factor"):
-            c.scaled(bad)
+def test_planner_and_config_refuse_bad_inputs_by_name(tmp_path, capsys):
+    """Found by a fresh user: each of these used to crash, run silently wrong, or blame the wrong thing."""
+    w = Workload(seed=4, num_requests=20, input_len="128", output_len="16")
+    cfg, slo = SimConfig(devices="npu:0"), SLO(ttft_ms=500)
+    for kw, name in ((dict(slo=None), "slo"), (dict(start=math.inf), "start"), (dict(rel_tol=-1), "rel_tol"),
+                     (dict(rel_tol=math.nan), "rel_tol"), (dict(rel_tol=5), "rel_tol"), (dict(max_probes=0), "max_probes")):
+        args = {"slo": slo, **kw}
+        with pytest.raises(ValueError, match=name):
+            max_rate(cfg, w, args.pop("slo"), **args)
+    capped = max_rate(cfg, w, SLO(ttft_ms=50), max_probes=1)
+    assert capped["converged"] is False  # one probe cannot close the search
+    assert max_rate(cfg, w, SLO(ttft_ms=50), rel_tol=0.2)["converged"] is True
+    with pytest.raises(ValueError, match="slo"):
+        sweep(cfg, w, None, {"npu_queue_limit": [1, 2]})
+    with pytest.raises(ValueError, match="non-empty list"):
+        sweep(cfg, w, slo, {"tensor_parallel_size": 8})
+    with pytest.raises(ValueError, match="host_overhead_s=inf"):
+        SimConfig(host_overhead_s=math.inf).plan()
+    with pytest.raises(ValueError, match="pipeline_parallel_size=40: .* 32 layers"):
+        SimConfig(model="llama-3.1-8b", devices=",".join(f"npu:{i}" for i in range(40)), pipeline_parallel_size=40).plan()
+    with pytest.raises(ValueError, match="kv_cache_memory_bytes=1: less than one KV block"):
+        SimConfig(model="llama-3.1-8b", devices="npu:0", kv_cache_memory_bytes=1).plan()
+    base = json.loads(json.dumps({"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+                                  "intermediate_size": 128, "vocab_size": 1000}))
+    for field, v in (("hidden_size", 0), ("num_key_value_heads", 0), ("num_hidden_layers", 1.5),
+                     ("num_hidden_layers", -2), ("vocab_size", "many")):
+        with pytest.raises(ValueError, match=f"{field}="):
+            ModelShape.from_hf_config({**base, field: v}, name="bad")
+    from furiosa_llm.entrypoints.cli import main
+
+    sim = ["simulate", "--model", "llama-3.1-8b", "--devices", "npu:0", "--num-requests", "5", "--no-progress"]
+    for flag, path, why in (("--out", tmp_path, "is a folder"), ("--out", tmp_path / "no" / "r.json", "does not exist"),
+                            ("--plot", tmp_path, "is a folder")):
+        capsys.readouterr()
+        assert main(sim + [flag, str(path)]) == 2
+        err = capsys.readouterr()
+        assert f"{flag}=" in err.err and why in err.err and "median_ttft_ms" not in err.out  # refused before the run
+    plan_png = tmp_path / "off.png"
+    assert main(["plan", "--model", "llama-3.1-8b", "--num-requests", "8", "--input-len", "64", "--output-len", "8",
+                 "--objective", "offline_throughput", "--sweep", "tensor-parallel-size=4,8", "--plot", str(plan_png),
+                 "--no-progress"]) == 0
+    assert plan_png.stat().st_size > 5_000

@@ -117,10 +117,24 @@ def _sim_inputs(ns: argparse.Namespace):
     return config, workload, slo, tokens
 
 
+def _check_output_path(flag: str, path: str | None) -> None:
+    """Refuse, before any work, an output file path that cannot be written: a folder, or a file in a folder
+    that does not exist or is not writable (``ValueError`` naming the flag)."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"{flag}={path!r}: is a folder; give a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ValueError(f"{flag}={path!r}: the folder {folder!r} does not exist or is not writable")
+
+
 def cmd_simulate(ns: argparse.Namespace) -> int:
     from furiosa_llm.sim import simulate
     from furiosa_llm.sim.report import jsonable, plot_run, write_json
 
+    _check_output_path("--out", ns.out)
+    _check_output_path("--plot", ns.plot)
     config, workload, slo, tokens = _sim_inputs(ns)
     res = simulate(config, workload, slo=None if slo.empty else slo, progress=not ns.no_progress and ns.workers == 1,
                    dispatch=ns.dispatch, workers=ns.workers, tokens=tokens, ray=ns.ray)
@@ -159,6 +173,8 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     from furiosa_llm.sim.planner import sweep
     from furiosa_llm.sim.report import jsonable, plot_plan, write_json
 
+    _check_output_path("--out", ns.out)
+    _check_output_path("--plot", ns.plot)
     config, workload, slo, tokens = _sim_inputs(ns)
     if tokens is not None:
         raise ValueError("plan: --token-source model is for functional simulate runs; plans use synthetic tokens")
@@ -187,6 +203,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         plot_plan(plan, ns.plot)
     key = "max_request_rate" if ns.objective == "max_rate" else "output_throughput"
     table = [{**r["point"], key: r.get(key), **({"unbounded": True} if r.get("unbounded") else {}),
+              **({"converged": False} if r.get("converged") is False else {}),  # the probes ran out first
               **({"error": r["error"]} if "error" in r else {})} for r in rows]
     print(json.dumps(jsonable(table), indent=2))
     print(f"planned {len(rows)} configuration(s) in {time.perf_counter() - t0:.1f} wall s", file=sys.stderr)
@@ -210,9 +227,7 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
     sweep = Sweep(batch_sizes=ints("--batch-sizes", ns.batch_sizes), prompt_lens=ints("--prompt-lens", ns.prompt_lens),
                   decode_tokens=ns.decode_tokens, long_prompt_lens=ints("--long-prompt-lens", ns.long_prompt_lens),
                   join=not ns.no_join, ragged=not ns.no_ragged)
-    out_dir = os.path.dirname(os.path.abspath(ns.out))
-    if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
-        raise ValueError(f"--out={ns.out!r}: the folder {out_dir!r} does not exist or is not writable")
+    _check_output_path("--out", ns.out)
     engine = LLMEngine(EngineArgs.from_cli_args(ns))
     try:
         cost, model = calibrate(engine, sweep, progress=True)
