@@ -72,6 +72,9 @@ class ModelShape:
             return int(v)
 
         hidden, heads = whole("hidden_size"), whole("num_attention_heads")
+        if get("head_dim") is None and hidden % heads:
+            raise ValueError(f"model config {name or ''}: hidden_size={hidden} is not a multiple of "
+                             f"num_attention_heads={heads}; give head_dim")
         return cls(
             name=name or get("_name_or_path") or get("model_type") or "model",
             num_layers=whole("num_hidden_layers"), hidden_size=hidden, num_heads=heads,
@@ -87,6 +90,9 @@ class ModelShape:
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"model {self.name!r}: {f}={v!r}: must be an int >= 1")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"model {self.name!r}: num_kv_heads={self.num_kv_heads} must divide "
+                             f"num_heads={self.num_heads} (grouped-query attention)")
 
     @property
     def layer_params(self) -> int:
@@ -135,7 +141,13 @@ def load_model_shape(model: str) -> ModelShape:
     if p.is_dir():
         p = p / "config.json"
     if p.is_file():
-        return ModelShape.from_hf_config(json.loads(p.read_text()), name=str(model))
+        try:
+            cfg = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"model={model!r}: {p} is not a JSON model config ({e})") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"model={model!r}: {p} holds no JSON object of model settings")
+        return ModelShape.from_hf_config(cfg, name=str(model))
     raise ValueError(
         f"model={model!r}: expected one of {', '.join(SHIPPED_MODELS)}, a Hugging Face config.json, or a model folder "
         "holding one"

@@ -10,6 +10,7 @@ from ``EngineArgs.engine_config`` like the real engine's.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,8 +84,8 @@ class SimConfig:
         self.engine_args = engine_args
         for k in ("step_overhead_s", "host_overhead_s", "host_s_per_seq", "link_latency_s"):
             v = getattr(self, k)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
-                raise ValueError(f"{k}={v!r}: must be a number >= 0 (seconds)")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < math.inf:
+                raise ValueError(f"{k}={v!r}: must be a finite number >= 0 (seconds)")
         if self.quantization == "none" and engine_args.quantization != "none":
             self.quantization = engine_args.quantization  # the engine's --quantization, when not set here
         if not 0 < self.kv_memory_utilization <= 1:

@@ -83,6 +83,17 @@ def _upcoming(state: tuple, known: dict, width: int, rel_tol: float, max_probes:
     return out
 
 
+def check_search(start: float = 1.0, rel_tol: float = 0.05, max_probes: int = 24,
+                 names: tuple[str, str, str] = ("start", "rel_tol", "max_probes")) -> None:
+    """``ValueError`` (naming the argument as ``names`` call it) unless the search's settings are usable."""
+    if not isinstance(start, (int, float)) or isinstance(start, bool) or not 0 < start < math.inf:
+        raise ValueError(f"{names[0]}={start!r}: must be a finite rate > 0 (req/s)")
+    if not isinstance(rel_tol, (int, float)) or isinstance(rel_tol, bool) or not 0 < rel_tol <= 1:
+        raise ValueError(f"{names[1]}={rel_tol!r}: must be a number in (0, 1] (the bracket's relative width at the end)")
+    if not isinstance(max_probes, int) or isinstance(max_probes, bool) or max_probes < 1:
+        raise ValueError(f"{names[2]}={max_probes!r}: must be an int >= 1")
+
+
 def max_rate(config: SimConfig, workload: Workload, slo: SLO, *, start: float = 1.0, rel_tol: float = 0.05,
              max_probes: int = 24, ray: str | None = None, **sim) -> dict:
     """The highest request rate (req/s) at which ``config`` meets ``slo`` on ``workload``'s length mix.
@@ -103,12 +114,7 @@ def max_rate(config: SimConfig, workload: Workload, slo: SLO, *, start: float = 
     """
     if not isinstance(slo, SLO) or slo.empty:
         raise ValueError(f"slo={slo!r}: give an SLO with at least one of ttft_ms, tpot_ms, e2el_ms")
-    if not isinstance(start, (int, float)) or isinstance(start, bool) or not 0 < start < math.inf:
-        raise ValueError(f"start={start!r}: must be a finite rate > 0 (req/s)")
-    if not isinstance(rel_tol, (int, float)) or isinstance(rel_tol, bool) or not 0 < rel_tol <= 1:
-        raise ValueError(f"rel_tol={rel_tol!r}: must be a number in (0, 1] (the bracket's relative width at the end)")
-    if not isinstance(max_probes, int) or isinstance(max_probes, bool) or max_probes < 1:
-        raise ValueError(f"max_probes={max_probes!r}: must be an int >= 1")
+    check_search(start, rel_tol, max_probes)
     width = 1
     if ray is not None:
         from .distributed import connect
@@ -197,13 +203,18 @@ def sweep(config: SimConfig, workload: Workload, slo: SLO | None, grid: dict[str
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r}: must be one of {', '.join(OBJECTIVES)}")
+    if not isinstance(grid, dict):
+        raise ValueError(f"grid={grid!r}: must be a dict of sweep key -> list of values")
     for k in grid:
         if k not in SWEEPABLE:
             raise ValueError(f"sweep key {k!r}: must be one of {', '.join(SWEEPABLE)}")
-        if not isinstance(grid[k], (list, tuple)) or not grid[k]:
+        if not isinstance(grid[k], (list, tuple, range)) or not grid[k]:
             raise ValueError(f"sweep {k}={grid[k]!r}: must be a non-empty list of values")
-    if objective == "max_rate" and (not isinstance(slo, SLO) or slo.empty):
-        raise ValueError(f"slo={slo!r}: objective 'max_rate' needs an SLO with at least one of ttft_ms, tpot_ms, e2el_ms")
+    if objective == "max_rate":
+        if not isinstance(slo, SLO) or slo.empty:
+            raise ValueError(f"slo={slo!r}: objective 'max_rate' needs an SLO with at least one of ttft_ms, tpot_ms, "
+                             "e2el_ms")
+        check_search(**{k: kw[k] for k in ("start", "rel_tol", "max_probes") if k in kw})
     kw = {**kw, "objective": objective}
     keys = list(grid)
     points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]

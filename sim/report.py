@@ -180,7 +180,8 @@ def plot_plan(plan: dict, path: str | Path) -> None:
     # an unbounded row (the SLOs held offline) is drawn at its highest probed rate, marked in its label
     rates = [max((h["request_rate"] for h in row.get("probes", []) if h["passes"]), default=0.0)
              if row.get("unbounded") else row.get("max_request_rate") or 0.0 for row in rows]
-    labels = [f"{label} (unbounded)" if row.get("unbounded") else label for label, row in zip(labels, rows)]
+    labels = [f"{label} (unbounded)" if row.get("unbounded") else f"{label} (not converged)" if row.get("converged") is False
+              else label for label, row in zip(labels, rows)]
     ax[1].barh(range(len(rows)), rates)
     ax[1].set_yticks(range(len(rows)), labels, fontsize=7)
     ax[1].set_xlabel("max request rate within SLOs (req/s)")

@@ -35,6 +35,11 @@ def simulate(config: SimConfig, workload: Workload, *, slo: SLO | None = None, t
     default tokens are synthetic and the workload sets the output lengths.
     """
     t0 = time.perf_counter()
+    for arg, v, kind in (("config", config, SimConfig), ("workload", workload, Workload)):
+        if not isinstance(v, kind):
+            raise TypeError(f"{arg}={v!r}: must be a {kind.__name__}")
+    if slo is not None and not isinstance(slo, SLO):
+        raise TypeError(f"slo={slo!r}: must be an SLO or None")
     if dispatch not in DISPATCH:
         raise ValueError(f"dispatch={dispatch!r}: must be one of {', '.join(DISPATCH)}")
     if not isinstance(workers, int) or workers < 1:

@@ -554,6 +554,27 @@ def test_planner_and_config_refuse_bad_inputs_by_name(tmp_path, capsys):
         assert main(sim + [flag, str(path)]) == 2
         err = capsys.readouterr()
         assert f"{flag}=" in err.err and why in err.err and "median_ttft_ms" not in err.out  # refused before the run
+    capsys.readouterr()
+    assert main(sim + ["--plot", str(tmp_path / "x.txt")]) == 2
+    assert "--plot=" in capsys.readouterr().err
+    bad_plan = tmp_path / "bad.json"
+    assert main(["plan", "--model", "llama-3.1-8b", "--num-requests", "5", "--slo-ttft-ms", "100", "--start-rate", "inf",
+                 "--out", str(bad_plan), "--no-progress"]) == 2
+    assert "--start-rate=inf" in capsys.readouterr().err and not bad_plan.exists()  # a usage error, not a row per point
+    with pytest.raises(ValueError, match="max_probes=0"):
+        sweep(cfg, w, slo, {"npu_queue_limit": [1]}, max_probes=0)
+    for args in ((cfg, None), ("llama-3.1-8b", w)):
+        with pytest.raises(TypeError, match="must be a"):
+            simulate(*args)
+    with pytest.raises(TypeError, match="slo="):
+        simulate(cfg, w, slo={"ttft_ms": 5})
+    (tmp_path / "notjson.json").write_text("{bad")
+    with pytest.raises(ValueError, match="notjson.json.* not a JSON model config"):
+        SimConfig(model=str(tmp_path / "notjson.json"))
+    with pytest.raises(ValueError, match="num_kv_heads=3 must divide num_heads=4"):
+        ModelShape.from_hf_config({**base, "num_key_value_heads": 3}, name="bad")
+    with pytest.raises(ValueError, match="not a multiple of num_attention_heads"):
+        ModelShape.from_hf_config({**base, "num_attention_heads": 3}, name="bad")
     plan_png = tmp_path / "off.png"
     assert main(["plan", "--model", "llama-3.1-8b", "--num-requests", "8", "--input-len", "64", "--output-len", "8",
                  "--objective", "offline_throughput", "--sweep", "tensor-parallel-size=4,8", "--plot", str(plan_png),

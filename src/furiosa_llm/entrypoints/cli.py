@@ -117,13 +117,21 @@ def _sim_inputs(ns: argparse.Namespace):
     return config, workload, slo, tokens
 
 
-def _check_output_path(flag: str, path: str | None) -> None:
-    """Refuse, before any work, an output file path that cannot be written: a folder, or a file in a folder
-    that does not exist or is not writable (``ValueError`` naming the flag)."""
+def _check_output_path(flag: str, path: str | None, plot: bool = False) -> None:
+    """Refuse, before any work, an output file path that cannot be written: a folder, a file in a folder
+    that does not exist or is not writable, or (``plot``) a suffix matplotlib cannot save (``ValueError``
+    naming the flag)."""
     if not path:
         return
     if os.path.isdir(path):
         raise ValueError(f"{flag}={path!r}: is a folder; give a file path")
+    if plot:
+        from matplotlib.figure import Figure
+
+        formats = Figure().canvas.get_supported_filetypes()
+        suffix = os.path.splitext(path)[1].lstrip(".").lower()
+        if suffix and suffix not in formats:
+            raise ValueError(f"{flag}={path!r}: matplotlib cannot write .{suffix}; use one of {', '.join(sorted(formats))}")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise ValueError(f"{flag}={path!r}: the folder {folder!r} does not exist or is not writable")
@@ -134,7 +142,7 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
     from furiosa_llm.sim.report import jsonable, plot_run, write_json
 
     _check_output_path("--out", ns.out)
-    _check_output_path("--plot", ns.plot)
+    _check_output_path("--plot", ns.plot, plot=True)
     config, workload, slo, tokens = _sim_inputs(ns)
     res = simulate(config, workload, slo=None if slo.empty else slo, progress=not ns.no_progress and ns.workers == 1,
                    dispatch=ns.dispatch, workers=ns.workers, tokens=tokens, ray=ns.ray)
@@ -174,7 +182,11 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     from furiosa_llm.sim.report import jsonable, plot_plan, write_json
 
     _check_output_path("--out", ns.out)
-    _check_output_path("--plot", ns.plot)
+    _check_output_path("--plot", ns.plot, plot=True)
+    if ns.objective == "max_rate":
+        from furiosa_llm.sim.planner import check_search
+
+        check_search(ns.start_rate, ns.rel_tol, names=("--start-rate", "--rel-tol", "max_probes"))
     config, workload, slo, tokens = _sim_inputs(ns)
     if tokens is not None:
         raise ValueError("plan: --token-source model is for functional simulate runs; plans use synthetic tokens")
