@@ -94,6 +94,13 @@ def check_search(start: float = 1.0, rel_tol: float = 0.05, max_probes: int = 24
         raise ValueError(f"{names[2]}={max_probes!r}: must be an int >= 1")
 
 
+def _check_rate_searchable(workload: Workload) -> None:
+    if workload.arrival == "trace":
+        raise ValueError("arrival='trace': a trace fixes the arrival times, so there is no request rate to search; "
+                         "use poisson or gamma arrivals (lengths may still come from the trace), or the "
+                         "offline_throughput objective")
+
+
 def max_rate(config: SimConfig, workload: Workload, slo: SLO, *, start: float = 1.0, rel_tol: float = 0.05,
              max_probes: int = 24, ray: str | None = None, **sim) -> dict:
     """The highest request rate (req/s) at which ``config`` meets ``slo`` on ``workload``'s length mix.
@@ -115,6 +122,7 @@ def max_rate(config: SimConfig, workload: Workload, slo: SLO, *, start: float = 
     if not isinstance(slo, SLO) or slo.empty:
         raise ValueError(f"slo={slo!r}: give an SLO with at least one of ttft_ms, tpot_ms, e2el_ms")
     check_search(start, rel_tol, max_probes)
+    _check_rate_searchable(workload)
     width = 1
     if ray is not None:
         from .distributed import connect
@@ -215,6 +223,7 @@ def sweep(config: SimConfig, workload: Workload, slo: SLO | None, grid: dict[str
             raise ValueError(f"slo={slo!r}: objective 'max_rate' needs an SLO with at least one of ttft_ms, tpot_ms, "
                              "e2el_ms")
         check_search(**{k: kw[k] for k in ("start", "rel_tol", "max_probes") if k in kw})
+        _check_rate_searchable(workload)
     kw = {**kw, "objective": objective}
     keys = list(grid)
     points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]

@@ -555,6 +555,15 @@ def test_planner_and_config_refuse_bad_inputs_by_name(tmp_path, capsys):
         err = capsys.readouterr()
         assert f"{flag}=" in err.err and why in err.err and "median_ttft_ms" not in err.out  # refused before the run
     capsys.readouterr()
+    assert main(sim + ["--max-model-len", "100"]) == 0  # every request is too long: said, not silent
+    assert "5 of 5 requests were refused on arrival" in capsys.readouterr().err
+    assert main(["plan", "--model", "llama-3.1-8b", "--slo-ttft-ms", "100", "--sweep", "npu-queue-limit=1",
+                 "--sweep", "npu-queue-limit=2"]) == 2
+    assert "swept twice" in capsys.readouterr().err
+    trace = tmp_path / "t.csv"
+    trace.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0.0,100,10\n0.5,200,20\n")
+    with pytest.raises(ValueError, match="arrival='trace'"):
+        max_rate(cfg, Workload(num_requests=2, arrival="trace", trace=str(trace)), slo)
     assert main(sim + ["--plot", str(tmp_path / "x.txt")]) == 2
     assert "--plot=" in capsys.readouterr().err
     bad_plan = tmp_path / "bad.json"

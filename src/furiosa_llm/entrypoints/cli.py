@@ -152,6 +152,10 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
         plot_run(res, ns.plot)
     m = res.report["metrics"]
     print(json.dumps(jsonable({k: v for k, v in m.items()}), indent=2))
+    if m.get("rejected"):
+        print(f"warning: {m['rejected']} of {workload.num_requests} requests were refused on arrival: prompt + output "
+              f"longer than max_model_len={config.plan().max_model_len} (an embedding prompt: longer than the step's "
+              "token budget); see --max-model-len and the length flags", file=sys.stderr)
     print(f"simulated {workload.num_requests} requests ({m['duration']:.1f} simulated s) in {res.wall_s:.1f} wall s",
           file=sys.stderr)
     return 0
@@ -166,6 +170,8 @@ def _parse_sweep(items: list[str]) -> dict[str, list]:
         key = key.strip().replace("-", "_")
         if not sep or key not in SWEEPABLE:
             raise ValueError(f"--sweep {item!r}: expected KEY=V1,V2,... with KEY one of {', '.join(SWEEPABLE)}")
+        if key in grid:
+            raise ValueError(f"--sweep {item!r}: {key} is swept twice; give all its values in one --sweep")
         raw = [v.strip() for v in vals.split("|" if key == "devices" else ",") if v.strip()]
         if not raw:
             raise ValueError(f"--sweep {item!r}: no values")
