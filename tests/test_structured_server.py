@@ -70,18 +70,20 @@ def test_json_schema_response_format_chat_and_completions(async_engine):
 def test_required_tool_choice_streamed_and_not(async_engine):
     named_choice = {"type": "function", "function": {"name": "get_weather"}}
 
+    # sampled (temperature 1) but seeded, so the outcome does not depend on the run: unseeded, "required" (one or more
+    # calls) now and then sampled enough calls to end on max_tokens ("length") in a clean-clone CI run
     async def stream(c, **kw):
         return [ch async for ch in await c.chat.completions.create(model=MODEL, messages=CHAT, tools=TOOLS,
-                                                                   max_tokens=80, temperature=1.0, stream=True, **kw)]
+                                                                   max_tokens=200, temperature=1.0, stream=True, **kw)]
 
     async def fn(c):  # the four requests batched together
         return await asyncio.gather(
-            c.chat.completions.create(model=MODEL, messages=CHAT, tools=TOOLS, tool_choice="required", max_tokens=80,
-                                      temperature=1.0),
-            stream(c, tool_choice="required"),
-            c.chat.completions.create(model=MODEL, messages=CHAT, tools=TOOLS, max_tokens=80, temperature=1.0,
-                                      tool_choice=named_choice),
-            stream(c, tool_choice=named_choice))
+            c.chat.completions.create(model=MODEL, messages=CHAT, tools=TOOLS, tool_choice="required", max_tokens=200,
+                                      temperature=1.0, seed=1),
+            stream(c, tool_choice="required", seed=2),
+            c.chat.completions.create(model=MODEL, messages=CHAT, tools=TOOLS, max_tokens=200, temperature=1.0,
+                                      tool_choice=named_choice, seed=3),
+            stream(c, tool_choice=named_choice, seed=4))
 
     full, chunks, named, named_chunks = _run(async_engine, fn)
     choice = full.choices[0]
