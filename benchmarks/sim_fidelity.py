@@ -150,7 +150,7 @@ def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -
 def probe(engine, rec) -> float:
     """Median seconds of a fixed decode step (4 requests, 64-token prompts): the machine's speed right now.
 
-    Measured after calibrating and after each real run, its ratio tells a machine that slowed down or
+    Measured after calibrating and before and after each real run, its ratio tells a machine that slowed down or
     sped up between calibration and measurement (which no cost model can predict) from model error.
     """
     import numpy as np

@@ -109,13 +109,18 @@ class ModelShape:
         """FLOPs of one step's weight matmuls: the layers' per computed token, the LM head's per sampled row."""
         return 2.0 * self.num_layers * self.layer_params * b.num_tokens + 2.0 * self.hidden_size * self.vocab_size * b.num_sampled
 
+    @property
+    def attention_flops_per_position(self) -> float:
+        """FLOPs of attention (QK^T and PV, every layer and head) for one query token over one key position."""
+        return 4.0 * self.num_layers * self.num_heads * self.head_dim
+
     def attention_flops(self, b: "BatchShape") -> float:
-        """FLOPs of one step's attention (QK^T and PV): per attended position of every computed token."""
-        return 4.0 * self.num_layers * self.num_heads * self.head_dim * b.attended
+        """FLOPs of one step's attention: per attended position of every computed token."""
+        return self.attention_flops_per_position * b.attended
 
     def padded_prefill_attention_flops(self, b: "BatchShape") -> float:
         """FLOPs of the prefill chunks' attention padded to one batch (``BatchShape.prefill_attn_padded``)."""
-        return 4.0 * self.num_layers * self.num_heads * self.head_dim * b.prefill_attn_padded
+        return self.attention_flops_per_position * b.prefill_attn_padded
 
     def step_flops(self, b: "BatchShape") -> float:
         """FLOPs of one step: the layers' matmuls per token, attention per attended position, the LM head per sample."""

@@ -94,7 +94,10 @@ def check_search(start: float = 1.0, rel_tol: float = 0.05, max_probes: int = 24
         raise ValueError(f"{names[2]}={max_probes!r}: must be an int >= 1")
 
 
-def _check_rate_searchable(workload: Workload) -> None:
+def _check_rate_searchable(slo: SLO | None, workload: Workload) -> None:
+    """``ValueError`` unless a max-rate search can run: an SLO to meet and arrivals whose rate can vary."""
+    if not isinstance(slo, SLO) or slo.empty:
+        raise ValueError(f"slo={slo!r}: the max_rate search needs an SLO with at least one of ttft_ms, tpot_ms, e2el_ms")
     if workload.arrival == "trace":
         raise ValueError("arrival='trace': a trace fixes the arrival times, so there is no request rate to search; "
                          "use poisson or gamma arrivals (lengths may still come from the trace), or the "
@@ -119,10 +122,8 @@ def max_rate(config: SimConfig, workload: Workload, slo: SLO, *, start: float = 
     ``ValueError`` for an empty or missing SLO, a start rate that is not finite and > 0, ``rel_tol``
     outside (0, 1] or ``max_probes`` < 1.
     """
-    if not isinstance(slo, SLO) or slo.empty:
-        raise ValueError(f"slo={slo!r}: give an SLO with at least one of ttft_ms, tpot_ms, e2el_ms")
+    _check_rate_searchable(slo, workload)
     check_search(start, rel_tol, max_probes)
-    _check_rate_searchable(workload)
     width = 1
     if ray is not None:
         from .distributed import connect
@@ -219,11 +220,8 @@ def sweep(config: SimConfig, workload: Workload, slo: SLO | None, grid: dict[str
         if not isinstance(grid[k], (list, tuple, range)) or not grid[k]:
             raise ValueError(f"sweep {k}={grid[k]!r}: must be a non-empty list of values")
     if objective == "max_rate":
-        if not isinstance(slo, SLO) or slo.empty:
-            raise ValueError(f"slo={slo!r}: objective 'max_rate' needs an SLO with at least one of ttft_ms, tpot_ms, "
-                             "e2el_ms")
+        _check_rate_searchable(slo, workload)
         check_search(**{k: kw[k] for k in ("start", "rel_tol", "max_probes") if k in kw})
-        _check_rate_searchable(workload)
     kw = {**kw, "objective": objective}
     keys = list(grid)
     points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]

@@ -142,17 +142,6 @@ class BlockAllocator:
         full = num_computed // self.block_size
         if full <= num_hashed:
             return
-        if memo is not None and len(memo) == num_hashed == full - 1:  # the common decode case: one block filled
-            bs = self.block_size
-            tokens = tuple(token_ids[num_hashed * bs : full * bs])
-            h = hash((memo[-1][0] if memo else None, tokens))  # chain_hash, inlined
-            memo.append((h, tokens))
-            block = self.blocks[table.ids[num_hashed]]
-            if block.hash is None and h not in self.hash_to_block:
-                block.hash, block.token_ids = h, tokens
-                self.hash_to_block[h] = block.block_id
-            table.num_hashed, table.last_hash = full, h
-            return
         entries = self.block_hashes(token_ids, full, memo)
         ids, blocks, hash_to_block = table.ids, self.blocks, self.hash_to_block
         for i in range(num_hashed, full):
