@@ -12,6 +12,7 @@ fits them to step times measured on a real backend (see ``furiosa_llm.sim.calibr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import operator
@@ -22,6 +23,12 @@ from typing import Sequence
 
 from .batch import Batch
 from .devices import PES_PER_CARD
+
+
+def _is_real(v: object) -> bool:
+    """A plain int or float (not a bool, whose True would read as 1)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
 
 # RNGD public specifications (shared/reference/furiosa-llm-facts.md)
 RNGD_BF16_FLOPS = 256e12  # per card, 8 PEs
@@ -131,6 +138,11 @@ class ModelShape:
 
     def kv_bytes_per_token(self, dtype_bytes: float) -> float:
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim * dtype_bytes
+
+    def stage_share(self, num_stages: int) -> float:
+        """The share of the model's layers in the largest of ``num_stages`` pipeline stages, ``ceil(layers /
+        stages) / layers``: its share of the step time, the weights and the KV cache (1 / stages when they divide)."""
+        return math.ceil(self.num_layers / num_stages) / self.num_layers
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -285,15 +297,24 @@ class CostModel:
     def __post_init__(self) -> None:
         if self.combine not in ("max", "sum"):
             raise ValueError(f"combine={self.combine!r}: must be 'max' or 'sum'")
+        if not isinstance(self.name, str):
+            raise ValueError(f"name={self.name!r}: must be a string")
         for k in TIME_FIELDS:
             v = getattr(self, k)
-            if not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+            if not _is_real(v) or not 0 <= v < math.inf:
                 raise ValueError(f"{k}={v!r}: must be a finite number >= 0")
         a = self.s_per_attn_flop
-        if a is not None and (not isinstance(a, (int, float)) or not 0 <= a < math.inf):
+        if a is not None and (not _is_real(a) or not 0 <= a < math.inf):
             raise ValueError(f"s_per_attn_flop={a!r}: must be a finite number >= 0, or None (as s_per_flop)")
-        if not isinstance(self.jit_slow_factor, (int, float)) or not 1 <= self.jit_slow_factor < math.inf:
+        if not _is_real(self.jit_slow_factor) or not 1 <= self.jit_slow_factor < math.inf:
             raise ValueError(f"jit_slow_factor={self.jit_slow_factor!r}: must be a finite number >= 1")
+        for k, none_means in (("dtype_bytes", None), ("kv_dtype_bytes", "as a weight"), ("memory_bytes", "not modelled")):
+            v = getattr(self, k)
+            if (v is not None or none_means is None) and (not _is_real(v) or not 0 < v < math.inf):
+                raise ValueError(f"{k}={v!r}: must be a finite number > 0 (bytes)"
+                                 + (f", or None ({none_means})" if none_means else ""))
+        if not isinstance(self.notes, dict):
+            raise ValueError(f"notes={self.notes!r}: must be a mapping")
 
     @property
     def kv_bytes(self) -> float:
@@ -336,10 +357,18 @@ class CostModel:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CostModel":
-        known = set(cls.__dataclass_fields__)
+        """A cost model from ``to_dict``'s fields; a ``ValueError`` names an unknown, missing or bad one."""
+        if not isinstance(d, dict):
+            raise ValueError(f"cost model: expected a JSON object of fields, got {type(d).__name__}")
+        fields = dataclasses.fields(cls)
+        known = {f.name for f in fields}
         unknown = set(d) - known - {"model", "kind"}
         if unknown:
             raise ValueError(f"cost model: unknown fields {sorted(unknown)}; allowed: {sorted(known)}")
+        missing = [f.name for f in fields if f.name not in d
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"cost model: missing fields {missing}")
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def save(self, path: str | Path, model: ModelShape | None = None) -> None:
@@ -390,8 +419,19 @@ def load_profile(path: str | Path) -> tuple[CostModel, ModelShape | None]:
         d = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"profile={str(path)!r}: not JSON ({e})") from None
-    model = d.get("model")
-    return CostModel.from_dict(d), (ModelShape(**model) if model else None)
+    try:
+        cost = CostModel.from_dict(d)
+        model = d.get("model")
+        if model is None:
+            return cost, None
+        if not isinstance(model, dict):
+            raise ValueError(f"model={model!r}: expected an object of ModelShape fields")
+        try:
+            return cost, ModelShape(**model)
+        except TypeError as e:  # a missing or unknown field
+            raise ValueError(f"model: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"profile={str(path)!r}: {e}") from None
 
 
 def rngd_cost_model(num_pes: int, *, compute_efficiency: float = 0.6, bandwidth_efficiency: float = 0.8,

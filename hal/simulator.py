@@ -134,6 +134,7 @@ class SimQueue(ExecutionQueue):
         self.cost = cost
         self.tokens = tokens
         self._stage_free_at = [0.0] * num_stages
+        self._stage_share = model.stage_share(num_stages)  # the largest stage's share of the layers
         self._pending: collections.deque = collections.deque()  # SimPy events of the batches in flight
         self.busy_s = 0.0  # device seconds of the first stage (utilisation numerator)
         self.num_batches = 0
@@ -148,17 +149,20 @@ class SimQueue(ExecutionQueue):
         p = len(self._stage_free_at)
         cost = self.cost.breakdown(self.model, shape)
         slow = self.cost.jit_slow_factor if self.jit and batch.bucket is None and shape.num_tokens == shape.num_seqs else 1.0
-        device = cost.total * slow / p  # a decode step without its compiled bucket runs slow (JIT)
+        # every stage takes as long as the largest (the pipeline's pace); a decode step without its compiled bucket
+        # runs slow (JIT)
+        device = cost.total * slow * self._stage_share
         transfer = self.cost.stage_transfer_time(shape) if p > 1 else 0.0
         self.num_seqs += shape.num_seqs
         self.bound_s[cost.bound] += device
-        self.tp_comm_s += cost.tp_comm * slow / p
+        self.tp_comm_s += cost.tp_comm * slow * self._stage_share
         self.stage_transfer_s += transfer
         return device + transfer, self.cost.host_time(shape)
 
     def usage(self) -> dict:
-        """Where the first stage's time went: seconds by what bounded each step, in all-reduces across
-        cards and in sends to the next stage (parts of the bound time), and the batches' sizes."""
+        """Where the first stage's time went: seconds by what bounded each step (all-reduces across cards
+        are part of it), seconds sending to the next stage (besides it: busy = bound + sends), and the
+        batches' sizes."""
         return {"compute_bound_s": self.bound_s["compute"], "weight_bandwidth_bound_s": self.bound_s["weights"],
                 "kv_bandwidth_bound_s": self.bound_s["kv"], "tp_comm_s": self.tp_comm_s,
                 "stage_transfer_s": self.stage_transfer_s, "busy_s": self.busy_s,

@@ -18,12 +18,16 @@ from furiosa_llm.api.engine_args import EngineArgs
 from furiosa_llm.core.config import EngineConfig
 from furiosa_llm.hal import parse_devices
 from furiosa_llm.hal.cost_model import LINK_LATENCY_S, CostModel, ModelShape, load_model_shape, load_profile, rngd_cost_model
+from furiosa_llm.hal.devices import PES_PER_CARD
 from furiosa_llm.hal.simulator import ReplicaPlacement, place_replicas
 
 DEFAULT_MODEL = "llama-3.1-8b"
 DEFAULT_DEVICES = "npu:0"  # the simulator's default: one card (the real engine's is "whatever is installed")
 ENGINE_ARG_NAMES = frozenset(f.name for f in dataclasses.fields(EngineArgs))
 # the engine arguments the simulator honours, in the order reports list them
+# the rngd profile's assumptions (SimConfig fields): a calibrated profile has its own figures instead
+RNGD_ASSUMPTIONS = ("compute_efficiency", "bandwidth_efficiency", "jit_compile_s_per_unit", "jit_slow_factor",
+                    "link_latency_s", "step_overhead_s", "host_overhead_s", "host_s_per_seq")
 ENGINE_KNOBS = ("devices", "pipeline_parallel_size", "data_parallel_size", "npu_queue_limit", "max_processing_samples",
                 "spare_blocks_ratio", "max_num_batched_tokens", "block_size", "max_model_len", "enable_prefix_caching",
                 "num_kv_blocks", "enable_jit_compilation", "jit_threshold", "jit_max_workers", "jit_unit_size")
@@ -143,6 +147,10 @@ class SimConfig:
             if isinstance(self.profile, str):
                 raise ValueError(f"devices={self.devices!r}: the rngd profile models npu devices; "
                                  "cpu/cuda need a profile from 'furiosa-llm calibrate'")
+            if self.pipeline_parallel_size > 1 or self.tensor_parallel_size != PES_PER_CARD:
+                raise ValueError(f"pipeline_parallel_size={self.pipeline_parallel_size}, tensor_parallel_size="
+                                 f"{self.tensor_parallel_size}: devices {self.devices!r} run one calibrated stage per "
+                                 "replica (the layouts of PEs and stages are for npu devices)")
             dp = self.engine_args.data_parallel_size or 1
             if dp > 1 and [d.kind for d in devices] == ["cpu"]:  # a CPU split: dp replicas, each as calibrated
                 return [ReplicaPlacement(((devices[0],),))] * dp
@@ -160,6 +168,14 @@ class SimConfig:
             if (self.quantization, self.kv_cache_dtype) != ("none", "auto"):
                 raise ValueError(f"quantization={self.quantization!r}, kv_cache_dtype={self.kv_cache_dtype!r}: number "
                                  f"formats apply to the rngd profile; profile {self.profile.name!r} measured what it ran")
+            # the rngd profile's assumptions would be silently ignored: a calibrated profile has its own figures
+            defaults = {f.name: f.default for f in dataclasses.fields(SimConfig)}
+            ignored = [f"{k}={getattr(self, k)!r}" for k in RNGD_ASSUMPTIONS if getattr(self, k) != defaults[k]]
+            if self.profile.memory_bytes is None and self.kv_memory_utilization != defaults["kv_memory_utilization"]:
+                ignored.append(f"kv_memory_utilization={self.kv_memory_utilization!r}")  # blocks come from the profile
+            if ignored:
+                raise ValueError(f"{', '.join(ignored)}: assumptions of the rngd profile; profile {self.profile.name!r} "
+                                 "has its own figures (edit the profile to change them)")
             return self.profile
         return rngd_cost_model(self.tensor_parallel_size, compute_efficiency=self.compute_efficiency,
                                bandwidth_efficiency=self.bandwidth_efficiency, model=self.model,
@@ -181,9 +197,11 @@ class SimConfig:
                                  f"{measured.name}, whose blocks differ from {self.model.name}'s; pass --num-kv-blocks")
             return int(blocks)
         pp = self.pipeline_parallel_size
-        weights = self.model.weight_bytes(cost.dtype_bytes) / pp
-        free = cost.memory_bytes * self.kv_memory_utilization - weights
-        per_block = self.model.kv_bytes_per_token(cost.kv_bytes) / pp * self.engine_args.block_size
+        share = self.model.stage_share(pp)  # the largest stage holds the most layers: it sets the replica's blocks
+        weights = self.model.weight_bytes(cost.dtype_bytes) * share
+        usable = cost.memory_bytes * self.kv_memory_utilization
+        free = usable - weights
+        per_block = self.model.kv_bytes_per_token(cost.kv_bytes) * share * self.engine_args.block_size
         blocks = int(free // per_block)
         budget = self.engine_args.kv_cache_memory_bytes  # per stage, as on a real device
         if budget is not None and budget < per_block:
@@ -195,11 +213,15 @@ class SimConfig:
                                  f"{blocks * per_block:.0f} bytes of KV cache beside its share of the weights")
             blocks = int(budget // per_block)
         if blocks < 1:
-            raise ValueError(
-                f"tensor_parallel_size={self.tensor_parallel_size}, pipeline_parallel_size={pp}: {self.model.name} needs "
-                f"{weights / 1e9:.1f} GB of weights per stage but a stage has {cost.memory_bytes / 1e9:.1f} GB; "
-                "use more PEs per stage or more pipeline stages"
-            )
+            layout = f"tensor_parallel_size={self.tensor_parallel_size}, pipeline_parallel_size={pp}"
+            usable_msg = (f"{usable / 1e9:.1f} GB for weights and KV cache (kv_memory_utilization="
+                          f"{self.kv_memory_utilization} of {cost.memory_bytes / 1e9:.1f} GB)")
+            if free <= 0:
+                raise ValueError(f"{layout}: {self.model.name} needs {weights / 1e9:.1f} GB of weights per stage but a "
+                                 f"stage has {usable_msg}; use more PEs per stage or more pipeline stages")
+            raise ValueError(f"{layout}: a stage has {usable_msg}; beside {weights / 1e9:.1f} GB of weights that leaves "
+                             f"{free:.0f} bytes, less than one KV block ({per_block:.0f} bytes); raise "
+                             "kv_memory_utilization or use more PEs per stage")
         return blocks
 
 
@@ -208,8 +230,8 @@ class SimPlan:
     """A ``SimConfig`` resolved: the model, each replica's PEs, one stage's step cost, the core's configuration.
 
     Every replica runs ``engine_config`` (the same ``EngineConfig`` the real engine would derive from
-    the arguments, with this many KV blocks); a step's device time is the cost model's time for
-    the whole model divided over the replica's pipeline stages.
+    the arguments, with this many KV blocks); a step's device time on each pipeline stage is the cost
+    model's time for the whole model times the largest stage's share of the layers.
     """
 
     model: ModelShape

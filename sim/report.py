@@ -143,7 +143,7 @@ def plot_run(result: SimResult, path: str | Path) -> None:
     fig.suptitle(f"{cfg['model']} on {cfg['devices']} (tp={cfg['tensor_parallel_size']}, "
                  f"pp={cfg['pipeline_parallel_size']}), {load}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -162,7 +162,7 @@ def plot_plan(plan: dict, path: str | Path) -> None:
         a.set_xlabel("offline output throughput (tokens/s, every request at t=0)")
         a.grid(alpha=0.3, axis="x")
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         return
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -187,5 +187,5 @@ def plot_plan(plan: dict, path: str | Path) -> None:
     ax[1].set_xlabel("max request rate within SLOs (req/s)")
     ax[1].grid(alpha=0.3, axis="x")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

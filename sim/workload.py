@@ -102,8 +102,10 @@ def read_trace(path: str | Path) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"trace={str(path)!r}: no such file")
-    with p.open(newline="") as f:
+    with p.open(newline="", encoding="utf-8-sig") as f:  # utf-8-sig: a byte-order mark (spreadsheet exports) is dropped
         reader = csv.DictReader(f)
+        if reader.fieldnames:
+            reader.fieldnames = [name.strip() for name in reader.fieldnames]  # "arrived_at, num_prefill_tokens, ..."
         missing = [c for c in TRACE_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"trace={str(path)!r}: missing columns {missing}; expected {','.join(TRACE_COLUMNS)}")
@@ -113,8 +115,8 @@ def read_trace(path: str | Path) -> np.ndarray:
                 t, p_, d = float(row["arrived_at"]), int(row["num_prefill_tokens"]), int(row["num_decode_tokens"])
             except (TypeError, ValueError):
                 raise ValueError(f"trace={str(path)!r} line {i}: expected a number in each of {TRACE_COLUMNS}") from None
-            if t < 0 or p_ < 1 or d < 1:
-                raise ValueError(f"trace={str(path)!r} line {i}: need arrived_at >= 0 and token counts >= 1")
+            if not 0 <= t < math.inf or p_ < 1 or d < 1:
+                raise ValueError(f"trace={str(path)!r} line {i}: need a finite arrived_at >= 0 and token counts >= 1")
             rows.append((t, p_, d))
     if not rows:
         raise ValueError(f"trace={str(path)!r}: no rows")
@@ -145,6 +147,13 @@ class Workload:
             raise ValueError(f"arrival={self.arrival!r}: must be poisson, gamma or trace")
         if not _is_number(self.burstiness) or not 0 < self.burstiness < math.inf:
             raise ValueError(f"burstiness={self.burstiness!r}: must be a finite number > 0")
+        # settings the arrival process would ignore are refused, not reported as if they had been used
+        if self.burstiness != 1.0 and self.arrival != "gamma":
+            raise ValueError(f"burstiness={self.burstiness!r}: only arrival='gamma' has a burstiness "
+                             f"(arrival={self.arrival!r}; poisson is gamma with burstiness 1)")
+        if self.arrival == "trace" and not math.isinf(self.request_rate):
+            raise ValueError(f"request_rate={self.request_rate!r}: arrival='trace' takes the times of the trace; "
+                             "leave the rate unset")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed={self.seed!r}: must be an int in [0, 2**63)")
         if not _is_number(self.embed_fraction) or not 0.0 <= self.embed_fraction <= 1.0:
@@ -175,6 +184,8 @@ class Workload:
             gaps = rng.gamma(shape, 1.0 / (self.request_rate * shape), size=n)
             gaps[0] = 0.0
             times = np.cumsum(gaps)
+            if not np.isfinite(times[-1]):
+                raise ValueError(f"request_rate={self.request_rate!r}: so low that the arrival times overflow")
         ins = self.input_len.sample(rng, n, None if rows is None else rows[:, 1])
         outs = self.output_len.sample(rng, n, None if rows is None else rows[:, 2])
         pooling = None

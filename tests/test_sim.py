@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -160,6 +161,32 @@ def test_a_torch_profile_is_refused_where_it_does_not_apply(tmp_path):
         SimConfig(model="llama-3.1-8b", profile=str(path), devices="cpu").plan()
     plan = SimConfig(model="llama-3.1-8b", profile=str(path), devices="cpu", num_kv_blocks=50).plan()
     assert plan.engine_config.scheduler_config.num_blocks == 50
+    # the rngd profile's assumptions and npu layouts would be ignored: refused by name (found by a fresh user)
+    for kw, name in ((dict(compute_efficiency=0.1), "compute_efficiency"), (dict(step_overhead_s=1.0), "step_overhead_s"),
+                     (dict(kv_memory_utilization=0.1), "kv_memory_utilization"),
+                     (dict(pipeline_parallel_size=2), "pipeline_parallel_size"), (dict(tensor_parallel_size=4), "tensor_parallel_size")):
+        with pytest.raises(ValueError, match=name):
+            SimConfig(profile=str(path), devices="cpu", **kw).plan()
+
+
+@pytest.mark.parametrize("profile,field", [
+    ([1, 2], "JSON object"), (None, "JSON object"), ({"name": "x"}, "missing fields"),
+    ({"model": "llama"}, "model='llama'"), ({"model": {"name": "m", "num_layers": 2}}, "model: "),
+    ({"notes": [1, 2]}, "notes="), ({"dtype_bytes": "2"}, "dtype_bytes="), ({"dtype_bytes": 0}, "dtype_bytes="),
+    ({"kv_dtype_bytes": -1}, "kv_dtype_bytes="), ({"memory_bytes": -5}, "memory_bytes="),
+    ({"s_per_flop": True}, "s_per_flop="), ({"name": 5}, "name="),
+])
+def test_a_bad_profile_file_is_a_clear_error_naming_the_field(tmp_path, profile, field):
+    """Every field of a profile JSON is checked on load (found by a fresh user: tracebacks, ZeroDivisionError, and
+    ``"s_per_flop": true`` read as 1 s/FLOP)."""
+    base = {"name": "hand", "overhead_s": 5e-4, "s_per_flop": 1e-14, "s_per_weight_byte": 1e-12, "s_per_kv_byte": 1e-12}
+    d = {**base, **profile} if isinstance(profile, dict) else profile
+    if isinstance(profile, dict) and profile == {"name": "x"}:
+        d = profile
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=re.escape(field)):
+        SimConfig(model="llama-3.1-8b", profile=str(path), devices="npu:0").plan()
 
 
 def test_sweep_fits_the_engine_or_says_why():
@@ -286,6 +313,27 @@ def test_trace_workload(tmp_path):
     bad.write_text("time,prompt\n1,2\n")
     with pytest.raises(ValueError, match="missing columns"):
         Workload(num_requests=1, arrival="trace", trace=str(bad)).generate()
+    # a spreadsheet's byte-order mark and spaces after the commas are read; a time that is not finite is refused
+    excel = tmp_path / "excel.csv"
+    excel.write_text("\ufeffarrived_at, num_prefill_tokens, num_decode_tokens\n0,100,10\n1,200,20\n", encoding="utf-8")
+    assert Workload(num_requests=2, arrival="trace", trace=str(excel)).generate().arrived_at.tolist() == [0.0, 1.0]
+    for t in ("nan", "inf"):
+        nan = tmp_path / f"{t}.csv"
+        nan.write_text(f"arrived_at,num_prefill_tokens,num_decode_tokens\n{t},100,10\n1,100,10\n")
+        with pytest.raises(ValueError, match="line 2: need a finite arrived_at"):
+            Workload(num_requests=2, arrival="trace", trace=str(nan)).generate()
+
+
+def test_workload_refuses_settings_its_arrivals_would_ignore():
+    """A rate with trace arrivals, a burstiness without gamma arrivals, a rate so low the times overflow: each was
+    silently ignored or gave garbage metrics (found by a fresh user)."""
+    with pytest.raises(ValueError, match="request_rate=1000.0: arrival='trace'"):
+        Workload(arrival="trace", trace="t.csv", request_rate=1000.0)
+    with pytest.raises(ValueError, match="burstiness=0.5: only arrival='gamma'"):
+        Workload(arrival="poisson", burstiness=0.5)
+    with pytest.raises(ValueError, match="request_rate=5e-324: so low"):
+        Workload(num_requests=3, arrival="gamma", request_rate=5e-324).generate()
+    assert len(Workload(num_requests=3, arrival="gamma", burstiness=0.5, request_rate=1.0).generate()) == 3
 
 
 # ---- simulated runs --------------------------------------------------------------------------
@@ -337,6 +385,39 @@ def test_model_that_does_not_fit_is_a_clear_error():
     res = simulate(SimConfig(model="llama-3.1-70b", devices="npu:0,npu:1,npu:2,npu:3", tensor_parallel_size=32),
                    Workload(num_requests=20, request_rate=2.0, **{k: v for k, v in SMALL.items() if k != "num_requests"}))
     assert res.report["metrics"]["completed"] == 20
+    # the usable memory is what kv_memory_utilization leaves, and the message says so (it used to blame the card)
+    with pytest.raises(ValueError, match=r"14.4 GB for weights and KV cache \(kv_memory_utilization=0.3 of 48.0 GB\)"):
+        SimConfig(model="llama-3.1-8b", kv_memory_utilization=0.3).plan()
+    model = load_model_shape("llama-3.1-8b")
+    weights, block = model.weight_bytes(2), model.kv_bytes_per_token(2) * 16
+    with pytest.raises(ValueError, match="less than one KV block"):  # the weights fit, half a block beside them
+        SimConfig(model="llama-3.1-8b", kv_memory_utilization=(weights + block / 2) / 48e9).plan()
+
+
+def test_uneven_pipeline_stages_run_at_the_largest_stages_pace():
+    """32 layers over 3 stages: the largest holds 11, which sets each stage's step time and the KV blocks."""
+    model = load_model_shape("llama-3.1-8b")
+    assert model.stage_share(3) == 11 / 32 and model.stage_share(4) == 1 / 4 and model.stage_share(1) == 1
+    kw = dict(model="llama-3.1-8b", devices="npu:0,npu:1,npu:2,npu:3")
+    three = SimConfig(**kw, pipeline_parallel_size=3).plan()
+    # KV blocks per replica: a card's room beside the largest stage's weights, over that stage's KV bytes per block
+    def blocks(share: float) -> int:
+        return int((48e9 * 0.9 - model.weight_bytes(2) * share) // (model.kv_bytes_per_token(2) * share * 16))
+
+    assert three.num_kv_blocks == blocks(11 / 32) < blocks(1 / 3)
+    w = Workload(num_requests=1, request_rate=float("inf"), input_len="fixed:16", output_len="fixed:64")
+    tpot = {pp: simulate(SimConfig(**kw, pipeline_parallel_size=pp), w).report["metrics"]["median_tpot_ms"] for pp in (3, 4)}
+    assert tpot[3] > tpot[4]
+
+
+def test_a_background_jit_compilation_does_not_stretch_the_run():
+    """The run ends with its last request, not when a compilation still running in the background would end (a
+    1000 s compile made a 1 s run report 4000 s and 0.24 tok/s; found by a fresh user)."""
+    w = Workload(num_requests=30, input_len="fixed:64", output_len="fixed:32")
+    m = simulate(SimConfig(model="llama-3.1-8b", enable_jit_compilation=True, jit_compile_s_per_unit=1000.0),
+                 w).report["metrics"]
+    assert m["duration"] < 10 and m["duration"] * 1e3 >= m["p99_e2el_ms"] - 1e-6
+    assert m["device_time"]["idle_share"] < 0.5
 
 
 def test_max_rate_and_sweep():
@@ -458,6 +539,18 @@ def test_a_pipeline_fills_when_batches_in_flight_split_the_running_requests(stag
     assert full["device_time"]["idle_share"] < 0.1 < one["device_time"]["idle_share"]
 
 
+def test_a_pipeline_fills_when_one_step_could_admit_every_request():
+    """Admissions spread over the batch slots (each takes its fair share of the live requests): with a budget
+    that admits every waiting request in one step, the other slots used to stay empty and 4 stages ran 3/4 idle
+    (found by a fresh user)."""
+    w = Workload(num_requests=400, request_rate=float("inf"), input_len="fixed:16", output_len="fixed:256")
+    kw = dict(model="llama-3.1-8b", devices="npu:0,npu:1,npu:2,npu:3", pipeline_parallel_size=4, npu_queue_limit=4)
+    big = simulate(SimConfig(**kw, max_num_batched_tokens=8192), w).report["metrics"]
+    default = simulate(SimConfig(**kw), w).report["metrics"]
+    assert big["device_time"]["idle_share"] < 0.1
+    assert big["output_throughput"] >= 0.95 * default["output_throughput"]
+
+
 def test_every_rngd_assumption_is_a_named_overridable_setting(capsys):
     """The figures the rngd profile assumes are SimConfig fields and CLI flags, validated by name."""
     cfg = SimConfig(model="llama-3.1-8b", step_overhead_s=1e-3, host_overhead_s=3e-4, host_s_per_seq=5e-6,
@@ -479,7 +572,7 @@ def test_every_rngd_assumption_is_a_named_overridable_setting(capsys):
     assert "median_tpot_ms" in capsys.readouterr().out
 
 
-def test_plan_ranks_layouts_by_offline_throughput(capsys):
+def test_plan_ranks_layouts_by_offline_throughput(capsys, tmp_path):
     from furiosa_llm.entrypoints.cli import main
     from furiosa_llm.sim.planner import best
 
@@ -492,9 +585,14 @@ def test_plan_ranks_layouts_by_offline_throughput(capsys):
     assert best(rows, "offline_throughput") is max(ok, key=lambda r: r["output_throughput"])
     with pytest.raises(ValueError, match="objective"):
         sweep(SimConfig(), w, None, {}, objective="fastest")
+    out = tmp_path / "plan.json"
     assert main(["plan", "--model", "llama-3.1-8b", "--num-requests", "8", "--objective", "offline_throughput",
-                 "--sweep", "tensor-parallel-size=4,8"]) == 0  # no SLO needed offline
-    assert "output_throughput" in capsys.readouterr().out
+                 "--sweep", "tensor-parallel-size=4,8", "--out", str(out), "--no-progress"]) == 0  # no SLO needed offline
+    printed = capsys.readouterr()
+    assert "output_throughput" in printed.out
+    plan = json.loads(out.read_text())  # the plan names its best point (the README says it ranks them)
+    assert plan["best"] == max(plan["results"], key=lambda r: r["output_throughput"])["point"]
+    assert f"best (offline_throughput): {json.dumps(plan['best'])}" in printed.err
 
 
 def test_rngd_profile_refuses_a_dtype_it_cannot_serve():

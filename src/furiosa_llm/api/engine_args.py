@@ -202,7 +202,7 @@ class EngineArgs:
         a("-dp", "--data-parallel-size", type=int, default=None, help="Size of the data parallelism group. Default: inferred from the available PEs.")
         a("--cache-dir", type=_optional_path, default=_default_cache_dir(), help='Cache directory (converted weights). "none" disables caching. Default: $XDG_CACHE_HOME or ~/.cache, then /furiosa/llm.')
         a("--npu-queue-limit", type=int, default=None, help="Batches submitted to a device and not yet completed (default 1).")
-        a("--max-processing-samples", type=int, default=None, help="The most requests in the running set at once (default 65536).")
+        a("--max-processing-samples", type=int, default=None, help="The most requests in one batch: the running set, or with a pipeline's several batches in flight each batch slot's share of it (default 65536).")
         a("--spare-blocks-ratio", type=float, default=None, help="Share of KV blocks kept free when admitting new requests (default 0.0).")
         # booleans: a bare switch, the seed's "--flag true|false", and a "--no-flag" form
         a("--enable-jit-compilation", type=_str2bool, nargs="?", const=True, default=False, metavar="BOOL", help="[EXPERIMENTAL] Enable JIT compilation (a bare switch, or true/false).")

@@ -186,12 +186,18 @@ class Scheduler:
 
         Unless the running set is empty, admission keeps ``spare_blocks_ratio`` of the blocks free.
         An admitted request joins ``slot``; ``max_processing_samples`` caps each slot (so each batch),
-        which with one slot is the whole running set.
+        which with one slot is the whole running set. With several slots a slot also takes no more
+        than its fair share of the live requests, ``ceil((running + waiting) / slots)``: when one
+        step's budget could admit every waiting request, they still spread over the slots, so each
+        batch in flight (each pipeline stage) has work.
         """
         cfg, alloc = self.config, self.allocator
         spare = cfg.spare_blocks_ratio * alloc.num_blocks
         k = slot or 0
-        while self.waiting and budget > 0 and self.slot_sizes[k] < cfg.max_processing_samples:
+        cap = cfg.max_processing_samples
+        if cfg.num_batch_slots > 1:
+            cap = min(cap, -(-(len(self.running) + len(self.waiting)) // cfg.num_batch_slots))
+        while self.waiting and budget > 0 and self.slot_sizes[k] < cap:
             req = self.waiting[0]
             if req.pooling and req.num_tokens > budget:
                 break  # a pooling prompt is never chunked: it waits (FCFS) for a step with room for all of it

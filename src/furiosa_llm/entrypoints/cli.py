@@ -155,7 +155,7 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
     if m.get("rejected"):
         print(f"warning: {m['rejected']} of {workload.num_requests} requests were refused on arrival: prompt + output "
               f"longer than max_model_len={config.plan().max_model_len} (an embedding prompt: longer than the step's "
-              "token budget); see --max-model-len and the length flags", file=sys.stderr)
+              "token budget); see --max-model-len, --max-num-batched-tokens and the length flags", file=sys.stderr)
     print(f"simulated {workload.num_requests} requests ({m['duration']:.1f} simulated s) in {res.wall_s:.1f} wall s",
           file=sys.stderr)
     return 0
@@ -184,7 +184,7 @@ def _parse_sweep(items: list[str]) -> dict[str, list]:
 
 
 def cmd_plan(ns: argparse.Namespace) -> int:
-    from furiosa_llm.sim.planner import sweep
+    from furiosa_llm.sim.planner import best, sweep
     from furiosa_llm.sim.report import jsonable, plot_plan, write_json
 
     _check_output_path("--out", ns.out)
@@ -214,7 +214,8 @@ def cmd_plan(ns: argparse.Namespace) -> int:
 
     rows = sweep(config, workload, slo, grid, objective=ns.objective, start=ns.start_rate, rel_tol=ns.rel_tol,
                  dispatch=ns.dispatch, workers=ns.workers, ray=ns.ray, progress=not ns.no_progress, on_row=on_row)
-    plan = {**head, "results": rows}
+    top = best(rows, ns.objective)
+    plan = {**head, "results": rows, "best": None if top is None else top["point"]}
     if ns.out:
         write_json(plan, ns.out)
     if ns.plot:
@@ -225,6 +226,8 @@ def cmd_plan(ns: argparse.Namespace) -> int:
               **({"error": r["error"]} if "error" in r else {})} for r in rows]
     print(json.dumps(jsonable(table), indent=2))
     print(f"planned {len(rows)} configuration(s) in {time.perf_counter() - t0:.1f} wall s", file=sys.stderr)
+    if top is not None:
+        print(f"best ({ns.objective}): {json.dumps(jsonable(top['point']))}: {key} {jsonable(top[key])}", file=sys.stderr)
     if rows and all("error" in r for r in rows):
         print(f"error: no configuration could run; first: {rows[0]['error']}", file=sys.stderr)
         return 1
