@@ -36,7 +36,10 @@ def load_config(name: str, cache_dir: str | None = None) -> dict:
     if p.is_dir():
         p = p / "config.json"
     if p.is_file():
-        return json.loads(p.read_text())
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"random_weights={name!r}: {p} is not JSON ({e})") from None
     shipped = REPO / "hal" / "model_configs" / f"{name}.json"
     if shipped.is_file():
         return json.loads(shipped.read_text())
@@ -52,10 +55,14 @@ def build(name: str, out_dir: str, *, cache_dir: str | None = None, seed: int = 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from furiosa_llm.model.loader import check_decoder_config
+
     tok_dir = default_model_folder(cache_dir)
     cfg_dict = load_config(name, cache_dir)
     tok_vocab = json.loads((tok_dir / "config.json").read_text())["vocab_size"]
-    cfg_dict.update(vocab_size=tok_vocab, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if isinstance(cfg_dict, dict):  # the shipped tokenizer's vocabulary, whatever the config says
+        cfg_dict.update(vocab_size=tok_vocab, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    check_decoder_config(cfg_dict, f"random_weights={name!r}")
     out = Path(out_dir)
     stamp = json.dumps(cfg_dict, sort_keys=True)
     if (out / "config.json").exists() and (out / ".random_config").exists() and (out / ".random_config").read_text() == stamp:
@@ -76,3 +83,19 @@ def build(name: str, out_dir: str, *, cache_dir: str | None = None, seed: int = 
         shutil.rmtree(out)
     tmp.rename(out)
     return str(out)
+
+
+def at_least(lo: int):
+    """An argparse ``type``: an int >= ``lo``, else a usage error naming the value."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{v}: must be >= {lo}")
+        return v
+
+    return parse

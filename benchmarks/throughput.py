@@ -34,6 +34,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from random_model import at_least  # beside this script
 
 
 def workload(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
@@ -155,7 +156,10 @@ def run_llama_cpp(python: str | None, gguf: str | None, prompts, out_len: int, t
 
 
 def parse_variant(v: str) -> tuple[str, str]:
-    dtype, _, quant = v.partition("+")
+    """``DTYPE`` or ``DTYPE+QUANT`` as (dtype, quantization); a ``ValueError`` for an empty part."""
+    dtype, plus, quant = v.partition("+")
+    if not dtype or (plus and not quant):
+        raise ValueError(f"{v!r}: expected DTYPE or DTYPE+QUANT, e.g. auto or auto+w8a16")
     return dtype, quant or "none"
 
 
@@ -165,12 +169,13 @@ def main() -> None:
     ap.add_argument("--random-weights", default=None, metavar="CONFIG_JSON_OR_NAME",
                     help="measure a random-weight model of this configuration (built locally; see random_model.py)")
     ap.add_argument("--workload", choices=["random", "anchor"], default="random")
-    ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--min-prompt", type=int, default=32)
-    ap.add_argument("--max-prompt", type=int, default=512)
-    ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--hf-batches", type=int, nargs="+", default=[8, 32])
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32], help="anchor workload: concurrent requests")
+    ap.add_argument("--requests", type=at_least(1), default=64)
+    ap.add_argument("--min-prompt", type=at_least(1), default=32)
+    ap.add_argument("--max-prompt", type=at_least(1), default=512)
+    ap.add_argument("--output-len", type=at_least(2), default=128,
+                    help="new tokens per request (>= 2: decode speed is timed between the first and the last)")
+    ap.add_argument("--hf-batches", type=at_least(1), nargs="+", default=[8, 32])
+    ap.add_argument("--concurrency", type=at_least(1), nargs="+", default=[1, 32], help="anchor workload: concurrent requests")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--quantization", default="none")
     ap.add_argument("--variants", nargs="+", default=None, metavar="DTYPE[+QUANT]",
@@ -179,12 +184,19 @@ def main() -> None:
     ap.add_argument("--llama-python", default=os.environ.get("FURIOSA_LLAMA_CPP_PYTHON"),
                     help="a Python with llama_cpp (llama-cpp-python), when this one lacks it")
     ap.add_argument("--no-hf", action="store_true")
-    ap.add_argument("--rounds", type=int, default=1,
+    ap.add_argument("--rounds", type=at_least(1), default=1,
                     help="anchor workload: measure every variant and Hugging Face this many times, interleaved; medians")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--devices", default="cpu")
     ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args()
+    if args.min_prompt > args.max_prompt:
+        ap.error(f"--min-prompt {args.min_prompt} is above --max-prompt {args.max_prompt}")
+    for v in args.variants or []:
+        try:
+            parse_variant(v)
+        except ValueError as e:
+            ap.error(f"--variants: {e}")
     torch.manual_seed(args.seed)
 
     from furiosa_llm import EngineArgs, LLMEngine

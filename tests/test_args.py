@@ -104,3 +104,37 @@ def test_unknown_model_is_a_clear_error(tmp_path):
     (tmp_path / "x.bin").write_text("x")
     with pytest.raises(ValueError, match=".gguf"):
         resolve_model(str(tmp_path / "x.bin"))
+
+
+_LLAMA = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 100}
+
+
+@pytest.mark.parametrize("config,needle", [
+    ({**_LLAMA, "num_key_value_heads": 3}, "num_key_value_heads=3 must divide num_attention_heads=4"),
+    ({**_LLAMA, "num_hidden_layers": 0}, "num_hidden_layers=0"),
+    ({**_LLAMA, "intermediate_size": -5}, "intermediate_size=-5"),
+    ({k: v for k, v in _LLAMA.items() if k != "model_type"}, "model_type is missing"),
+    ({**_LLAMA, "model_type": "mistral", "sliding_window": 16}, "sliding_window=16"),
+    ({**_LLAMA, "model_type": "qwen2", "sliding_window": 16, "use_sliding_window": True}, "sliding_window=16"),
+    ([1, 2], "expected a JSON object"),
+    ("{not json", "is not JSON"),
+])
+def test_a_model_config_the_engine_cannot_run_is_refused_at_load(tmp_path, config, needle):
+    """Found by a fresh user: num_key_value_heads=3 of 4 heads loaded, then every step failed until the engine was
+    declared dead; a Mistral sliding window was ignored (wrong text past the window); zero layers divided by zero."""
+    import json
+
+    from furiosa_llm.model.loader import load_model_and_tokenizer, resolve_model
+
+    (tmp_path / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
+        load_model_and_tokenizer(resolve_model(str(tmp_path)), cache_dir=None)
+
+
+def test_a_qwen2_config_with_its_sliding_window_off_is_accepted():
+    from furiosa_llm.model.loader import check_decoder_config
+
+    cfg = {**_LLAMA, "model_type": "qwen2", "sliding_window": 32768, "use_sliding_window": False}
+    assert check_decoder_config(cfg, "test") is cfg
+    assert check_decoder_config({**_LLAMA, "model_type": "mistral", "sliding_window": None}, "test")

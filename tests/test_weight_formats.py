@@ -134,6 +134,22 @@ def test_int8_linear_on_widths_the_int8_kernel_cannot_take():
         list(_check_kernel_and_dequantized_paths(q, lin, deq, 16))
 
 
+def test_int8_linear_in_float16_past_the_kernels_rows_does_not_overflow():
+    """The converted path (over 16 rows) multiplied unscaled int8 weights (up to 127) in float16 and overflowed
+    to inf/NaN for ordinary activations: w8a16 + float16 generated token 0 for any prompt over 16 tokens (found by
+    a fresh user)."""
+    from furiosa_llm.model.weights import INT8_KERNEL_MAX_ROWS, Int8Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(576, 64, bias=False)
+    q = Int8Linear(lin, torch.float16)
+    x = torch.randn(INT8_KERNEL_MAX_ROWS + 1, 576) * 64  # a residual stream with large activations, as real models have
+    y = q(x.half()).float()
+    ref = x.half().float() @ (q.weight_int8.float() * q.scale.float()[:, None]).T
+    assert torch.isfinite(y).all()
+    assert torch.allclose(y, ref, atol=0.05, rtol=0.02)
+
+
 def _check_kernel_and_dequantized_paths(q, lin, deq, kernel_max_rows):
     """``q``'s output equals ``x @ deq.T + bias`` (bf16) on the kernel's row counts and past them; yields (x, y)."""
     for rows in (1, kernel_max_rows, kernel_max_rows + 5):
@@ -163,6 +179,7 @@ def test_quantization_argument_errors():
 
     with pytest.raises(ValueError, match="quantization='int4'"):
         EngineArgs(model=MODEL, quantization="int4")
+    assert EngineArgs(model=MODEL, quantization=None).quantization == "none"  # vLLM's default spelling
     with pytest.raises(ValueError, match="quantization='w8a16' with dtype='float32'"):
         TorchBackend(MODEL, dtype="float32", quantization="w8a16", cache_dir=CACHE_DIR)
     with pytest.raises(ValueError, match="quantization='w4a16' with dtype='float32'"):

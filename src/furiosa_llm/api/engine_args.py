@@ -78,7 +78,7 @@ class EngineArgs:
     convert: str = "auto"
     pooling_type: str | None = None
     structured_outputs_backend: str = "auto"  # auto | xgrammar | guidance (llguidance)
-    quantization: str = "none"  # none | w8a16 (torch backend and simulator) | w4a16 (torch backend, CPU) | fp8 (simulator only)
+    quantization: str | None = "none"  # none (None: as vLLM's default, none) | w8a16 (torch backend and simulator) | w4a16 (torch backend, CPU) | fp8 (simulator only)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -124,6 +124,8 @@ class EngineArgs:
         if self.structured_outputs_backend not in ("auto", "xgrammar", "guidance"):
             raise ValueError(f"structured_outputs_backend={self.structured_outputs_backend!r}: "
                              "must be one of auto, xgrammar, guidance")
+        if self.quantization is None:  # vLLM's default: the checkpoint's own format, which here is "none"
+            self.quantization = "none"
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization={self.quantization!r}: must be one of {', '.join(QUANTIZATIONS)}")
 

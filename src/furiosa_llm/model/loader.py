@@ -157,6 +157,34 @@ def _gguf_cache_folder(src: ModelSource, cache_dir: str) -> Path:
     return Path(cache_dir) / "converted" / f"{src.path.stem}-{key}"
 
 
+# the sizes of a decoder's config.json that must be whole numbers >= 1 (a missing optional one takes its default)
+_CONFIG_SIZES = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
+_CONFIG_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def check_decoder_config(cfg: object, where: str) -> dict:
+    """``cfg`` (a decoder's parsed ``config.json``, from ``where``) if the engine can run it; else a ``ValueError``
+    naming the field: sizes that are not whole numbers >= 1, ``num_key_value_heads`` that does not divide
+    ``num_attention_heads`` (grouped-query attention), no ``model_type``, or a sliding window (Mistral's
+    ``sliding_window``, Qwen2's with ``use_sliding_window``), which this engine's attention does not apply."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
+    if not cfg.get("model_type"):
+        raise ValueError(f"{where}: model_type is missing; supported: {SUPPORTED_MODEL_TYPES}")
+    for key in _CONFIG_SIZES + _CONFIG_OPTIONAL_SIZES:
+        v = cfg.get(key)
+        if (key in _CONFIG_SIZES or v is not None) and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{where}: {key}={v!r}: must be a whole number >= 1")
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    if heads % kv:
+        raise ValueError(f"{where}: num_key_value_heads={kv} must divide num_attention_heads={heads} (grouped-query attention)")
+    window = cfg.get("sliding_window")
+    if window and (cfg["model_type"] == "mistral" or cfg.get("use_sliding_window")):
+        raise ValueError(f"{where}: sliding_window={window}: sliding-window attention is not supported (the engine "
+                         "attends every earlier position); a config with sliding_window null runs")
+    return cfg
+
+
 def load_model_and_tokenizer(
     src: ModelSource,
     *,
@@ -173,7 +201,14 @@ def load_model_and_tokenizer(
     t0 = time.perf_counter()
     dtype = dtype or torch.float32
     if not src.is_gguf and (src.path / "config.json").exists():
-        model_type = json.loads((src.path / "config.json").read_text()).get("model_type")
+        cfg_path = src.path / "config.json"
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"model={src.name!r}: {cfg_path} is not JSON ({e})") from None
+        model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
+        if model_type not in ENCODER_MODEL_TYPES:
+            check_decoder_config(cfg, f"model={src.name!r}: {cfg_path}")
         if model_type in ENCODER_MODEL_TYPES:  # an encoder (embedding) model: the bare encoder, no LM head
             model = AutoModel.from_pretrained(src.path, dtype=dtype, revision=revision)
             tok = AutoTokenizer.from_pretrained(tokenizer or src.path, use_fast=tokenizer_mode != "slow")
@@ -217,7 +252,8 @@ def load_model_and_tokenizer(
     model_type = getattr(model.config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model={src.name!r}: model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
-    if getattr(model.config, "use_sliding_window", False) and getattr(model.config, "sliding_window", None):
-        raise ValueError(f"model={src.name!r}: sliding-window attention is not supported yet")
+    window = getattr(model.config, "sliding_window", None)
+    if window and (model_type == "mistral" or getattr(model.config, "use_sliding_window", False)):
+        raise ValueError(f"model={src.name!r}: sliding_window={window}: sliding-window attention is not supported")
     model.eval()
     return model, tok, time.perf_counter() - t0

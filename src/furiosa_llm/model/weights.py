@@ -138,7 +138,10 @@ class Int8Linear(_WeightOnlyLinear):
     def _product(self, x2: torch.Tensor) -> torch.Tensor:
         if x2.shape[0] <= INT8_KERNEL_MAX_ROWS and self.in_features % 16 == 0 and x2.device.type == "cpu":
             return torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scale)
-        return F.linear(x2, self.weight_int8.to(x2.dtype)) * self.scale  # per-channel scale on the output: one pass fewer
+        w = self.weight_int8.to(x2.dtype)
+        if x2.dtype == torch.float16:  # unscaled int8 products overflow float16 (max 65504): scale the weights first
+            return F.linear(x2, w * self.scale[:, None])
+        return F.linear(x2, w) * self.scale  # per-channel scale on the output: one pass fewer
 
     def _format(self) -> str:
         return "int8 per-channel"
