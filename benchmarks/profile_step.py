@@ -24,23 +24,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from furiosa_llm.entrypoints.serve import int_at_least
 
-from random_model import at_least  # noqa: E402 (beside this script)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--random-weights", default=None, metavar="CONFIG_JSON_OR_NAME")
-    ap.add_argument("--batch", type=at_least(1), default=32)
-    ap.add_argument("--prompt-len", type=at_least(1), default=35)
-    ap.add_argument("--steps", type=at_least(1), default=10)
+    ap.add_argument("--batch", type=int_at_least("--batch", 1), default=32)
+    ap.add_argument("--prompt-len", type=int_at_least("--prompt-len", 1), default=35)
+    ap.add_argument("--steps", type=int_at_least("--steps", 1), default=10)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--quantization", default="none")
     ap.add_argument("--devices", default="cpu")
     ap.add_argument("--cache-dir", default=None)
-    ap.add_argument("--top", type=at_least(1), default=15)
+    ap.add_argument("--top", type=int_at_least("--top", 1), default=15)
     args = ap.parse_args()
 
     from furiosa_llm import EngineArgs, LLMEngine, SamplingParams

@@ -84,18 +84,3 @@ def build(name: str, out_dir: str, *, cache_dir: str | None = None, seed: int = 
     tmp.rename(out)
     return str(out)
 
-
-def at_least(lo: int):
-    """An argparse ``type``: an int >= ``lo``, else a usage error naming the value."""
-    import argparse
-
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"{v}: must be >= {lo}")
-        return v
-
-    return parse

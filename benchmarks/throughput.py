@@ -34,7 +34,8 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from random_model import at_least  # beside this script
+
+from furiosa_llm.entrypoints.serve import int_at_least
 
 
 def workload(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
@@ -169,13 +170,13 @@ def main() -> None:
     ap.add_argument("--random-weights", default=None, metavar="CONFIG_JSON_OR_NAME",
                     help="measure a random-weight model of this configuration (built locally; see random_model.py)")
     ap.add_argument("--workload", choices=["random", "anchor"], default="random")
-    ap.add_argument("--requests", type=at_least(1), default=64)
-    ap.add_argument("--min-prompt", type=at_least(1), default=32)
-    ap.add_argument("--max-prompt", type=at_least(1), default=512)
-    ap.add_argument("--output-len", type=at_least(2), default=128,
+    ap.add_argument("--requests", type=int_at_least("--requests", 1), default=64)
+    ap.add_argument("--min-prompt", type=int_at_least("--min-prompt", 1), default=32)
+    ap.add_argument("--max-prompt", type=int_at_least("--max-prompt", 1), default=512)
+    ap.add_argument("--output-len", type=int_at_least("--output-len", 2), default=128,
                     help="new tokens per request (>= 2: decode speed is timed between the first and the last)")
-    ap.add_argument("--hf-batches", type=at_least(1), nargs="+", default=[8, 32])
-    ap.add_argument("--concurrency", type=at_least(1), nargs="+", default=[1, 32], help="anchor workload: concurrent requests")
+    ap.add_argument("--hf-batches", type=int_at_least("--hf-batches", 1), nargs="+", default=[8, 32])
+    ap.add_argument("--concurrency", type=int_at_least("--concurrency", 1), nargs="+", default=[1, 32], help="anchor workload: concurrent requests")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--quantization", default="none")
     ap.add_argument("--variants", nargs="+", default=None, metavar="DTYPE[+QUANT]",
@@ -184,7 +185,7 @@ def main() -> None:
     ap.add_argument("--llama-python", default=os.environ.get("FURIOSA_LLAMA_CPP_PYTHON"),
                     help="a Python with llama_cpp (llama-cpp-python), when this one lacks it")
     ap.add_argument("--no-hf", action="store_true")
-    ap.add_argument("--rounds", type=at_least(1), default=1,
+    ap.add_argument("--rounds", type=int_at_least("--rounds", 1), default=1,
                     help="anchor workload: measure every variant and Hugging Face this many times, interleaved; medians")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--devices", default="cpu")

@@ -83,14 +83,15 @@ def parse_allowed_origins(value: str | list) -> list[str]:
     return origins
 
 
-def _positive(name: str):
+def int_at_least(name: str, lo: int = 1):
+    """An argparse ``type``: an int >= ``lo``, else a usage error naming ``name`` and the value."""
     def conv(v: str) -> int:
         try:
             n = int(v)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}={v!r}: expected an int >= 1") from None
-        if n < 1:
-            raise argparse.ArgumentTypeError(f"{name}={n}: must be >= 1")
+            raise argparse.ArgumentTypeError(f"{name}={v!r}: expected an int >= {lo}") from None
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"{name}={n}: must be >= {lo}")
         return n
     return conv
 
@@ -128,11 +129,11 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--allowed-headers", type=parse_allowed_origins, default=["*"],
                    help='CORS: allowed headers (default: ["*"]).')
     g.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials.")
-    g.add_argument("--max-concurrency", type=_positive("max_concurrency"), default=None,
+    g.add_argument("--max-concurrency", type=int_at_least("max_concurrency"), default=None,
                    help="The most requests decoded together in one step (caps --max-processing-samples).")
-    g.add_argument("--max-batch-size", type=_positive("max_batch_size"), default=None,
+    g.add_argument("--max-batch-size", type=int_at_least("max_batch_size"), default=None,
                    help="The most requests in one batch (caps --max-processing-samples).")
-    g.add_argument("-tp", "--tensor-parallel-size", type=_positive("tensor_parallel_size"), default=None,
+    g.add_argument("-tp", "--tensor-parallel-size", type=int_at_least("tensor_parallel_size"), default=None,
                    help="PEs per pipeline stage. The torch backend runs each replica on one device: only 1 applies.")
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='Let the model choose to call tools (tool_choice="auto"); needs --tool-call-parser.')
