@@ -123,6 +123,9 @@ class StepResult:
     logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
     # request id -> one entry list per prompt position computed in this chunk (None for position 0)
     prompt_logprobs: dict[str, list[list[TokenLogprob] | None]] = field(default_factory=dict)
+    # request id -> why the backend could not compute that request's step (e.g. its logits are not finite); the
+    # core ends just that request with finish reason "error", and the batch's other requests go on
+    errors: dict[str, str] = field(default_factory=dict)
     started_at: float = 0.0
     finished_at: float = 0.0
     # host seconds the step costs beyond the device (scheduling, sampling, detokenizing); set by

@@ -39,6 +39,29 @@ def test_generates_tokens_and_frees_blocks():
     assert core.scheduler.allocator.num_free == core.scheduler.allocator.num_blocks
 
 
+def test_a_step_error_for_one_request_ends_it_alone():
+    """A backend's ``StepResult.errors`` entry (e.g. non-finite logits) ends that request with finish reason
+    "error" and frees its blocks without caching them; the batch's other requests go on."""
+    core, q = make_core()
+    core.add_request(req("bad", 10, max_tokens=5))
+    core.add_request(req("good", 10, max_tokens=5, base=100))
+    core.submit()
+    result = q.wait()
+    result.sampled.pop("bad")
+    result.errors["bad"] = "logits not finite"
+    outs = core.process(result)
+    bad = [o for o in outs if o.request_id == "bad"]
+    assert len(bad) == 1 and bad[0].finish_reason == "error" and bad[0].error == "logits not finite"
+    assert bad[0].metrics is not None  # its first output carries its timing record
+    outs += drain(core)
+    assert [o.finish_reason for o in outs if o.request_id == "good"][-1] == "length"
+    assert len([t for o in outs if o.request_id == "good" for t in o.new_token_ids]) == 5
+    alloc = core.scheduler.allocator
+    assert alloc.num_free == alloc.num_blocks  # every block back
+    assert alloc.cached_prefix(list(range(1, 11)), []) == []  # the failed prompt's K/V are not cached for reuse
+    assert alloc.cached_prefix(list(range(101, 111)), [])  # the good one's are
+
+
 def test_chunked_prefill_respects_token_budget():
     core, q = make_core(max_num_batched_tokens=8)
     core.add_request(req("a", 20, max_tokens=2))

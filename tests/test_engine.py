@@ -254,6 +254,42 @@ async def test_a_retried_poison_request_does_not_kill_the_engine():
     engine.shutdown()
 
 
+async def test_a_request_whose_logits_are_not_finite_fails_alone():
+    """NaN logits (a model's numbers overflowing) used to sample token 0 in silence; now that request ends with an
+    error while the others in its batches finish, and the engine goes on (found by a fresh user with w8a16 +
+    float16, whose overflow is fixed)."""
+    import torch
+
+    engine = AsyncLLMEngine.from_engine_args(engine_args(num_kv_blocks=64))
+    runner = engine.native_engine.runner
+    real_execute, real_head = runner.execute, runner.head_fn
+    current = {}
+
+    def execute(batch):
+        current["batch"] = batch
+        return real_execute(batch)
+
+    def head(h):  # the logits of the "nan" request's rows are NaN
+        logits = real_head(h)
+        sampled = [c for c in current["batch"].sequences if c.sample]
+        if len(sampled) == logits.shape[0]:
+            for i, c in enumerate(sampled):
+                if c.request_id == "nan":
+                    logits[i] = float("nan")
+        return logits
+
+    runner.execute, runner.head_fn = execute, head
+    params = SamplingParams(max_tokens=6, ignore_eos=True, **GREEDY)
+    bad = asyncio.create_task(collect(engine, "Hello there", params, "nan"))
+    good = asyncio.create_task(collect(engine, "The sky is", params, "fine"))
+    with pytest.raises(RequestFailedError, match="not finite"):
+        await asyncio.wait_for(bad, 20)
+    outs = await asyncio.wait_for(good, 20)
+    assert outs[-1].outputs[0].finish_reason == "length" and len(outs[-1].outputs[0].token_ids) == 6
+    assert not engine.errored and await wait_idle(engine)
+    engine.shutdown()
+
+
 def test_llm_generate_raises_on_a_failed_step_then_serves_again():
     from furiosa_llm import LLM
 

@@ -109,3 +109,17 @@ def test_sampled_frequencies_follow_the_filtered_distribution():
     want = torch.softmax(_ref_filter(logits, chunks[0]), -1)
     assert freq[4:].sum() == 0  # outside the top 4: never
     assert torch.allclose(freq[:4], want[:4], atol=0.03), (freq[:4], want[:4])
+
+
+def test_a_row_whose_logits_are_not_finite_samples_minus_one():
+    """Non-finite logits (the model's numbers overflowed) used to sample token 0 in silence; the row gets -1 (the
+    runner ends that request with an error) and the other rows sample as before."""
+    logits = torch.randn(3, 50)
+    logits[1, 7] = float("nan")
+    chunks = [SequenceChunk(f"r{i}", [1], 0, [0], True, SamplingSettings(temperature=t, logprobs=1))
+              for i, t in enumerate((0.0, 0.0, 0.8))]
+    tokens, lps = Sampler(0).sample(logits, chunks)
+    assert tokens[1] == -1 and lps[1] is None
+    assert tokens[0] == int(logits[0].argmax()) and 0 <= tokens[2] < 50 and lps[0] is not None
+    logits[2, 3] = float("inf")
+    assert Sampler(0).sample(logits, chunks)[0][2] == -1

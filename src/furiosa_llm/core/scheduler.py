@@ -272,7 +272,7 @@ class Scheduler:
         outputs: list[CoreOutput] = []
         alloc = self.allocator
         hashing, bs = alloc.enable_prefix_caching, alloc.block_size
-        sampled, logprobs, prompt_lps = result.sampled, result.logprobs, result.prompt_logprobs
+        sampled, logprobs, prompt_lps, errors = result.sampled, result.logprobs, result.prompt_logprobs, result.errors
         eos, max_model_len = self.eos_token_ids, self.config.max_model_len
         num_generated = num_prompt_computed = 0
         append = outputs.append
@@ -292,6 +292,11 @@ class Scheduler:
                 m.first_token_time = m.last_token_time = now
                 self.finish_request(rid, RequestStatus.FINISHED_STOPPED, None, now)
                 append(self._first_output(req, CoreOutput(rid, [], finish_reason="stop", pooled=result.pooled.get(rid))))
+                continue
+            if errors and req.request_id in errors:  # its step failed: it ends (its blocks freed, none cached)
+                rid = req.request_id
+                self.finish_request(rid, RequestStatus.FINISHED_ERROR, now=now)
+                append(self._first_output(req, CoreOutput(rid, [], finish_reason="error", error=errors[rid])))
                 continue
             tokens = req.token_ids
             if hashing and (req.block_table.num_hashed + 1) * bs <= computed:  # a block became full

@@ -425,6 +425,10 @@ class ModelRunner:
             chunks = [seqs[i] for i in sampling]
             toks, lps = self.sampler.sample(logits, chunks)
             for c, t, lp in zip(chunks, toks, lps):
+                if t < 0:  # the request ends with this error; the batch's other requests go on
+                    result.errors[c.request_id] = ("the model's logits for this request are not finite (NaN or inf): "
+                                                   "its numbers overflowed; try dtype bfloat16 or float32")
+                    continue
                 result.sampled[c.request_id] = t
                 if lp is not None:
                     result.logprobs[c.request_id] = lp

@@ -123,7 +123,8 @@ class Sampler:
         return noise
 
     def sample(self, logits: torch.Tensor, chunks: list[SequenceChunk]) -> tuple[list[int], list[list[TokenLogprob] | None]]:
-        """``logits``: [len(chunks), vocab] float32. Returns token ids and optional logprob lists.
+        """``logits``: [len(chunks), vocab] float32. Returns token ids (-1 for a row whose logits are not all
+        finite) and optional logprob lists.
 
         The whole batch in a handful of tensor operations: penalties for the rows that set
         them, greedy rows by argmax, the others by temperature, top-k/top-p/min-p and an
@@ -149,11 +150,13 @@ class Sampler:
             probs = torch.softmax(_filter(scores.index_select(0, idx), sub), dim=-1)
             noise = self._exponential_noise(sub, probs.shape[-1]).to(probs.device)
             chosen = chosen.index_copy(0, idx, (probs / noise).argmax(dim=-1))
+        # a row whose logits are not all finite (NaN or inf: the model's numbers broke) samples -1, not a token
+        chosen = torch.where(torch.isfinite(logits).all(dim=-1), chosen, -1)
         tokens = chosen.tolist()
         # ---- structured outputs (2/2): the matchers accept the sampled tokens ----
         structured_outputs.accept_tokens(tokens, chunks)
         logprobs: list[list[TokenLogprob] | None] = [None] * len(chunks)
-        want = [i for i, c in enumerate(chunks) if c.sampling.logprobs is not None]
+        want = [i for i, c in enumerate(chunks) if c.sampling.logprobs is not None and tokens[i] >= 0]
         if want:
             lps = torch.log_softmax(logits[want], dim=-1)
             for row, i in zip(lps, want):

@@ -357,6 +357,6 @@ def apply_grammar_masks(scores: torch.Tensor, logits: torch.Tensor, chunks) -> t
 def accept_tokens(tokens: list[int], chunks) -> None:
     """Advance each constrained row's matcher with its sampled token."""
     for t, c in zip(tokens, chunks):
-        if c.sampling.structured is not None:
+        if c.sampling.structured is not None and t >= 0:  # -1: the row's logits were not finite, nothing sampled
             c.sampling.structured.accept(t)
 
