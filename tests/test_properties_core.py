@@ -119,6 +119,9 @@ class CoreMachine(RuleBasedStateMachine):
                     self.admitted.append(r.request_id)
             if newly:
                 assert not any(r.status is RequestStatus.PREEMPTED for r in running_before), "admitted after a preemption"
+                if self.cfg.num_batch_slots > 1:  # a slot admits up to its fair share of the live requests
+                    share = -(-(len(running_before) + len(waiting_before)) // self.cfg.num_batch_slots)
+                    assert self.sched.slot_sizes[newly[0].slot] <= share, (self.sched.slot_sizes, share)
                 if running_before or len(newly) > 1:
                     # only a request entering an empty running set may dip into the spare blocks
                     spare = self.cfg.spare_blocks_ratio * self.cfg.num_blocks
