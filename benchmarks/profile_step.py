@@ -24,6 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from furiosa_llm.api.engine_args import QUANTIZATIONS
+from furiosa_llm.hal.torch_backend import DTYPES
 from furiosa_llm.entrypoints.serve import int_at_least
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -36,8 +38,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int_at_least("--batch", 1), default=32)
     ap.add_argument("--prompt-len", type=int_at_least("--prompt-len", 1), default=35)
     ap.add_argument("--steps", type=int_at_least("--steps", 1), default=10)
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--quantization", default="none")
+    ap.add_argument("--dtype", default="auto", choices=DTYPES)
+    ap.add_argument("--quantization", default="none", choices=QUANTIZATIONS)
     ap.add_argument("--devices", default="cpu")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--top", type=int_at_least("--top", 1), default=15)

@@ -35,6 +35,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from furiosa_llm.api.engine_args import QUANTIZATIONS
+from furiosa_llm.hal.torch_backend import DTYPES
 from furiosa_llm.entrypoints.serve import int_at_least
 
 
@@ -159,9 +161,11 @@ def run_llama_cpp(python: str | None, gguf: str | None, prompts, out_len: int, t
 def parse_variant(v: str) -> tuple[str, str]:
     """``DTYPE`` or ``DTYPE+QUANT`` as (dtype, quantization); a ``ValueError`` for an empty part."""
     dtype, plus, quant = v.partition("+")
-    if not dtype or (plus and not quant):
-        raise ValueError(f"{v!r}: expected DTYPE or DTYPE+QUANT, e.g. auto or auto+w8a16")
-    return dtype, quant or "none"
+    quant = quant if plus else "none"
+    if dtype not in DTYPES or quant not in QUANTIZATIONS:
+        raise ValueError(f"{v!r}: expected DTYPE or DTYPE+QUANT (DTYPE one of {', '.join(DTYPES)}; QUANT one of "
+                         f"{', '.join(QUANTIZATIONS)}), e.g. auto or auto+w8a16")
+    return dtype, quant
 
 
 def main() -> None:
@@ -177,8 +181,8 @@ def main() -> None:
                     help="new tokens per request (>= 2: decode speed is timed between the first and the last)")
     ap.add_argument("--hf-batches", type=int_at_least("--hf-batches", 1), nargs="+", default=[8, 32])
     ap.add_argument("--concurrency", type=int_at_least("--concurrency", 1), nargs="+", default=[1, 32], help="anchor workload: concurrent requests")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--quantization", default="none")
+    ap.add_argument("--dtype", default="auto", choices=DTYPES)
+    ap.add_argument("--quantization", default="none", choices=QUANTIZATIONS)
     ap.add_argument("--variants", nargs="+", default=None, metavar="DTYPE[+QUANT]",
                     help="engine settings measured one after another, e.g. auto auto+w8a16 float32")
     ap.add_argument("--hf-dtype", default=None, help="Hugging Face baseline dtype (default float32 on cpu, the engine's on cuda)")
@@ -187,7 +191,7 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--rounds", type=int_at_least("--rounds", 1), default=1,
                     help="anchor workload: measure every variant and Hugging Face this many times, interleaved; medians")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int_at_least("--seed", 0), default=0)
     ap.add_argument("--devices", default="cpu")
     ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args()

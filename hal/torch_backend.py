@@ -99,7 +99,11 @@ def _is_encoder_folder(src, encoder_types) -> bool:
     cfg = src.path / "config.json"
     if src.is_gguf or not cfg.exists():
         return False
-    return json.loads(cfg.read_text()).get("model_type") in encoder_types
+    try:
+        d = json.loads(cfg.read_text())
+    except json.JSONDecodeError:
+        return False  # the loader names the broken file
+    return isinstance(d, dict) and d.get("model_type") in encoder_types
 
 
 class TorchBackend:

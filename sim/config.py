@@ -90,6 +90,8 @@ class SimConfig:
             v = getattr(self, k)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < math.inf:
                 raise ValueError(f"{k}={v!r}: must be a finite number >= 0 (seconds)")
+        if self.quantization is None:  # as EngineArgs: vLLM's spelling of no quantization
+            self.quantization = "none"
         if self.quantization == "none" and engine_args.quantization != "none":
             self.quantization = engine_args.quantization  # the engine's --quantization, when not set here
         if not 0 < self.kv_memory_utilization <= 1:

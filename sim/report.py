@@ -183,6 +183,9 @@ def plot_plan(plan: dict, path: str | Path) -> None:
     labels = [f"{label} (unbounded)" if row.get("unbounded") else f"{label} (not converged)" if row.get("converged") is False
               else label for label, row in zip(labels, rows)]
     ax[1].barh(range(len(rows)), rates)
+    finite = [r for r in rates if r > 0]
+    if finite and max(finite) > 100 * min(finite):  # e.g. an unbounded row at its highest probe: log, so all show
+        ax[1].set_xscale("log")
     ax[1].set_yticks(range(len(rows)), labels, fontsize=7)
     ax[1].set_xlabel("max request rate within SLOs (req/s)")
     ax[1].grid(alpha=0.3, axis="x")

@@ -11,6 +11,7 @@ prefill only, no output tokens (their ``output_len`` is not used).
 from __future__ import annotations
 
 import csv
+import io
 import math
 import numbers
 from dataclasses import dataclass
@@ -102,7 +103,12 @@ def read_trace(path: str | Path) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"trace={str(path)!r}: no such file")
-    with p.open(newline="", encoding="utf-8-sig") as f:  # utf-8-sig: a byte-order mark (spreadsheet exports) is dropped
+    try:
+        # utf-8-sig: a byte-order mark (spreadsheet exports) is dropped
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"trace={str(path)!r}: not UTF-8 text ({e.reason} at byte {e.start}); save the CSV as UTF-8") from None
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames:
             reader.fieldnames = [name.strip() for name in reader.fieldnames]  # "arrived_at, num_prefill_tokens, ..."
@@ -184,8 +190,9 @@ class Workload:
             gaps = rng.gamma(shape, 1.0 / (self.request_rate * shape), size=n)
             gaps[0] = 0.0
             times = np.cumsum(gaps)
-            if not np.isfinite(times[-1]):
-                raise ValueError(f"request_rate={self.request_rate!r}: so low that the arrival times overflow")
+        if not np.isfinite(times).all():  # a rate so low, or a trace repeated so often, that the times overflow
+            what = f"trace={self.trace!r}" if self.arrival == "trace" else f"request_rate={self.request_rate!r}"
+            raise ValueError(f"{what}: the arrival times of {n} requests overflow (they must stay finite)")
         ins = self.input_len.sample(rng, n, None if rows is None else rows[:, 1])
         outs = self.output_len.sample(rng, n, None if rows is None else rows[:, 2])
         pooling = None

@@ -117,6 +117,7 @@ _LLAMA = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num
     ({k: v for k, v in _LLAMA.items() if k != "model_type"}, "model_type is missing"),
     ({**_LLAMA, "model_type": "mistral", "sliding_window": 16}, "sliding_window=16"),
     ({**_LLAMA, "model_type": "qwen2", "sliding_window": 16, "use_sliding_window": True}, "sliding_window=16"),
+    ({**_LLAMA, "hidden_size": 66}, "hidden_size=66 is not a multiple of num_attention_heads=4"),
     ([1, 2], "expected a JSON object"),
     ("{not json", "is not JSON"),
 ])
@@ -138,3 +139,17 @@ def test_a_qwen2_config_with_its_sliding_window_off_is_accepted():
     cfg = {**_LLAMA, "model_type": "qwen2", "sliding_window": 32768, "use_sliding_window": False}
     assert check_decoder_config(cfg, "test") is cfg
     assert check_decoder_config({**_LLAMA, "model_type": "mistral", "sliding_window": None}, "test")
+    # a window as long as the context never drops a position
+    assert check_decoder_config({**_LLAMA, "model_type": "mistral", "sliding_window": 4096,
+                                 "max_position_embeddings": 4096}, "test")
+
+
+def test_a_broken_config_json_is_named_by_the_engine(tmp_path):
+    """The torch backend peeked at config.json (is it an encoder?) before the loader's check and raised a bare
+    JSONDecodeError or AttributeError (found by a fresh user)."""
+    from furiosa_llm import LLM
+
+    for text, needle in (("{bad", "is not JSON"), ("[1, 2]", "expected a JSON object")):
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=needle):
+            LLM(str(tmp_path), devices="cpu")

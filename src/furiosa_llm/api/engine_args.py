@@ -184,8 +184,10 @@ class EngineArgs:
             spare_blocks_ratio=self.resolved_spare_blocks_ratio,
             max_model_len=resolve_max_model_len(self.max_model_len, model_max_len, num_blocks, self.block_size),
             enable_prefix_caching=self.enable_prefix_caching,
-            # a pipeline of stages is kept full by splitting the running requests among the batches in flight
-            num_batch_slots=self.resolved_npu_queue_limit if (self.pipeline_parallel_size or 1) > 1 else 1,
+            # a pipeline of p stages is kept full by splitting the running requests among p batches in flight (vLLM's
+            # virtual engines, one per stage); a deeper queue than p only queues batches, more slots would only
+            # shrink each batch
+            num_batch_slots=min(self.resolved_npu_queue_limit, self.pipeline_parallel_size or 1),
         )
         jit = JitConfig(enabled=self.enable_jit_compilation, threshold=self.jit_threshold,
                         max_workers=self.jit_max_workers, unit_size=self.jit_unit_size)

@@ -227,7 +227,8 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     print(json.dumps(jsonable(table), indent=2))
     print(f"planned {len(rows)} configuration(s) in {time.perf_counter() - t0:.1f} wall s", file=sys.stderr)
     if top is not None:
-        print(f"best ({ns.objective}): {json.dumps(jsonable(top['point']))}: {key} {jsonable(top[key])}", file=sys.stderr)
+        value = "unbounded" if top.get("unbounded") else jsonable(top[key])
+        print(f"best ({ns.objective}): {json.dumps(jsonable(top['point']))}: {key} {value}", file=sys.stderr)
     if rows and all("error" in r for r in rows):
         print(f"error: no configuration could run; first: {rows[0]['error']}", file=sys.stderr)
         return 1

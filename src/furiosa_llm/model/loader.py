@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -178,8 +179,13 @@ def check_decoder_config(cfg: object, where: str) -> dict:
     heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     if heads % kv:
         raise ValueError(f"{where}: num_key_value_heads={kv} must divide num_attention_heads={heads} (grouped-query attention)")
+    if cfg.get("head_dim") is None and cfg["hidden_size"] % heads:
+        raise ValueError(f"{where}: hidden_size={cfg['hidden_size']} is not a multiple of num_attention_heads={heads} "
+                         "(give head_dim, or sizes that split into heads)")
     window = cfg.get("sliding_window")
-    if window and (cfg["model_type"] == "mistral" or cfg.get("use_sliding_window")):
+    # a window at least as long as the context never drops a position: such a config runs
+    in_use = window and window < cfg.get("max_position_embeddings", math.inf)
+    if in_use and (cfg["model_type"] == "mistral" or cfg.get("use_sliding_window")):
         raise ValueError(f"{where}: sliding_window={window}: sliding-window attention is not supported (the engine "
                          "attends every earlier position); a config with sliding_window null runs")
     return cfg
@@ -196,6 +202,7 @@ def load_model_and_tokenizer(
 ):
     """Load ``(hf_model, tokenizer, load_seconds)``. GGUF weights are converted once and cached."""
     import torch
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
@@ -225,7 +232,10 @@ def load_model_and_tokenizer(
             gguf_kwargs = {"gguf_file": src.path.name}
     use_fast = tokenizer_mode != "slow"
     if folder is not None:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, revision=None if src.is_gguf else revision)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, revision=None if src.is_gguf else revision)
+        except StrictDataclassError as e:  # transformers' own config validation (e.g. head_dim against the sizes)
+            raise ValueError(f"model={src.name!r}: {folder / 'config.json'}: {e}") from None
         tok = AutoTokenizer.from_pretrained(tokenizer or folder, use_fast=use_fast)
     else:
         logger.info("converting GGUF %s (first start; cached afterwards)", src.path)
@@ -253,7 +263,8 @@ def load_model_and_tokenizer(
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model={src.name!r}: model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
     window = getattr(model.config, "sliding_window", None)
-    if window and (model_type == "mistral" or getattr(model.config, "use_sliding_window", False)):
+    in_use = window and window < (getattr(model.config, "max_position_embeddings", None) or math.inf)
+    if in_use and (model_type == "mistral" or getattr(model.config, "use_sliding_window", False)):
         raise ValueError(f"model={src.name!r}: sliding_window={window}: sliding-window attention is not supported")
     model.eval()
     return model, tok, time.perf_counter() - t0
