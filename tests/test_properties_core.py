@@ -111,6 +111,8 @@ class CoreMachine(RuleBasedStateMachine):
             assert len(batch.sequences) <= self.cfg.max_processing_samples  # the cap holds per step
             if self.cfg.num_batch_slots > 1:  # a batch serves one slot: its requests belong to no other batch
                 assert len({c.owner.slot for c in batch.sequences}) == 1
+                slots = [b.sequences[0].owner.slot for b in self.sched.in_flight.values()]
+                assert len(slots) == len(set(slots)), "a slot with two batches in flight"
             in_flight = [c.request_id for b in self.sched.in_flight.values() for c in b.sequences]
             assert len(in_flight) == len(set(in_flight)), "a request in two batches in flight"
             newly = [r for r in waiting_before if r.status is RequestStatus.RUNNING]

@@ -557,12 +557,14 @@ def test_a_pipeline_fills_when_one_step_could_admit_every_request():
     default = simulate(SimConfig(**kw), w).report["metrics"]
     assert big["device_time"]["idle_share"] < 0.1
     assert big["output_throughput"] >= 0.95 * default["output_throughput"]
-    # a queue deeper than the stages makes no more slots (vLLM: one virtual engine per stage): 64 slots split 200
-    # requests into batches of 1-4 (found by a fresh user: 532 instead of 1555 tok/s)
+    # a queue deeper than the stages makes no more slots, and a slot has one batch in flight (vLLM: one virtual
+    # engine per stage): 64 slots split 200 requests into batches of 1-4, and leftover batches of new arrivals
+    # beside a slot's batch halved throughput (found by fresh users: 532 and 1,477 instead of 3,576 tok/s)
     w = Workload(num_requests=200, request_rate=float("inf"), input_len="fixed:128", output_len="fixed:32")
     kw = dict(model="llama-3.1-8b", devices="npu:0,npu:1", pipeline_parallel_size=2)
     assert SimConfig(**kw, npu_queue_limit=64).plan().engine_config.scheduler_config.num_batch_slots == 2
-    assert simulate(SimConfig(**kw, npu_queue_limit=64), w).report["metrics"]["device_time"]["mean_batch_size"] >= 10
+    deep, two = (simulate(SimConfig(**kw, npu_queue_limit=q), w).report["metrics"] for q in (64, 2))
+    assert deep["output_throughput"] >= 0.98 * two["output_throughput"]
 
 
 def test_every_rngd_assumption_is_a_named_overridable_setting(capsys):
