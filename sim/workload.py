@@ -118,11 +118,13 @@ def read_trace(path: str | Path) -> np.ndarray:
         rows = []
         for i, row in enumerate(reader, start=2):
             try:
-                t, p_, d = float(row["arrived_at"]), int(row["num_prefill_tokens"]), int(row["num_decode_tokens"])
+                # counts may be written as whole floats ("128.0", as spreadsheets export them)
+                t, p_, d = float(row["arrived_at"]), float(row["num_prefill_tokens"]), float(row["num_decode_tokens"])
             except (TypeError, ValueError):
                 raise ValueError(f"trace={str(path)!r} line {i}: expected a number in each of {TRACE_COLUMNS}") from None
-            if not 0 <= t < math.inf or p_ < 1 or d < 1:
-                raise ValueError(f"trace={str(path)!r} line {i}: need a finite arrived_at >= 0 and token counts >= 1")
+            if not 0 <= t < math.inf or not all(1 <= c <= MAX_LENGTH and c == int(c) for c in (p_, d)):
+                raise ValueError(f"trace={str(path)!r} line {i}: need a finite arrived_at >= 0 and token counts that are "
+                                 f"whole numbers from 1 to {MAX_LENGTH}")
             rows.append((t, p_, d))
     if not rows:
         raise ValueError(f"trace={str(path)!r}: no rows")

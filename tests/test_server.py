@@ -712,7 +712,14 @@ async def test_a_request_that_fails_in_the_engine_gets_a_500_in_openai_shape(asy
         assert r.status_code == 200
         events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
         assert "boom" in events[-1]["error"]["message"] and events[-1]["error"]["code"] == 500
+        assert r.text.rstrip().endswith("data: [DONE]")  # as vLLM: [DONE] after the error event
         r = await c.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 8, "stream": True})
         events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
         assert "boom" in events[-1]["error"]["message"]
+        assert r.text.rstrip().endswith("data: [DONE]")
+        # the three failures count as finished_reason "error", streamed or not (found by a fresh user: streamed
+        # ones counted as "abort", the others not at all)
+        m = (await c.get("/metrics")).text
+        assert any(line.startswith("furiosa_llm_request_success_total{") and 'finished_reason="error"' in line
+                   and line.endswith(" 3.0") for line in m.splitlines()), m
     assert async_engine.native_engine.stats().num_kv_blocks_used == 0

@@ -322,6 +322,13 @@ def test_trace_workload(tmp_path):
         nan.write_text(f"arrived_at,num_prefill_tokens,num_decode_tokens\n{t},100,10\n1,100,10\n")
         with pytest.raises(ValueError, match="line 2: need a finite arrived_at"):
             Workload(num_requests=2, arrival="trace", trace=str(nan)).generate()
+    counts = tmp_path / "counts.csv"  # whole floats are counts; a count beyond 2**24 or a fraction is refused
+    counts.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0,128.0,16\n")
+    assert Workload(num_requests=1, arrival="trace", input_len="trace", trace=str(counts)).generate().input_lens[0] == 128
+    for bad in ("100000000000000000000000000000", "12.5", "0"):
+        counts.write_text(f"arrived_at,num_prefill_tokens,num_decode_tokens\n0,{bad},16\n")
+        with pytest.raises(ValueError, match="line 2: .*whole numbers from 1 to"):
+            Workload(num_requests=1, arrival="trace", trace=str(counts)).generate()
     huge = tmp_path / "huge.csv"  # repeated end to end, its times overflow
     huge.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0,100,10\n1e308,100,10\n")
     with pytest.raises(ValueError, match="arrival times of 3 requests overflow"):

@@ -739,9 +739,10 @@ async def _dead(_request: Request, exc: AsyncEngineDeadError):
     return error_json(503, f"the engine is not running: {exc}", "ServiceUnavailableError")
 
 
-async def _request_failed(_request: Request, exc: RequestFailedError):
+async def _request_failed(request: Request, exc: RequestFailedError):
     """A request whose step failed: a 500 in OpenAI's shape naming the cause; the connection stays usable."""
     logger.error("request failed: %s", exc)
+    request.app.state.server.metrics.failed()
     return error_json(500, str(exc), "InternalServerError")
 
 
@@ -982,7 +983,11 @@ async def _stream_completion(state: ServerState, req: CompletionRequest, rid: st
         yield _sse(error_body(503, f"the engine is not running: {e}", "ServiceUnavailableError"))
     except Exception as e:  # noqa: BLE001 - the request failed (e.g. its step raised): tell the client, end the stream
         logger.error("stream failed: %r", e)
+        if isinstance(e, RequestFailedError):
+            state.metrics.failed(len(gens) - num_finished)
+            num_finished = len(gens)
         yield _sse(error_body(500, f"internal error: {e}", "InternalServerError"))
+        yield "data: [DONE]\n\n"  # as vLLM: the stream still ends with [DONE] after its error event
     finally:
         if num_finished < len(gens):
             state.metrics.aborted(len(gens) - num_finished)
@@ -1122,7 +1127,11 @@ async def _stream_chat(state: ServerState, req: ChatCompletionRequest, rid: str,
         yield _sse(error_body(503, f"the engine is not running: {e}", "ServiceUnavailableError"))
     except Exception as e:  # noqa: BLE001 - the request failed (e.g. its step raised): tell the client, end the stream
         logger.error("stream failed: %r", e)
+        if isinstance(e, RequestFailedError):
+            state.metrics.failed()
+            finished = True
         yield _sse(error_body(500, f"internal error: {e}", "InternalServerError"))
+        yield "data: [DONE]\n\n"  # as vLLM: the stream still ends with [DONE] after its error event
     finally:
         if not finished:
             state.metrics.aborted()

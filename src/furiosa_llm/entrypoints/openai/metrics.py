@@ -145,6 +145,10 @@ class ServerMetrics:
         """Requests whose client went away before they finished."""
         self.success["abort"] = self.success.get("abort", 0) + n
 
+    def failed(self, n: int = 1) -> None:
+        """Requests the engine ended with an error (their step failed): ``finished_reason="error"``."""
+        self.success["error"] = self.success.get("error", 0) + n
+
     # ---- the collector ---------------------------------------------------------------------
     def collect(self):
         st = engine_stats(self.engine)
