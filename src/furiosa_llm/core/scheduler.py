@@ -302,7 +302,7 @@ class Scheduler:
                 self.finish_request(rid, RequestStatus.FINISHED_STOPPED, None, now)
                 append(self._first_output(req, CoreOutput(rid, [], finish_reason="stop", pooled=result.pooled.get(rid))))
                 continue
-            if errors and req.request_id in errors:  # its step failed: it ends (its blocks freed, none cached)
+            if errors and req.request_id in errors:  # its step failed: it ends, its blocks freed (this step's not cached)
                 rid = req.request_id
                 self.finish_request(rid, RequestStatus.FINISHED_ERROR, now=now)
                 append(self._first_output(req, CoreOutput(rid, [], finish_reason="error", error=errors[rid])))
