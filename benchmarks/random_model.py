@@ -83,4 +83,3 @@ def build(name: str, out_dir: str, *, cache_dir: str | None = None, seed: int = 
         shutil.rmtree(out)
     tmp.rename(out)
     return str(out)
-

@@ -24,10 +24,10 @@ from furiosa_llm.hal.simulator import ReplicaPlacement, place_replicas
 DEFAULT_MODEL = "llama-3.1-8b"
 DEFAULT_DEVICES = "npu:0"  # the simulator's default: one card (the real engine's is "whatever is installed")
 ENGINE_ARG_NAMES = frozenset(f.name for f in dataclasses.fields(EngineArgs))
-# the engine arguments the simulator honours, in the order reports list them
 # the rngd profile's assumptions (SimConfig fields): a calibrated profile has its own figures instead
 RNGD_ASSUMPTIONS = ("compute_efficiency", "bandwidth_efficiency", "jit_compile_s_per_unit", "jit_slow_factor",
                     "link_latency_s", "step_overhead_s", "host_overhead_s", "host_s_per_seq")
+# the engine arguments the simulator honours, in the order reports list them
 ENGINE_KNOBS = ("devices", "pipeline_parallel_size", "data_parallel_size", "npu_queue_limit", "max_processing_samples",
                 "spare_blocks_ratio", "max_num_batched_tokens", "block_size", "max_model_len", "enable_prefix_caching",
                 "num_kv_blocks", "enable_jit_compilation", "jit_threshold", "jit_max_workers", "jit_unit_size")

@@ -22,9 +22,9 @@ class SchedulerConfig:
     ``max_model_len`` tokens (prompt + output). ``num_batch_slots`` > 1 splits the running requests
     among that many batches in flight (vLLM's virtual engines: a request belongs to one slot, a slot
     has one batch in flight; the batches take the slots in turn), so a pipeline of that many stages
-    stays full (``EngineArgs``
-    gives ``min(npu_queue_limit, pipeline_parallel_size)``); with 1, a batch takes every running
-    request not already in flight. ``max_processing_samples`` caps each slot.
+    stays full (``EngineArgs`` gives ``min(npu_queue_limit, pipeline_parallel_size)``); with 1, a
+    batch takes every running request not already in flight. ``max_processing_samples`` caps each
+    slot.
     """
 
     num_blocks: int

@@ -63,9 +63,6 @@ class Scheduler:
         self._next_step = 0
         self._next_slot = 0  # the batch slot the next batch serves first (num_batch_slots > 1)
         self.slot_sizes = [0] * config.num_batch_slots  # running requests per slot
-        # with several slots, the slot of each batch in flight: a slot has one batch in flight at a time (vLLM's
-        # virtual engines), so a queue deeper than the slots does not split a slot into leftover batches
-        self._slot_of_step: dict[int, int] = {}
 
     # ---- requests --------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -108,10 +105,13 @@ class Scheduler:
         """The next batch: running requests first (phase 1), then waiting ones (phase 2); None when idle.
 
         With several batch slots, the batch serves the first slot, in turn from the one after the
-        last served, that has no batch in flight and has work.
+        last served, that has no batch in flight and has work: a slot has one batch in flight at a
+        time (vLLM's virtual engines), so a queue deeper than the slots does not split a slot into
+        leftover batches.
         """
         n = self.config.num_batch_slots
-        busy = self._slot_of_step.values()
+        # the slots with a batch in flight (a batch serves one slot: that of its requests)
+        busy = {b.sequences[0].owner.slot for b in self.in_flight.values()} if n > 1 else ()
         for k in range(n):
             slot = (self._next_slot + k) % n if n > 1 else None
             if slot is not None and slot in busy:
@@ -126,8 +126,6 @@ class Scheduler:
         self._next_step += 1
         batch = Batch(step_id=step_id, sequences=seqs)
         self.in_flight[step_id] = batch
-        if slot is not None:
-            self._slot_of_step[step_id] = slot
         self.stats.num_steps += 1
         if self.trace is not None:
             self.trace.append((step_id, tuple((c.request_id, len(c.token_ids)) for c in seqs)))
@@ -277,7 +275,6 @@ class Scheduler:
     def update(self, result: StepResult, now: float) -> list[CoreOutput]:
         """Fold a step's result into its requests; returns one output per request that has news."""
         batch = self.in_flight.pop(result.step_id)
-        self._slot_of_step.pop(result.step_id, None)
         outputs: list[CoreOutput] = []
         alloc = self.allocator
         hashing, bs = alloc.enable_prefix_caching, alloc.block_size
@@ -351,7 +348,6 @@ class Scheduler:
         The batch leaves the in-flight map; requests that already ended are left alone.
         """
         batch = self.in_flight.pop(step_id)
-        self._slot_of_step.pop(step_id, None)
         outputs = []
         for chunk in batch.sequences:
             req = chunk.owner

@@ -216,7 +216,7 @@ def load_model_and_tokenizer(
         model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
         if model_type not in ENCODER_MODEL_TYPES:
             check_decoder_config(cfg, f"model={src.name!r}: {cfg_path}")
-        if model_type in ENCODER_MODEL_TYPES:  # an encoder (embedding) model: the bare encoder, no LM head
+        else:  # an encoder (embedding) model: the bare encoder, no LM head
             model = AutoModel.from_pretrained(src.path, dtype=dtype, revision=revision)
             tok = AutoTokenizer.from_pretrained(tokenizer or src.path, use_fast=tokenizer_mode != "slow")
             model.eval()
