@@ -85,6 +85,7 @@ class MetricsRecorder:
         self.num_rejected = 0
         self.num_aborted = 0
         self.duration = 0.0
+        self._last_event = 0.0  # the latest arrival or step: where the run's duration ends
         self.kv: dict[int, tuple[array, array]] = {}  # replica -> (times, KV blocks in use) after each step
         self.replicas: dict[int, dict] = {}  # replica -> its devices and counters at the end of the run
 
@@ -92,10 +93,12 @@ class MetricsRecorder:
     def on_arrival(self, request_id: str, now: float, num_input_tokens: int, index: int = -1) -> None:
         """A request arrived and was queued."""
         self._live[request_id] = [RequestMetrics(now), num_input_tokens, index, 0, 0.0]
+        self._last_event = max(self._last_event, now)
 
-    def on_reject(self) -> None:
-        """A request was refused on arrival (too long for the engine's context)."""
+    def on_reject(self, now: float) -> None:
+        """A request was refused on arrival at ``now`` (too long for the engine's context)."""
         self.num_rejected += 1
+        self._last_event = max(self._last_event, now)
 
     def on_outputs(self, outputs) -> int:
         """A step's ``CoreOutput``s; returns how many requests completed.
@@ -150,6 +153,8 @@ class MetricsRecorder:
             kv = self.kv[replica] = (array("d"), array("q"))
         kv[0].append(now)
         kv[1].append(num_kv_blocks_used)
+        if now > self._last_event:
+            self._last_event = now
 
     def on_replica_end(self, replica: int, devices: str, stats: EngineStats, device_busy_s: float,
                        device_time: dict | None = None) -> None:
@@ -163,9 +168,10 @@ class MetricsRecorder:
             info["jit"] = stats.jit.as_dict()
         self.replicas[replica] = info
 
-    def on_end(self, now: float) -> None:
-        """The run ended at ``now``."""
-        self.duration = max(self.duration, now)
+    def on_end(self) -> None:
+        """The run ended: it lasted until its last arrival or step (vLLM's benchmark duration: until the last
+        request is done), not until a JIT compilation still running in the background would end."""
+        self.duration = max(self.duration, self._last_event)
 
     def _end(self, request_id: str, aborted: bool, pooled: bool = False) -> bool:
         rec = self._live.pop(request_id)

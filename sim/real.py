@@ -115,7 +115,7 @@ def run_workload(engine, workload: Workload, *, progress: bool = False) -> RealR
                 engine.add_request(rid, {"prompt_token_ids": prompts[nxt]}, params, arrival_time=t0 + times[nxt])
                 metrics.on_arrival(rid, t0 + times[nxt], n_in, index=nxt)
             except ValueError:  # too long for this engine's context
-                metrics.on_reject()
+                metrics.on_reject(t0 + times[nxt])
                 done += 1
             nxt += 1
         if not engine.has_unfinished_requests():

@@ -59,7 +59,6 @@ class Replica:
         self.core = EngineCore.from_config(plan.engine_config, self.queue, lambda: env.now, num_layers=plan.model.num_layers,
                                            record_trace=record_trace)
         self._wake: simpy.Event | None = None  # set while the replica sleeps with no work
-        self.last_step_at = 0.0  # when the replica last folded a step's outputs in
         self.process = env.process(self.serve())
 
     def add(self, request: Request) -> None:
@@ -83,7 +82,6 @@ class Replica:
                 self.router.on_core_outputs(outputs)
             done = recorder.on_outputs(outputs)
             recorder.on_step(self.index, env.now, core.num_kv_blocks_used)
-            self.last_step_at = env.now
             if done and self.on_done is not None:
                 self.on_done(done)
 
@@ -101,7 +99,6 @@ class Frontend:
         self.recorder = recorder
         self.router = router
         self.on_done = on_done
-        self.last_arrival = 0.0  # when the last request arrived
         rng = np.random.default_rng(seed)
         max_in = int(arrivals.input_lens.max())
         self.pool = rng.integers(2, min(PROMPT_VOCAB, plan.model.vocab_size), size=max(PROMPT_POOL, 2 * max_in)).tolist()
@@ -122,11 +119,10 @@ class Frontend:
             delay = times[i] - env.now
             if delay > 0:
                 yield env.timeout(delay)
-            self.last_arrival = env.now
             n_in, n_out = ins[i], outs[i]
             is_embed = embed is not None and embed[i]
             if (n_in > min(max_model_len, budget)) if is_embed else (n_in + n_out > max_model_len):
-                recorder.on_reject()
+                recorder.on_reject(env.now)
                 if self.on_done is not None:
                     self.on_done(1)
                 continue
@@ -156,7 +152,7 @@ def run(plan: SimPlan, workload: Workload, replica_ids: list[int], *, dispatch: 
     router = make_router(dispatch, plan.num_replicas)
     replicas = {i: Replica(env, i, plan, tokens, recorder, record_trace=record_trace, on_done=on_done, router=router)
                 for i in replica_ids}
-    frontend = Frontend(env, arrivals, workload.seed + 1, plan, replicas, recorder, router, on_done)
+    Frontend(env, arrivals, workload.seed + 1, plan, replicas, recorder, router, on_done)
     # the run allocates a few objects per request and step and frees them itself (no reference cycles
     # build up): the cyclic garbage collector's passes over them are ~10% of the run's instructions
     # (callgrind, 300 requests), so it is paused for the run and restored after
@@ -169,9 +165,7 @@ def run(plan: SimPlan, workload: Workload, replica_ids: list[int], *, dispatch: 
             gc.enable()
     if bar is not None:
         bar.close()
-    # the run ends with its last step or arrival (vLLM's benchmark duration: until the last request is done), not
-    # when the environment runs dry: a JIT compilation still running in the background would stretch it
-    recorder.on_end(max([frontend.last_arrival, *(r.last_step_at for r in replicas.values())]))
+    recorder.on_end()
     for i, r in replicas.items():
         recorder.on_replica_end(i, str(r.placement), r.core.stats(), r.queue.busy_s, r.queue.usage())
     return recorder, ({i: r.core.trace for i, r in replicas.items()} if record_trace else {})
