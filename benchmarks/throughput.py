@@ -193,6 +193,9 @@ def main() -> None:
                     help="anchor workload: measure every variant and Hugging Face this many times, interleaved; medians")
     ap.add_argument("--seed", type=int_at_least("--seed", 0), default=0)
     ap.add_argument("--devices", default="cpu")
+    ap.add_argument("--max-num-seqs", type=int_at_least("--max-num-seqs", 1), default=None,
+                    help="the engine's max_processing_samples (running requests; on cuda also the largest CUDA graph)")
+    ap.add_argument("--enforce-eager", action="store_true", help="the engine without CUDA graphs (cuda)")
     ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args()
     if args.min_prompt > args.max_prompt:
@@ -208,7 +211,8 @@ def main() -> None:
     from furiosa_llm.hal.torch_backend import resolve_dtype
     from furiosa_llm.model.loader import load_model_and_tokenizer, resolve_model
 
-    ekw = {"cache_dir": args.cache_dir} if args.cache_dir else {}
+    ekw: dict = {"cache_dir": args.cache_dir} if args.cache_dir else {}
+    ekw.update(max_processing_samples=args.max_num_seqs, enforce_eager=args.enforce_eager)
     model = args.model
     if args.random_weights:
         import tempfile
@@ -237,9 +241,13 @@ def main() -> None:
         anchor_rounds(report, args, variants, base, model, ekw, src)
     for dtype, quant in variants if args.workload != "anchor" else []:
         name = dtype if quant == "none" else f"{dtype}+{quant}"
+        t0 = time.perf_counter()
         engine = LLMEngine(EngineArgs(model=model, devices=args.devices, seed=args.seed, dtype=dtype,
                                       quantization=quant, **ekw))
-        entry: dict = {"dtype": str(engine.runner.dtype).replace("torch.", ""), "quantization": quant}
+        entry: dict = {"dtype": str(engine.runner.dtype).replace("torch.", ""), "quantization": quant,
+                       "start_seconds": round(time.perf_counter() - t0, 1),
+                       "decode_path": "gather" if engine.runner.paged is None else
+                       ("paged+cuda_graphs" if engine.runner.paged.graphs else "paged")}
         prompts = workload(args.requests, args.min_prompt, args.max_prompt, engine.vocab_size, args.seed)
         run_engine(engine, prompts[:2], 4)  # warm-up
         entry["throughput"] = run_engine(engine, prompts, args.output_len)

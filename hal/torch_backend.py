@@ -210,8 +210,14 @@ class TorchBackend:
                 eos.update(ids)
         return frozenset(eos)
 
-    def create_queue(self, num_blocks: int, npu_queue_limit: int = 1, compile_workers: int = 1) -> ExecutionQueue:
+    def create_queue(self, num_blocks: int, npu_queue_limit: int = 1, compile_workers: int = 1, *,
+                     max_model_len: int | None = None, max_num_seqs: int | None = None,
+                     batch_edges: tuple[int, ...] | None = None, enforce_eager: bool = False) -> ExecutionQueue:
         """The execution queue: a ``ModelRunner`` with a paged KV cache of ``num_blocks`` blocks on a worker thread.
+
+        Given ``max_model_len``, ``max_num_seqs`` and ``batch_edges``, decode steps on cuda run
+        paged FlexAttention at the padded sizes ``capture_sizes(batch_edges, max_num_seqs)``,
+        replayed as CUDA graphs unless ``enforce_eager`` (see ``model.paged_decode``).
 
         An encoder (embedding) model gets a ``PoolingRunner`` instead: no KV cache, the scheduler's
         blocks are bookkeeping only.
@@ -226,7 +232,11 @@ class TorchBackend:
             return ThreadedQueue(self.runner, npu_queue_limit, clock=time.monotonic, compile_workers=compile_workers)
         from furiosa_llm.model.runner import ModelRunner
 
-        self.runner = ModelRunner(self._hf_model, self.device, num_blocks, self.block_size, seed=self.seed)
+        from furiosa_llm.model.paged_decode import capture_sizes
+
+        sizes = capture_sizes(batch_edges, max_num_seqs) if batch_edges and max_num_seqs else None
+        self.runner = ModelRunner(self._hf_model, self.device, num_blocks, self.block_size, seed=self.seed,
+                                  max_model_len=max_model_len, decode_batch_sizes=sizes, cuda_graphs=not enforce_eager)
         return ThreadedQueue(self.runner, npu_queue_limit, clock=time.monotonic, compile_workers=compile_workers)
 
     @property

@@ -71,6 +71,7 @@ class EngineArgs:
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
     dtype: str = "auto"
+    enforce_eager: bool = False  # vLLM's: on cuda, run decode steps eagerly instead of replaying CUDA graphs
     max_logprobs: int = 20
     fxb: str | None = None  # RNGD: the compiled FXB bundle of the model artifact (default: found beside it)
     # pooling (vLLM's names): serve a generative (decoder) model as an embedder with task="embed" or convert="embed"
@@ -99,6 +100,8 @@ class EngineArgs:
             not isinstance(self.spare_blocks_ratio, (int, float)) or not 0.0 <= self.spare_blocks_ratio < 1.0
         ):
             raise ValueError(f"spare_blocks_ratio={self.spare_blocks_ratio!r}: must be a number in [0, 1)")
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager={self.enforce_eager!r}: must be a bool")
         if not isinstance(self.enable_jit_compilation, bool):
             raise ValueError(f"enable_jit_compilation={self.enable_jit_compilation!r}: must be a bool")
         _int_at_least("jit_threshold", self.jit_threshold, 1)
@@ -222,6 +225,7 @@ class EngineArgs:
         a("--enable-prefix-caching", type=_str2bool, nargs="?", const=True, default=True, metavar="BOOL", help="Reuse KV blocks of shared prompt prefixes (default on; a bare switch, or true/false).")
         a("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false", help="Disable prefix caching.")
         a("--dtype", type=str, default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="Weight dtype: auto = bfloat16 on cuda and on a cpu with native bf16 (AVX512-BF16/AMX), else float32.")
+        a("--enforce-eager", action="store_true", help="On cuda, run decode steps eagerly instead of replaying CUDA graphs (vLLM's flag); the paged attention kernel stays.")
         a("--quantization", "-q", type=str, default="none", choices=list(QUANTIZATIONS),
           help="Weight format: none (the --dtype), w8a16 (int8 weights with per-channel scales, 16-bit activations; "
                "torch backend and simulator), w4a16 (4-bit weights in groups of 32 with a scale and offset, as GGUF "

@@ -124,7 +124,11 @@ class NativeEngine:
         config = args.engine_config(num_blocks=backend.num_blocks_that_fit, model_max_len=backend.max_position_embeddings)
         self.engine_config = config
         self.max_model_len = config.scheduler_config.max_model_len
-        queue = queue or backend.create_queue(config.scheduler_config.num_blocks, config.npu_queue_limit, config.jit_config.max_workers)
+        sc = config.scheduler_config
+        queue = queue or backend.create_queue(
+            sc.num_blocks, config.npu_queue_limit, config.jit_config.max_workers, max_model_len=sc.max_model_len,
+            max_num_seqs=sc.max_processing_samples, batch_edges=config.jit_config.batch_edges,
+            enforce_eager=args.enforce_eager)
         self.core = EngineCore.from_config(config, queue, time.monotonic, eos_token_ids=self.eos_token_ids,
                                            num_layers=backend.num_layers)
         self.input_processor = InputProcessor(self.tokenizer, vocab_size=self.vocab_size, max_model_len=self.max_model_len,

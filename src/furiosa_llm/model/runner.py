@@ -96,7 +96,9 @@ class _AttnGroup:
 class ModelRunner:
     """Executes a ``Batch`` on ``cpu`` or ``cuda:N`` and samples; a ``BatchExecutor`` for the HAL."""
 
-    def __init__(self, hf_model, device: str, num_blocks: int, block_size: int, seed: int | None = None):
+    def __init__(self, hf_model, device: str, num_blocks: int, block_size: int, seed: int | None = None, *,
+                 max_model_len: int | None = None, decode_batch_sizes: list[int] | None = None,
+                 cuda_graphs: bool = True):
         cfg = hf_model.config
         self.device = torch.device(device)
         self.model = hf_model.to(self.device)
@@ -123,6 +125,7 @@ class ModelRunner:
         self.jit_backend = os.environ.get("FURIOSA_LLM_JIT_BACKEND", "inductor")
         self._compiled: dict[Bucket, tuple] = {}
         self.sampler = Sampler(seed)
+        self.paged = self._paged_decode(max_model_len, decode_batch_sizes, cuda_graphs)
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB) on %s",
             num_blocks, block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**20, self.device,
@@ -163,6 +166,30 @@ class ModelRunner:
         # per layer: the K and V caches as slots [blocks * block_size, kv_heads, hd] and as blocks
         self.kv_views = [(kv[0].view(-1, self.num_kv_heads, self.head_dim), kv[1].view(-1, self.num_kv_heads, self.head_dim),
                           kv[0], kv[1]) for kv in self.kv_cache]
+
+    def _paged_decode(self, max_model_len, sizes, cuda_graphs: bool):
+        """The in-place paged decode path (``model.paged_decode``), or None: decode attention then gathers K/V.
+
+        ``FURIOSA_LLM_DECODE_ATTENTION``: ``auto`` (default: paged on cuda, gather on cpu, where a
+        gathered view measured faster), ``paged`` (also on cpu, eagerly: a test reference) or ``gather``.
+        On cuda a failure to compile or capture falls back to gathering, with a warning.
+        """
+        from .paged_decode import PagedDecode
+
+        mode = os.environ.get("FURIOSA_LLM_DECODE_ATTENTION", "auto")
+        if mode not in ("auto", "paged", "gather"):
+            raise ValueError(f"FURIOSA_LLM_DECODE_ATTENTION={mode!r}: must be auto, paged or gather")
+        cuda = self.device.type == "cuda"
+        if mode == "gather" or (mode == "auto" and not cuda) or not max_model_len or not sizes or self.rope_table is None:
+            return None
+        try:
+            return PagedDecode(self, sizes, max_model_len, compile=cuda, graphs=cuda and cuda_graphs)
+        except Exception as e:  # noqa: BLE001 - any compiler or capture failure leaves the gather path working
+            if mode == "paged":
+                raise
+            logger.warning("paged decode attention unavailable on %s (%s: %s); decode attention gathers K/V instead",
+                           self.device, type(e).__name__, e)
+            return None
 
     def _rmsnorm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """RMSNorm as Hugging Face's Llama computes it: the statistics in float32, then ``w * x`` in the weights' dtype.
@@ -277,10 +304,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: Batch) -> StepResult:
+        seqs = batch.sequences
+        paged = self.paged
+        if paged is not None and seqs and paged.size_for(len(seqs)) and all(len(s.token_ids) == 1 for s in seqs):
+            return self._sample(batch, paged.run(seqs), list(range(len(seqs))))
         compiled = self._compiled.get(batch.bucket) if batch.bucket is not None else None
         if compiled is not None:
             return self._execute_compiled(batch, batch.bucket, *compiled)
-        seqs = batch.sequences
         if not seqs:
             return StepResult(batch.step_id)
         input_ids, pos, slot, offsets, decode, prefill = self._step_inputs(seqs)
