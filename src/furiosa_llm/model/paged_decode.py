@@ -84,9 +84,9 @@ class PagedDecode:
             except TypeError:  # an older torch without compute_q_blocks
                 self.masks[B] = BlockMask.from_kv_blocks(*args, **kw)
         if compile:  # one compiled kernel per size: dynamo's default limit (8) would send the rest to eager flex
-            import torch._dynamo
+            from torch import _dynamo
 
-            cfg = torch._dynamo.config
+            cfg = _dynamo.config
             cfg.recompile_limit = max(cfg.recompile_limit, 8 * len(self.sizes))
             cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 8 * len(self.sizes))
         self.flex = torch.compile(flex_attention, dynamic=False, fullgraph=True) if compile else flex_attention
