@@ -60,7 +60,9 @@ class PagedDecode:
         self.tokens, self.pos, self.slots = self.meta[0], self.meta[1], self.meta[2]
         self.kv_len = torch.ones(bmax, **i32)
         self.full_num = torch.zeros(bmax, **i32)
-        self.last = torch.full((bmax,), scratch, **i32)
+        # the last block of each row, in column 0: flex's kernel reads full and partial block lists with one
+        # stride and width, so both are [rows, width]
+        self.last = torch.full((bmax, self.width), scratch, **i32)
         one = torch.ones(bmax, **i32)
         self.tables = torch.full((bmax, self.width), scratch, **i64)
         self.tables32 = torch.full((bmax, self.width), scratch, **i32)
@@ -77,7 +79,7 @@ class PagedDecode:
         self.masks = {}
         for B in self.sizes:
             kw = dict(BLOCK_SIZE=(128, bs), mask_mod=mask_mod, seq_lengths=(self.rep, self.num_slots))
-            args = (one[:B].view(B, 1, 1), self.last[:B].view(B, 1, 1, 1),
+            args = (one[:B].view(B, 1, 1), self.last[:B].view(B, 1, 1, self.width),
                     self.full_num[:B].view(B, 1, 1), self.tables32[:B].view(B, 1, 1, self.width))
             try:
                 self.masks[B] = BlockMask.from_kv_blocks(*args, compute_q_blocks=False, **kw)
@@ -118,7 +120,7 @@ class PagedDecode:
         self.meta[:, :B].copy_(host.to(dev, non_blocking=True))
         self.kv_len[:B].copy_(self.meta[3, :B])
         self.full_num[:B].copy_(self.meta[4, :B])
-        self.last[:B].copy_(self.meta[5, :B])
+        self.last[:B, 0].copy_(self.meta[5, :B])
         # forget the last step's block tables, then map this step's (a block's first index in a row wins)
         u = max(self.used_width, w)
         self.phys_to_log.scatter_(1, self.tables[:, :u], -1)
