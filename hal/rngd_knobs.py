@@ -62,6 +62,7 @@ ENGINE_KNOBS: tuple[Knob, ...] = (
     Knob("kv_cache_memory_bytes", "refused", default=None, why="the vendor engine sizes the KV cache on the card"),
     Knob("num_kv_blocks", "refused", default=None, why="the vendor engine sizes the KV cache on the card"),
     Knob("dtype", "refused", default="auto", why="the FXB is compiled for one dtype"),
+    Knob("enforce_eager", "refused", default=False, why="the vendor engine runs its precompiled FXB buckets; there are no CUDA graphs to turn off"),
     Knob("quantization", "refused", default="none", why="the FXB is compiled with its weight format (chosen when the artifact is built)"),
     Knob("revision", "ours"),
     Knob("tokenizer", "ours"),
