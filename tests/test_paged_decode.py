@@ -88,3 +88,13 @@ def test_bad_mode_is_refused(monkeypatch):
     monkeypatch.setenv("FURIOSA_LLM_DECODE_ATTENTION", "fast")
     with pytest.raises(ValueError, match="FURIOSA_LLM_DECODE_ATTENTION='fast'"):
         ModelRunner(tiny_llama(4, 2), "cpu", num_blocks=8, block_size=4, max_model_len=32, decode_batch_sizes=[1])
+
+
+def test_a_bucket_the_paged_path_serves_is_ready_at_once(monkeypatch):
+    """JIT on top of the paged path: a bucket whose batch has a padded size needs no compilation (on cuda,
+    its CUDA graph was captured at start-up), so the JIT's policy marks it ready and counts its steps."""
+    from furiosa_llm.hal import Bucket
+
+    r = runner(tiny_llama(4, 2), "paged", monkeypatch)
+    r.compile_bucket(Bucket(4, 64), 1)
+    assert r._compiled == {}  # nothing compiled: execute takes the paged path for it

@@ -414,8 +414,12 @@ class ModelRunner:
         """Compile the decode step at ``bucket``'s padded shape, ``num_units`` graphs of consecutive layers.
 
         Runs on a background thread: it traces and compiles with dummy inputs and writes no K/V,
-        so serving goes on, eagerly, meanwhile. Raises on failure.
+        so serving goes on, eagerly, meanwhile. Raises on failure. A bucket whose batch the paged
+        decode path serves (``model.paged_decode``: on cuda, a CUDA graph captured at start-up) is
+        ready at once: that path runs it, whatever its length.
         """
+        if self.paged is not None and self.paged.size_for(bucket.batch) is not None:
+            return
         import torch._dynamo
 
         cfg = torch._dynamo.config
