@@ -164,3 +164,22 @@ def test_text_matches_tokens_and_delta_matches_cumulative(engine, prompt, stops,
         assert final.text == full
     if len(final.token_ids) < min_tokens:
         assert final.finish_reason == "length"  # only the context can end a request before min_tokens
+
+
+@settings(max_examples=60, deadline=None)
+@given(ids=st.lists(st.one_of(st.integers(0, 49151), st.integers(0, 20)), min_size=1, max_size=12),
+       skip=st.booleans())
+def test_the_backend_decode_equals_the_tokenizers_decode(engine, ids, skip):
+    """The detokenizer's shortcut to the Rust decoder gives what ``tokenizer.decode`` gives, special tokens
+    (ids below 20 here) and split UTF-8 sequences included."""
+    from furiosa_llm.api.detokenizer import IncrementalDetokenizer, _backend_decode
+
+    tok = engine.tokenizer
+    fast = _backend_decode(tok, skip)
+    assert fast is not None  # the embedded model's tokenizer takes the shortcut
+    assert fast(ids) == tok.decode(ids, skip_special_tokens=skip)
+    a = IncrementalDetokenizer(tok, [1, 2, 3], skip_special_tokens=skip, stop=["e"])
+    b = IncrementalDetokenizer(tok, [1, 2, 3], skip_special_tokens=skip, stop=["e"])
+    b._decode = b._hf_decode
+    assert [a.add(t) for t in ids] == [b.add(t) for t in ids]
+    assert a.visible_text(True) == b.visible_text(True)
