@@ -226,7 +226,8 @@ def main() -> None:
     variants = [parse_variant(v) for v in args.variants] if args.variants else [(args.dtype, args.quantization)]
     report: dict = {"cpu": cpu_info(), "model": model, "random_weights": args.random_weights,
                     "workload": {"kind": args.workload, "output_len": args.output_len, "seed": args.seed,
-                                 "device": args.devices}, "engine": {}}
+                                 "device": args.devices},
+                    "engine_args": {"max_num_seqs": args.max_num_seqs, "enforce_eager": args.enforce_eager}, "engine": {}}
     tok = None
     if args.workload == "anchor":
         from transformers import AutoTokenizer
@@ -245,9 +246,7 @@ def main() -> None:
         engine = LLMEngine(EngineArgs(model=model, devices=args.devices, seed=args.seed, dtype=dtype,
                                       quantization=quant, **ekw))
         entry: dict = {"dtype": str(engine.runner.dtype).replace("torch.", ""), "quantization": quant,
-                       "start_seconds": round(time.perf_counter() - t0, 1),
-                       "decode_path": "gather" if engine.runner.paged is None else
-                       ("paged+cuda_graphs" if engine.runner.paged.graphs else "paged")}
+                       "start_seconds": round(time.perf_counter() - t0, 1), "decode_path": decode_path(engine)}
         prompts = workload(args.requests, args.min_prompt, args.max_prompt, engine.vocab_size, args.seed)
         run_engine(engine, prompts[:2], 4)  # warm-up
         entry["throughput"] = run_engine(engine, prompts, args.output_len)
@@ -282,6 +281,12 @@ def main() -> None:
     print(json.dumps(report, indent=2))
 
 
+def decode_path(engine) -> str:
+    """How the engine's decode steps attend: ``gather``, ``paged`` or ``paged+cuda_graphs`` (see ``model.paged_decode``)."""
+    paged = engine.runner.paged
+    return "gather" if paged is None else "paged+cuda_graphs" if paged.graphs else "paged"
+
+
 def _median_run(runs: list[dict]) -> dict:
     """The run with the median tokens/s (the lower middle of an even count), with every round's tokens/s."""
     ordered = sorted(runs, key=lambda r: r["output_tokens_per_s"])
@@ -310,7 +315,8 @@ def anchor_rounds(report: dict, args, variants, base, model, ekw, src) -> None:
             name = dtype if quant == "none" else f"{dtype}+{quant}"
             engine = LLMEngine(EngineArgs(model=model, devices=args.devices, seed=args.seed, dtype=dtype,
                                           quantization=quant, **ekw))
-            report["engine"].setdefault(name, {"dtype": str(engine.runner.dtype).replace("torch.", ""), "quantization": quant})
+            report["engine"].setdefault(name, {"dtype": str(engine.runner.dtype).replace("torch.", ""), "quantization": quant,
+                                               "decode_path": decode_path(engine)})
             run_engine(engine, base[:2], 4)  # warm-up
             for c in args.concurrency:
                 prompts = [base[i % len(base)] for i in range(c)]

@@ -97,4 +97,15 @@ def test_a_bucket_the_paged_path_serves_is_ready_at_once(monkeypatch):
 
     r = runner(tiny_llama(4, 2), "paged", monkeypatch)
     r.compile_bucket(Bucket(4, 64), 1)
+    # a bucket above the largest padded size (4, i.e. max_num_seqs 4): the scheduler never forms more rows,
+    # so the paged path runs every batch of that bucket too
+    r.compile_bucket(Bucket(8, 64), 1)
     assert r._compiled == {}  # nothing compiled: execute takes the paged path for it
+
+
+def test_the_mode_is_read_case_blind_and_empty_means_auto(monkeypatch):
+    model = tiny_llama(4, 2)
+    for raw, paged in ((" Paged ", True), ("", False), ("GATHER", False)):
+        monkeypatch.setenv("FURIOSA_LLM_DECODE_ATTENTION", raw)
+        r = ModelRunner(model, "cpu", num_blocks=8, block_size=4, max_model_len=32, decode_batch_sizes=[1])
+        assert (r.paged is not None) == paged, raw

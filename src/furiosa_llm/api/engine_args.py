@@ -225,7 +225,8 @@ class EngineArgs:
         a("--enable-prefix-caching", type=_str2bool, nargs="?", const=True, default=True, metavar="BOOL", help="Reuse KV blocks of shared prompt prefixes (default on; a bare switch, or true/false).")
         a("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false", help="Disable prefix caching.")
         a("--dtype", type=str, default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="Weight dtype: auto = bfloat16 on cuda and on a cpu with native bf16 (AVX512-BF16/AMX), else float32.")
-        a("--enforce-eager", action="store_true", help="On cuda, run decode steps eagerly instead of replaying CUDA graphs (vLLM's flag); the paged attention kernel stays.")
+        a("--enforce-eager", type=_str2bool, nargs="?", const=True, default=False, metavar="BOOL", help="On cuda, run decode steps eagerly instead of replaying CUDA graphs (vLLM's flag; a bare switch, or true/false); the paged attention kernel stays.")
+        a("--no-enforce-eager", dest="enforce_eager", action="store_false", help="Replay CUDA graphs for decode on cuda (the default).")
         a("--quantization", "-q", type=str, default="none", choices=list(QUANTIZATIONS),
           help="Weight format: none (the --dtype), w8a16 (int8 weights with per-channel scales, 16-bit activations; "
                "torch backend and simulator), w4a16 (4-bit weights in groups of 32 with a scale and offset, as GGUF "

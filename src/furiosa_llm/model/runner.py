@@ -176,11 +176,18 @@ class ModelRunner:
         """
         from .paged_decode import PagedDecode
 
-        mode = os.environ.get("FURIOSA_LLM_DECODE_ATTENTION", "auto")
+        raw = os.environ.get("FURIOSA_LLM_DECODE_ATTENTION", "")
+        mode = raw.strip().lower() or "auto"
         if mode not in ("auto", "paged", "gather"):
-            raise ValueError(f"FURIOSA_LLM_DECODE_ATTENTION={mode!r}: must be auto, paged or gather")
+            raise ValueError(f"FURIOSA_LLM_DECODE_ATTENTION={raw!r}: must be auto, paged or gather")
         cuda = self.device.type == "cuda"
-        if mode == "gather" or (mode == "auto" and not cuda) or not max_model_len or not sizes or self.rope_table is None:
+        if mode == "gather" or (mode == "auto" and not cuda):
+            return None
+        if not max_model_len or not sizes or self.rope_table is None:
+            if mode == "paged":
+                logger.warning("FURIOSA_LLM_DECODE_ATTENTION=paged: not available here (%s); decode attention gathers K/V",
+                               "the model's rotary embedding depends on the sequence length" if self.rope_table is None
+                               else "the runner was given no max_model_len or batch sizes")
             return None
         try:
             return PagedDecode(self, sizes, max_model_len, compile=cuda, graphs=cuda and cuda_graphs)
@@ -414,11 +421,12 @@ class ModelRunner:
         """Compile the decode step at ``bucket``'s padded shape, ``num_units`` graphs of consecutive layers.
 
         Runs on a background thread: it traces and compiles with dummy inputs and writes no K/V,
-        so serving goes on, eagerly, meanwhile. Raises on failure. A bucket whose batch the paged
-        decode path serves (``model.paged_decode``: on cuda, a CUDA graph captured at start-up) is
-        ready at once: that path runs it, whatever its length.
+        so serving goes on, eagerly, meanwhile. Raises on failure. With the paged decode path
+        (``model.paged_decode``: on cuda, CUDA graphs captured at start-up) every bucket is ready
+        at once: its largest padded size is ``min(max_num_seqs, largest batch edge)``, so every
+        decode batch the JIT buckets runs on that path, whatever its length.
         """
-        if self.paged is not None and self.paged.size_for(bucket.batch) is not None:
+        if self.paged is not None:
             return
         import torch._dynamo
 
