@@ -117,6 +117,8 @@ _LLAMA = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num
     ({k: v for k, v in _LLAMA.items() if k != "model_type"}, "model_type is missing"),
     ({**_LLAMA, "model_type": "mistral", "sliding_window": 16}, "sliding_window=16"),
     ({**_LLAMA, "model_type": "qwen2", "sliding_window": 16, "use_sliding_window": True}, "sliding_window=16"),
+    # no context length given: the window is in use (this raised a TypeError, comparing with None)
+    ({**_LLAMA, "model_type": "mistral", "sliding_window": 16, "max_position_embeddings": None}, "sliding_window=16"),
     ({**_LLAMA, "hidden_size": 66}, "hidden_size=66 is not a multiple of num_attention_heads=4"),
     ([1, 2], "expected a JSON object"),
     ("{not json", "is not JSON"),

@@ -163,6 +163,14 @@ _CONFIG_SIZES = ("num_hidden_layers", "hidden_size", "num_attention_heads", "int
 _CONFIG_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
+def _sliding_window_in_use(model_type, window, max_position_embeddings, use_sliding_window) -> bool:
+    """Whether a config asks for sliding-window attention, which this engine does not apply: Mistral's
+    ``sliding_window``, or another model's with ``use_sliding_window``. A window at least as long as the context
+    (``max_position_embeddings``; unknown: unbounded) never drops a position, so such a config runs."""
+    return (bool(window) and window < (max_position_embeddings or math.inf)
+            and (model_type == "mistral" or bool(use_sliding_window)))
+
+
 def check_decoder_config(cfg: object, where: str) -> dict:
     """``cfg`` (a decoder's parsed ``config.json``, from ``where``) if the engine can run it; else a ``ValueError``
     naming the field: sizes that are not whole numbers >= 1, ``num_key_value_heads`` that does not divide
@@ -183,9 +191,7 @@ def check_decoder_config(cfg: object, where: str) -> dict:
         raise ValueError(f"{where}: hidden_size={cfg['hidden_size']} is not a multiple of num_attention_heads={heads} "
                          "(give head_dim, or sizes that split into heads)")
     window = cfg.get("sliding_window")
-    # a window at least as long as the context never drops a position: such a config runs
-    in_use = window and window < cfg.get("max_position_embeddings", math.inf)
-    if in_use and (cfg["model_type"] == "mistral" or cfg.get("use_sliding_window")):
+    if _sliding_window_in_use(cfg["model_type"], window, cfg.get("max_position_embeddings"), cfg.get("use_sliding_window")):
         raise ValueError(f"{where}: sliding_window={window}: sliding-window attention is not supported (the engine "
                          "attends every earlier position); a config with sliding_window null runs")
     return cfg
@@ -262,9 +268,10 @@ def load_model_and_tokenizer(
     model_type = getattr(model.config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model={src.name!r}: model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
-    window = getattr(model.config, "sliding_window", None)
-    in_use = window and window < (getattr(model.config, "max_position_embeddings", None) or math.inf)
-    if in_use and (model_type == "mistral" or getattr(model.config, "use_sliding_window", False)):
+    c = model.config
+    window = getattr(c, "sliding_window", None)
+    if _sliding_window_in_use(model_type, window, getattr(c, "max_position_embeddings", None),
+                              getattr(c, "use_sliding_window", False)):
         raise ValueError(f"model={src.name!r}: sliding_window={window}: sliding-window attention is not supported")
     model.eval()
     return model, tok, time.perf_counter() - t0

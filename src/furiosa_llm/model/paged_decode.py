@@ -92,8 +92,8 @@ class PagedDecode:
             cfg.recompile_limit = max(cfg.recompile_limit, 8 * len(self.sizes))
             cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 8 * len(self.sizes))
         self.flex = torch.compile(flex_attention, dynamic=False, fullgraph=True) if compile else flex_attention
-        self.graphs: dict[int, tuple] = {}
-        self.hidden: dict[int, torch.Tensor] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # padded size -> its captured step
+        self.hidden: dict[int, torch.Tensor] = {}  # padded size -> its graph's output, [size, hidden]
         if compile or graphs:
             self._warm_and_capture(graphs)
 
