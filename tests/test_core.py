@@ -176,6 +176,24 @@ def test_queue_limit_keeps_batches_in_flight():
     drain(core)
 
 
+def test_one_slot_never_splits_its_running_requests_over_batches_in_flight():
+    # a deeper queue lets a late request's prefill start beside the batch in flight, but once its result
+    # is in, the running requests wait for the other batch and then decode together: no group of them
+    # decodes apart in a batch of its own (each such batch would read the weights again)
+    core, q = make_core(limit=2)
+    for i in range(2):
+        core.add_request(req(f"r{i}", 3, max_tokens=6, base=10 * i))
+    core.submit()
+    core.add_request(req("late", 3, max_tokens=6, base=90))
+    core.submit()
+    assert q.in_flight == 2
+    drain(core)
+    trace = core.scheduler.trace
+    assert trace[:2] == [(0, (("r0", 3), ("r1", 3))), (1, (("late", 3),))]  # the late prefill beside the first batch
+    # then every batch holds all three, one token each (before, r0 and r1 went on apart from "late")
+    assert [b for _, b in trace[2:]] == [(("r0", 1), ("r1", 1), ("late", 1))] * 5
+
+
 def test_allocator_accounting():
     a = BlockAllocator(8, 4)
     t1 = BlockTable()

@@ -107,7 +107,10 @@ class Scheduler:
         With several batch slots, the batch serves the first slot, in turn from the one after the
         last served, that has no batch in flight and has work: a slot has one batch in flight at a
         time (vLLM's virtual engines), so a queue deeper than the slots does not split a slot into
-        leftover batches.
+        leftover batches. With one slot and a batch in flight, a second batch only admits waiting
+        requests (their prefill starts at once); the running requests wait for the batch in flight,
+        so requests admitted that way join the others' next batch instead of decoding apart in
+        batches of their own, each reading the weights again.
         """
         n = self.config.num_batch_slots
         # the slots with a batch in flight (a batch serves one slot: that of its requests)
@@ -116,7 +119,7 @@ class Scheduler:
             slot = (self._next_slot + k) % n if n > 1 else None
             if slot is not None and slot in busy:
                 continue
-            seqs = self._schedule_slot(slot, now)
+            seqs = self._schedule_slot(slot, now, admit_only=slot is None and bool(self.in_flight))
             if seqs:
                 self._next_slot = (slot + 1) % n if n > 1 else 0
                 break
@@ -131,11 +134,14 @@ class Scheduler:
             self.trace.append((step_id, tuple((c.request_id, len(c.token_ids)) for c in seqs)))
         return batch
 
-    def _schedule_slot(self, slot: int | None, now: float) -> list[SequenceChunk]:
-        """The chunks of one batch for ``slot`` (None: every running request not in flight)."""
+    def _schedule_slot(self, slot: int | None, now: float, admit_only: bool = False) -> list[SequenceChunk]:
+        """The chunks of one batch for ``slot`` (None: every running request not in flight); ``admit_only``:
+        waiting requests only."""
         budget = self.config.max_num_batched_tokens
         seqs: list[SequenceChunk] = []
-        budget, preempted = self._schedule_running(seqs, budget, slot)
+        preempted = False
+        if not admit_only:
+            budget, preempted = self._schedule_running(seqs, budget, slot)
         if not preempted:  # a preemption this step means memory is short: admit nothing new
             budget = self._schedule_waiting(seqs, budget, now, slot)
         assert 0 <= budget <= self.config.max_num_batched_tokens
