@@ -162,8 +162,27 @@ class SimConfig:
             raise ValueError(f"devices={self.devices!r}: profile {self.profile.name!r} was calibrated on {measured_on} "
                              "(the torch backend); npu devices need the rngd profile or a profile calibrated on a card "
                              "('furiosa-llm calibrate --devices npu:N')")
+        measured_pes = self._profile_pes()
+        if measured_pes is not None and (self.tensor_parallel_size, self.pipeline_parallel_size) != (measured_pes, 1):
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}, pipeline_parallel_size="
+                             f"{self.pipeline_parallel_size}: profile {self.profile.name!r} timed the whole model on "
+                             f"{self.profile.notes['devices']} ({measured_pes} PEs, one stage), so it predicts replicas of "
+                             f"that layout only: pass --tensor-parallel-size {measured_pes} without -pp, or calibrate "
+                             "the layout you want to plan")
         return place_replicas(devices, self.tensor_parallel_size, self.pipeline_parallel_size,
                               self.engine_args.data_parallel_size)
+
+    def _profile_pes(self) -> int | None:
+        """PEs of the replica a card-calibrated profile was measured on (its notes' ``devices``); None for other profiles."""
+        if not isinstance(self.profile, CostModel):
+            return None
+        devices = self.profile.notes.get("devices")
+        if not isinstance(devices, str) or not devices.startswith("npu"):
+            return None
+        try:
+            return sum(d.num_pes for d in parse_devices(devices))
+        except ValueError as e:
+            raise ValueError(f"profile {self.profile.name!r}: notes.devices={devices!r} is not a device list: {e}") from None
 
     def _stage_cost(self) -> CostModel:
         if isinstance(self.profile, CostModel):
@@ -192,12 +211,17 @@ class SimConfig:
             blocks = cost.notes.get("num_kv_blocks")
             if blocks is None:
                 raise ValueError(f"num_kv_blocks=None: profile {cost.name!r} does not model memory; pass --num-kv-blocks")
+            if self.engine_args.kv_cache_memory_bytes is not None:
+                raise ValueError(f"kv_cache_memory_bytes={self.engine_args.kv_cache_memory_bytes}: profile {cost.name!r} "
+                                 f"does not model memory (it counted {blocks} KV blocks); pass --num-kv-blocks instead")
             measured = self._profile_model
             if measured is not None and (measured.num_layers, measured.num_kv_heads, measured.head_dim) != (
                     self.model.num_layers, self.model.num_kv_heads, self.model.head_dim):
                 raise ValueError(f"num_kv_blocks=None: profile {cost.name!r} counted {blocks} KV blocks of "
                                  f"{measured.name}, whose blocks differ from {self.model.name}'s; pass --num-kv-blocks")
-            return int(blocks)
+            # the same KV memory in blocks of this run's size: the tokens it holds stay the same
+            measured_bs = cost.notes.get("block_size", self.engine_args.block_size)
+            return int(blocks) * int(measured_bs) // self.engine_args.block_size
         pp = self.pipeline_parallel_size
         share = self.model.stage_share(pp)  # the largest stage holds the most layers: it sets the replica's blocks
         weights = self.model.weight_bytes(cost.dtype_bytes) * share

@@ -161,6 +161,20 @@ def test_a_torch_profile_is_refused_where_it_does_not_apply(tmp_path):
         SimConfig(model="llama-3.1-8b", profile=str(path), devices="cpu").plan()
     plan = SimConfig(model="llama-3.1-8b", profile=str(path), devices="cpu", num_kv_blocks=50).plan()
     assert plan.engine_config.scheduler_config.num_blocks == 50
+    # the counted blocks hold 100 x 16 tokens: another block size keeps the tokens, not the count (found by a fresh user)
+    cm.notes["block_size"] = 16
+    cm.save(path, small)
+    for bs, blocks in ((64, 25), (16, 100), (8, 200)):
+        assert SimConfig(profile=str(path), devices="cpu", block_size=bs).plan().num_kv_blocks == blocks
+    with pytest.raises(ValueError, match="kv_cache_memory_bytes=1000: profile .* does not model memory"):
+        SimConfig(profile=str(path), devices="cpu", kv_cache_memory_bytes=1000).plan()
+    # a profile timed on a card predicts replicas of that layout only: -tp and -pp are refused (found by a fresh user)
+    card = CostModel("rngd-npu:0", overhead_s=4e-3, s_per_flop=1e-14, s_per_weight_byte=0.0, s_per_kv_byte=1e-12,
+                     combine="sum", notes={"devices": "npu:0"})
+    assert SimConfig(model=small, profile=card, devices="npu:0,npu:1", num_kv_blocks=100).plan().num_replicas == 2
+    for kw in (dict(tensor_parallel_size=1), dict(tensor_parallel_size=16), dict(pipeline_parallel_size=2)):
+        with pytest.raises(ValueError, match=r"timed the whole model on npu:0 \(8 PEs, one stage\)"):
+            SimConfig(model=small, profile=card, devices="npu:0,npu:1", num_kv_blocks=100, **kw).plan()
     # the rngd profile's assumptions and npu layouts would be ignored: refused by name (found by a fresh user)
     for kw, name in ((dict(compute_efficiency=0.1), "compute_efficiency"), (dict(step_overhead_s=1.0), "step_overhead_s"),
                      (dict(kv_memory_utilization=0.1), "kv_memory_utilization"),
