@@ -169,6 +169,9 @@ class Workload:
         uses_trace = self.arrival == "trace" or "trace" in (self.input_len.kind, self.output_len.kind)
         if uses_trace and self.trace is None:
             raise ValueError("trace=None: arrival or lengths 'trace' need a trace CSV")
+        if self.trace is not None and not uses_trace:
+            raise ValueError(f"trace={self.trace!r}: nothing reads it; take its times with arrival='trace' and its "
+                             "lengths with input_len/output_len 'trace'")
 
     def with_rate(self, rate: float) -> "Workload":
         from dataclasses import replace

@@ -351,6 +351,17 @@ def test_trace_workload(tmp_path):
     latin.write_bytes("arrived_at,num_prefill_tokens,num_decode_tokens\n0,100,10 # caf\xe9\n".encode("latin-1"))
     with pytest.raises(ValueError, match="not UTF-8 text"):
         Workload(num_requests=1, arrival="trace", trace=str(latin)).generate()
+    # a trace nothing reads is refused; the CLI simulates the trace's own rows unless --num-requests says otherwise
+    # (before, its default of 1000 repeated a 3-row trace 333 times without a word; found by a fresh user)
+    with pytest.raises(ValueError, match="trace=.*nothing reads it"):
+        Workload(num_requests=3, trace=str(p))
+    from furiosa_llm.entrypoints.cli import main
+
+    for extra, n in (([], 3), (["--num-requests", "7"], 7)):
+        out = tmp_path / f"r{n}.json"
+        assert main(["simulate", "--model", "llama-3.1-8b", "--arrival", "trace", "--trace", str(p), "--input-len", "trace",
+                     "--output-len", "trace", "--no-progress", "--out", str(out), *extra]) == 0
+        assert json.loads(out.read_text())["workload"]["num_requests"] == n
 
 
 def test_workload_refuses_settings_its_arrivals_would_ignore():

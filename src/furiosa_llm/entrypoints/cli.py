@@ -15,7 +15,8 @@ import time
 
 def _add_workload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload")
-    g.add_argument("--num-requests", type=int, default=1000, help="Requests to simulate (default 1000).")
+    g.add_argument("--num-requests", type=int, default=None, help="Requests to simulate (default 1000; with --trace, the "
+                   "trace's rows: more repeat it end to end, fewer take its first rows).")
     g.add_argument("--request-rate", type=float, default=math.inf, help="Mean arrival rate in requests/s (default inf: all at t=0).")
     g.add_argument("--arrival", choices=["poisson", "gamma", "trace"], default="poisson", help="Arrival process.")
     g.add_argument("--burstiness", type=float, default=1.0, help="Gamma shape of inter-arrival times (1.0 = Poisson).")
@@ -72,6 +73,7 @@ def _add_sim_args(p: argparse.ArgumentParser) -> None:
 def _sim_inputs(ns: argparse.Namespace):
     from furiosa_llm.api.engine_args import EngineArgs
     from furiosa_llm.sim import SLO, SimConfig, Workload
+    from furiosa_llm.sim.workload import read_trace
 
     args = EngineArgs.from_cli_args(ns)
     hf_model = None
@@ -107,7 +109,10 @@ def _sim_inputs(ns: argparse.Namespace):
                              f"{need / 2**30:.1f} GiB for these blocks; pass --num-kv-blocks (at most 4 GiB)")
         tokens = ModelRunner(hf_model, "cpu", blocks, args.block_size, seed=args.seed)
     seed = ns.workload_seed if ns.workload_seed is not None else (ns.seed or 0)
-    workload = Workload(num_requests=ns.num_requests, request_rate=ns.request_rate, arrival=ns.arrival,
+    num_requests = ns.num_requests
+    if num_requests is None:
+        num_requests = len(read_trace(ns.trace)) if ns.trace is not None else 1000
+    workload = Workload(num_requests=num_requests, request_rate=ns.request_rate, arrival=ns.arrival,
                         burstiness=ns.burstiness, input_len=ns.input_len, output_len=ns.output_len, seed=seed,
                         trace=ns.trace, embed_fraction=getattr(ns, "embed_fraction", 0.0))
     if workload.embed_fraction > 0 and tokens is not None:
