@@ -735,3 +735,11 @@ def test_planner_and_config_refuse_bad_inputs_by_name(tmp_path, capsys):
                  "--objective", "offline_throughput", "--sweep", "tensor-parallel-size=4,8", "--plot", str(plan_png),
                  "--no-progress"]) == 0
     assert plan_png.stat().st_size > 5_000
+    # an SLO no rate meets: said, with what the lowest rate probed gave, and not a success (before: exit 0, "best"
+    # null and no word; found by a fresh user)
+    capsys.readouterr()
+    assert main(["plan", "--model", "llama-3.1-8b", "--num-requests", "8", "--input-len", "64", "--output-len", "8",
+                 "--slo-ttft-ms", "1", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "no configuration meets the SLOs (TTFT <= 1 ms for 90% of requests) at any rate" in err
+    assert "the lowest rate probed, 0% of requests met them (median TTFT" in err

@@ -237,7 +237,20 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     if rows and all("error" in r for r in rows):
         print(f"error: no configuration could run; first: {rows[0]['error']}", file=sys.stderr)
         return 1
+    if top is None:  # every point ran, and none meets the SLOs at any rate probed
+        lowest = min((p for r in rows for p in r.get("probes", ())), key=lambda p: p["request_rate"], default=None)
+        at = "" if lowest is None else (
+            f"; at {lowest['request_rate']:.3g} req/s, the lowest rate probed, {lowest['slo_attainment']:.0%} of requests "
+            f"met them (median TTFT {lowest['median_ttft_ms']:.0f} ms, median TPOT {lowest['median_tpot_ms']:.1f} ms)")
+        print(f"error: no configuration meets the SLOs ({_slo_text(slo)}) at any rate{at}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _slo_text(slo) -> str:
+    parts = [f"{name} <= {v:g} ms" for name, v in (("TTFT", slo.ttft_ms), ("TPOT", slo.tpot_ms), ("E2EL", slo.e2el_ms))
+             if v is not None]
+    return ", ".join(parts) + f" for {slo.attainment:.0%} of requests"
 
 
 def cmd_calibrate(ns: argparse.Namespace) -> int:
