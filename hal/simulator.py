@@ -152,17 +152,18 @@ class SimQueue(ExecutionQueue):
         # every stage takes as long as the largest (the pipeline's pace); a decode step without its compiled bucket
         # runs slow (JIT)
         device = cost.total * slow * self._stage_share
+        comm = cost.tp_comm * slow * self._stage_share
         transfer = self.cost.stage_transfer_time(shape) if p > 1 else 0.0
         self.num_seqs += shape.num_seqs
-        self.bound_s[cost.bound] += device
-        self.tp_comm_s += cost.tp_comm * slow * self._stage_share
+        self.bound_s[cost.bound] += device - comm  # the step's own work, by what bounds it
+        self.tp_comm_s += comm
         self.stage_transfer_s += transfer
         return device + transfer, self.cost.host_time(shape)
 
     def usage(self) -> dict:
-        """Where the first stage's time went: seconds by what bounded each step (all-reduces across cards
-        are part of it), seconds sending to the next stage (besides it: busy = bound + sends), and the
-        batches' sizes."""
+        """Where the first stage's time went: seconds of the steps' own work by what bounded it, seconds in
+        all-reduces across cards, seconds sending to the next stage (busy = bound + all-reduces + sends),
+        and the batches' sizes."""
         return {"compute_bound_s": self.bound_s["compute"], "weight_bandwidth_bound_s": self.bound_s["weights"],
                 "kv_bandwidth_bound_s": self.bound_s["kv"], "tp_comm_s": self.tp_comm_s,
                 "stage_transfer_s": self.stage_transfer_s, "busy_s": self.busy_s,

@@ -565,6 +565,14 @@ def test_report_says_where_device_time_goes_and_costs_cross_card_links():
     pp = device_time(devices="npu:0,npu:1", pipeline_parallel_size=2, npu_queue_limit=2)
     assert pp["stage_transfer_share"] > 0 and pp["tp_comm_share"] == 0.0
     assert pp["idle_share"] > one["idle_share"]  # the pipeline bubble
+    # the shares split the device time: all-reduces are not also counted in what bounds the step (before, they
+    # were, and a slow link summed to 1.86; found by a fresh user)
+    slow = device_time(devices="npu:0,npu:1", tensor_parallel_size=16, link_latency_s=1e-3)
+    for d in (one, tp, pp, slow):
+        parts = ("compute_bound_share", "weight_bandwidth_bound_share", "kv_bandwidth_bound_share", "tp_comm_share",
+                 "stage_transfer_share", "idle_share")
+        assert sum(d[k] for k in parts) == pytest.approx(1.0, abs=1e-6)
+    assert slow["tp_comm_share"] > 0.5 > slow["weight_bandwidth_bound_share"]
 
 
 @pytest.mark.parametrize("stages,min_gain", [(2, 1.8), (4, 3.2)])
