@@ -72,6 +72,14 @@ class SimConfig:
         if unknown:
             raise TypeError(f"SimConfig: unknown argument(s) {', '.join(unknown)}; simulator settings are "
                             f"{', '.join(f.name for f in sim_fields)}, engine arguments those of EngineArgs")
+        for f in sim_fields:  # types here; the values are checked where they are used
+            v = getattr(self, f.name)
+            if f.name == "tensor_parallel_size" and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ValueError(f"tensor_parallel_size={v!r}: must be an int (PEs per pipeline stage)")
+            if f.name == "profile" and not isinstance(v, (str, CostModel)):
+                raise ValueError(f"profile={v!r}: must be 'rngd', a path to a calibrated profile or a CostModel")
+            if isinstance(f.default, float) and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ValueError(f"{f.name}={v!r}: must be a number")
         profile_shape = None
         if isinstance(self.profile, str) and self.profile != "rngd":
             self.profile, profile_shape = load_profile(self.profile)

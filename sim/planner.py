@@ -180,10 +180,10 @@ def offline_throughput(config: SimConfig, workload: Workload, **sim) -> dict:
 def _sweep_point(config: SimConfig, workload: Workload, slo: SLO | None, point: dict, kw: dict) -> dict:
     """One row of a sweep: the objective (``kw["objective"]``, default ``max_rate``) at ``point``, or the
     ``error`` that stopped it (a bad point)."""
-    cfg = replace(config, **point)  # SimConfig takes engine arguments and its own settings alike
     kw = dict(kw)
     objective = kw.pop("objective", "max_rate")
     try:
+        cfg = replace(config, **point)  # SimConfig takes engine arguments and its own settings alike
         if objective == "offline_throughput":
             res = offline_throughput(cfg, workload, **{k: v for k, v in kw.items() if k in ("dispatch", "workers")})
         else:

@@ -743,6 +743,16 @@ def test_planner_and_config_refuse_bad_inputs_by_name(tmp_path, capsys):
                  "--objective", "offline_throughput", "--sweep", "tensor-parallel-size=4,8", "--plot", str(plan_png),
                  "--no-progress"]) == 0
     assert plan_png.stat().st_size > 5_000
+    # a value of the wrong type is a ValueError naming it, in a sweep an error row (before, TypeErrors from deep
+    # inside, and the whole sweep stopped; found by a fresh user)
+    for kw, name in ((dict(tensor_parallel_size="8"), "tensor_parallel_size='8'"), (dict(tensor_parallel_size=True), "True"),
+                     (dict(compute_efficiency=None), "compute_efficiency=None"), (dict(profile={}), "profile={}"),
+                     (dict(kv_memory_utilization="0.9"), "kv_memory_utilization='0.9'")):
+        with pytest.raises(ValueError, match=re.escape(name)):
+            SimConfig(**kw)
+    rows = sweep(SimConfig(), Workload(num_requests=4, input_len="fixed:64", output_len="fixed:4"), None,
+                 {"tensor_parallel_size": ["4", 8]}, objective="offline_throughput")
+    assert "must be an int" in rows[0]["error"] and rows[1]["output_throughput"] > 0
     # an SLO no rate meets: said, with what the lowest rate probed gave, and not a success (before: exit 0, "best"
     # null and no word; found by a fresh user)
     capsys.readouterr()
