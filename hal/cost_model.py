@@ -417,7 +417,7 @@ def load_profile(path: str | Path) -> tuple[CostModel, ModelShape | None]:
         raise ValueError(f"profile={str(path)!r}: no such file; pass 'rngd' or a JSON written by 'furiosa-llm calibrate'")
     try:
         d = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"profile={str(path)!r}: not JSON ({e})") from None
     try:
         cost = CostModel.from_dict(d)

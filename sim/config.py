@@ -144,7 +144,7 @@ class SimConfig:
         num_blocks = self.engine_args.num_kv_blocks
         if num_blocks is None:
             num_blocks = self._kv_blocks_in_memory(cost)
-        elif cost.memory_bytes is not None and num_blocks > (fits := self._kv_blocks_in_memory(cost)):
+        elif cost.memory_bytes is not None and num_blocks > (fits := self._kv_blocks_in_memory(cost, budget=False)):
             raise ValueError(f"num_kv_blocks={num_blocks}: a replica's memory holds at most {fits} KV blocks of "
                              f"{self.engine_args.block_size} tokens of {self.model.name} beside its weights")
         engine_config = self.engine_args.engine_config(num_blocks=num_blocks,
@@ -213,12 +213,17 @@ class SimConfig:
                                link_latency_s=self.link_latency_s, overhead_s=self.step_overhead_s,
                                host_overhead_s=self.host_overhead_s, host_s_per_seq=self.host_s_per_seq)
 
-    def _kv_blocks_in_memory(self, cost: CostModel) -> int:
-        """KV blocks of one replica: what is left of each stage's memory after its share of the weights."""
+    def _kv_blocks_in_memory(self, cost: CostModel, budget: bool = True) -> int:
+        """KV blocks of one replica: what is left of each stage's memory after its share of the weights, within
+        ``kv_cache_memory_bytes`` when set (``budget``; ``num_kv_blocks`` overrides it)."""
         if cost.memory_bytes is None:
             blocks = cost.notes.get("num_kv_blocks")
             if blocks is None:
                 raise ValueError(f"num_kv_blocks=None: profile {cost.name!r} does not model memory; pass --num-kv-blocks")
+            measured_bs = cost.notes.get("block_size", self.engine_args.block_size)
+            for k, v in (("num_kv_blocks", blocks), ("block_size", measured_bs)):
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise ValueError(f"profile {cost.name!r}: notes.{k}={v!r}: must be an int >= 1")
             if self.engine_args.kv_cache_memory_bytes is not None:
                 raise ValueError(f"kv_cache_memory_bytes={self.engine_args.kv_cache_memory_bytes}: profile {cost.name!r} "
                                  f"does not model memory (it counted {blocks} KV blocks); pass --num-kv-blocks instead")
@@ -228,8 +233,7 @@ class SimConfig:
                 raise ValueError(f"num_kv_blocks=None: profile {cost.name!r} counted {blocks} KV blocks of "
                                  f"{measured.name}, whose blocks differ from {self.model.name}'s; pass --num-kv-blocks")
             # the same KV memory in blocks of this run's size: the tokens it holds stay the same
-            measured_bs = cost.notes.get("block_size", self.engine_args.block_size)
-            return int(blocks) * int(measured_bs) // self.engine_args.block_size
+            return blocks * measured_bs // self.engine_args.block_size
         pp = self.pipeline_parallel_size
         share = self.model.stage_share(pp)  # the largest stage holds the most layers: it sets the replica's blocks
         weights = self.model.weight_bytes(cost.dtype_bytes) * share
@@ -237,7 +241,7 @@ class SimConfig:
         free = usable - weights
         per_block = self.model.kv_bytes_per_token(cost.kv_bytes) * share * self.engine_args.block_size
         blocks = int(free // per_block)
-        budget = self.engine_args.kv_cache_memory_bytes  # per stage, as on a real device
+        budget = self.engine_args.kv_cache_memory_bytes if budget else None  # per stage, as on a real device
         if budget is not None and budget < per_block:
             raise ValueError(f"kv_cache_memory_bytes={budget}: less than one KV block ({per_block:.0f} bytes per stage: "
                              f"{self.engine_args.block_size} tokens of {self.model.name})")

@@ -753,6 +753,28 @@ def test_planner_and_config_refuse_bad_inputs_by_name(tmp_path, capsys):
     rows = sweep(SimConfig(), Workload(num_requests=4, input_len="fixed:64", output_len="fixed:4"), None,
                  {"tensor_parallel_size": ["4", 8]}, objective="offline_throughput")
     assert "must be an int" in rows[0]["error"] and rows[1]["output_throughput"] > 0
+    # flags a command would ignore, and bad inputs named as the user gave them (found by a fresh user)
+    for argv, said in ((["plan", "--model", "llama-3.1-8b", "--slo-ttft-ms", "100", "--request-rate", "5"], "--request-rate 5"),
+                       (["plan", "--model", "llama-3.1-8b", "--objective", "offline_throughput", "--slo-ttft-ms", "100"],
+                        "the --slo-* flags are for --objective max_rate"),
+                       (["simulate", "--model", "llama-3.1-8b", "--arrival", "gamma", "--burstiness", "0.1"], "--burstiness 0.1"),
+                       (["simulate", "--model", "llama-3.1-8b", "--workload-seed", "-5"], "--workload-seed -5")):
+        capsys.readouterr()
+        assert main(argv + ["--no-progress"]) == 2
+        assert said in capsys.readouterr().err
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe\x00junk")
+    with pytest.raises(ValueError, match="profile=.*binary.json.*not JSON"):
+        SimConfig(profile=str(binary))
+    bad_notes = CostModel("torch-cpu-x", overhead_s=1e-3, s_per_flop=1e-12, s_per_weight_byte=0.0, s_per_kv_byte=1e-10,
+                          combine="sum", notes={"device": "cpu", "num_kv_blocks": "abc"})
+    with pytest.raises(ValueError, match="notes.num_kv_blocks='abc': must be an int >= 1"):
+        SimConfig(model="llama-3.1-8b", profile=bad_notes, devices="cpu").plan()
+    # --num-kv-blocks overrides the --kv-cache-memory-bytes budget (as its help says); the card's memory still bounds it
+    kw = dict(model="llama-3.1-8b", devices="npu:0", kv_cache_memory_bytes=1_000_000_000)
+    assert SimConfig(**kw, num_kv_blocks=10_000).plan().num_kv_blocks == 10_000
+    with pytest.raises(ValueError, match="memory holds at most"):
+        SimConfig(**kw, num_kv_blocks=10_000_000).plan()
     # an SLO no rate meets: said, with what the lowest rate probed gave, and not a success (before: exit 0, "best"
     # null and no word; found by a fresh user)
     capsys.readouterr()

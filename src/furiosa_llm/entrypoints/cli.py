@@ -109,6 +109,8 @@ def _sim_inputs(ns: argparse.Namespace):
                              f"{need / 2**30:.1f} GiB for these blocks; pass --num-kv-blocks (at most 4 GiB)")
         tokens = ModelRunner(hf_model, "cpu", blocks, args.block_size, seed=args.seed)
     seed = ns.workload_seed if ns.workload_seed is not None else (ns.seed or 0)
+    if ns.workload_seed is not None and not 0 <= ns.workload_seed < 2**63:
+        raise ValueError(f"--workload-seed {ns.workload_seed}: must be in [0, 2**63)")
     num_requests = ns.num_requests
     if num_requests is None:
         num_requests = len(read_trace(ns.trace)) if ns.trace is not None else 1000
@@ -148,6 +150,9 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
 
     _check_output_path("--out", ns.out)
     _check_output_path("--plot", ns.plot, plot=True)
+    if ns.burstiness != 1.0 and math.isinf(ns.request_rate):
+        raise ValueError(f"--burstiness {ns.burstiness:g}: without --request-rate every request arrives at t=0; "
+                         "give gamma arrivals a rate")
     config, workload, slo, tokens = _sim_inputs(ns)
     res = simulate(config, workload, slo=None if slo.empty else slo, progress=not ns.no_progress and ns.workers == 1,
                    dispatch=ns.dispatch, workers=ns.workers, tokens=tokens, ray=ns.ray)
@@ -198,6 +203,12 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         from furiosa_llm.sim.planner import check_search
 
         check_search(ns.start_rate, ns.rel_tol, names=("--start-rate", "--rel-tol", "max_probes"))
+    if not math.isinf(ns.request_rate):
+        raise ValueError(f"plan: --request-rate {ns.request_rate:g}: plan searches the rate itself (max_rate) or sends "
+                         "every request at t=0 (offline_throughput); leave it unset")
+    if ns.objective == "offline_throughput" and any(v is not None for v in (ns.slo_ttft_ms, ns.slo_tpot_ms, ns.slo_e2el_ms)):
+        raise ValueError("plan --objective offline_throughput ranks by throughput alone; the --slo-* flags are for "
+                         "--objective max_rate")
     config, workload, slo, tokens = _sim_inputs(ns)
     if tokens is not None:
         raise ValueError("plan: --token-source model is for functional simulate runs; plans use synthetic tokens")
