@@ -104,6 +104,8 @@ def parse_device(token: str) -> Device:
 
 def parse_devices(spec: str | list[str] | tuple[str, ...]) -> list[Device]:
     """Parse a comma-separated device list. Duplicates and overlapping PE ranges are errors."""
+    if not isinstance(spec, (str, list, tuple)) or not all(isinstance(t, str) for t in (() if isinstance(spec, str) else spec)):
+        raise ValueError(f"devices={spec!r}: must be a string such as 'npu:0,npu:1' (or a list of such strings)")
     tokens = spec.split(",") if isinstance(spec, str) else list(spec)
     tokens = [t for t in (t.strip() for t in tokens) if t]
     if not tokens:

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from furiosa_llm.api.engine_args import EngineArgs
 from furiosa_llm.core.config import EngineConfig
@@ -72,14 +75,19 @@ class SimConfig:
         if unknown:
             raise TypeError(f"SimConfig: unknown argument(s) {', '.join(unknown)}; simulator settings are "
                             f"{', '.join(f.name for f in sim_fields)}, engine arguments those of EngineArgs")
-        for f in sim_fields:  # types here; the values are checked where they are used
+        for f in sim_fields:  # types here (numpy's numbers too); the values are checked where they are used
             v = getattr(self, f.name)
-            if f.name == "tensor_parallel_size" and (isinstance(v, bool) or not isinstance(v, int)):
-                raise ValueError(f"tensor_parallel_size={v!r}: must be an int (PEs per pipeline stage)")
+            is_bool = isinstance(v, (bool, np.bool_))
+            if f.name == "tensor_parallel_size":
+                if is_bool or not isinstance(v, numbers.Integral):
+                    raise ValueError(f"tensor_parallel_size={v!r}: must be an int (PEs per pipeline stage)")
+                self.tensor_parallel_size = int(v)
             if f.name == "profile" and not isinstance(v, (str, CostModel)):
                 raise ValueError(f"profile={v!r}: must be 'rngd', a path to a calibrated profile or a CostModel")
-            if isinstance(f.default, float) and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                raise ValueError(f"{f.name}={v!r}: must be a number")
+            if isinstance(f.default, float):
+                if is_bool or not isinstance(v, numbers.Real):
+                    raise ValueError(f"{f.name}={v!r}: must be a number")
+                setattr(self, f.name, float(v))
         profile_shape = None
         if isinstance(self.profile, str) and self.profile != "rngd":
             self.profile, profile_shape = load_profile(self.profile)
@@ -157,6 +165,9 @@ class SimConfig:
             if isinstance(self.profile, str):
                 raise ValueError(f"devices={self.devices!r}: the rngd profile models npu devices; "
                                  "cpu/cuda need a profile from 'furiosa-llm calibrate'")
+            if self._profile_pes() is not None:
+                raise ValueError(f"devices={self.devices!r}: profile {self.profile.name!r} was timed on "
+                                 f"{self.profile.notes['devices']} (a card); it predicts npu devices only")
             if self.pipeline_parallel_size > 1 or self.tensor_parallel_size != PES_PER_CARD:
                 raise ValueError(f"pipeline_parallel_size={self.pipeline_parallel_size}, tensor_parallel_size="
                                  f"{self.tensor_parallel_size}: devices {self.devices!r} run one calibrated stage per "
@@ -184,13 +195,17 @@ class SimConfig:
         """PEs of the replica a card-calibrated profile was measured on (its notes' ``devices``); None for other profiles."""
         if not isinstance(self.profile, CostModel):
             return None
-        devices = self.profile.notes.get("devices")
-        if not isinstance(devices, str) or not devices.startswith("npu"):
+        if "devices" not in self.profile.notes:
             return None
+        devices = self.profile.notes["devices"]
         try:
-            return sum(d.num_pes for d in parse_devices(devices))
+            parsed = parse_devices(devices)
         except ValueError as e:
             raise ValueError(f"profile {self.profile.name!r}: notes.devices={devices!r} is not a device list: {e}") from None
+        if any(d.kind != "npu" for d in parsed):
+            raise ValueError(f"profile {self.profile.name!r}: notes.devices={devices!r}: the card profile's devices "
+                             "must be npu devices")
+        return sum(d.num_pes for d in parsed)
 
     def _stage_cost(self) -> CostModel:
         if isinstance(self.profile, CostModel):
@@ -233,7 +248,11 @@ class SimConfig:
                 raise ValueError(f"num_kv_blocks=None: profile {cost.name!r} counted {blocks} KV blocks of "
                                  f"{measured.name}, whose blocks differ from {self.model.name}'s; pass --num-kv-blocks")
             # the same KV memory in blocks of this run's size: the tokens it holds stay the same
-            return blocks * measured_bs // self.engine_args.block_size
+            converted = blocks * measured_bs // self.engine_args.block_size
+            if converted < 1:
+                raise ValueError(f"block_size={self.engine_args.block_size}: profile {cost.name!r} counted {blocks} KV "
+                                 f"blocks of {measured_bs} tokens ({blocks * measured_bs} tokens), less than one block")
+            return converted
         pp = self.pipeline_parallel_size
         share = self.model.stage_share(pp)  # the largest stage holds the most layers: it sets the replica's blocks
         weights = self.model.weight_bytes(cost.dtype_bytes) * share

@@ -175,6 +175,14 @@ def test_a_torch_profile_is_refused_where_it_does_not_apply(tmp_path):
     for kw in (dict(tensor_parallel_size=1), dict(tensor_parallel_size=16), dict(pipeline_parallel_size=2)):
         with pytest.raises(ValueError, match=r"timed the whole model on npu:0 \(8 PEs, one stage\)"):
             SimConfig(model=small, profile=card, devices="npu:0,npu:1", num_kv_blocks=100, **kw).plan()
+    with pytest.raises(ValueError, match="timed on npu:0 \\(a card\\); it predicts npu devices only"):
+        SimConfig(model=small, profile=card, devices="cpu", num_kv_blocks=100).plan()
+    for devices in ("garbage", "cpu", 5):
+        card.notes["devices"] = devices
+        with pytest.raises(ValueError, match="notes.devices="):
+            SimConfig(model=small, profile=card, devices="npu:0", num_kv_blocks=100).plan()
+    with pytest.raises(ValueError, match="counted 100 KV blocks of 16 tokens \\(1600 tokens\\), less than one block"):
+        SimConfig(profile=str(path), devices="cpu", block_size=2048).plan()
     # the rngd profile's assumptions and npu layouts would be ignored: refused by name (found by a fresh user)
     for kw, name in ((dict(compute_efficiency=0.1), "compute_efficiency"), (dict(step_overhead_s=1.0), "step_overhead_s"),
                      (dict(kv_memory_utilization=0.1), "kv_memory_utilization"),
@@ -751,11 +759,15 @@ def test_planner_and_config_refuse_bad_inputs_by_name(tmp_path, capsys):
         with pytest.raises(ValueError, match=re.escape(name)):
             SimConfig(**kw)
     rows = sweep(SimConfig(), Workload(num_requests=4, input_len="fixed:64", output_len="fixed:4"), None,
-                 {"tensor_parallel_size": ["4", 8]}, objective="offline_throughput")
-    assert "must be an int" in rows[0]["error"] and rows[1]["output_throughput"] > 0
+                 {"tensor_parallel_size": ["4", np.int64(8)], "devices": ["npu:0", 0]}, objective="offline_throughput")
+    assert [r.get("error", "")[:24] for r in rows] == ["tensor_parallel_size='4'"] * 2 + ["", "devices=0: must be a str"]
+    assert rows[2]["output_throughput"] > 0  # numpy's ints and floats are numbers too
+    assert SimConfig(tensor_parallel_size=np.int64(4), compute_efficiency=np.float64(0.5)).plan().num_replicas == 2
     # flags a command would ignore, and bad inputs named as the user gave them (found by a fresh user)
     for argv, said in ((["plan", "--model", "llama-3.1-8b", "--slo-ttft-ms", "100", "--request-rate", "5"], "--request-rate 5"),
                        (["plan", "--model", "llama-3.1-8b", "--objective", "offline_throughput", "--slo-ttft-ms", "100"],
+                        "the --slo-* flags are for --objective max_rate"),
+                       (["plan", "--model", "llama-3.1-8b", "--objective", "offline_throughput", "--slo-attainment", "0.5"],
                         "the --slo-* flags are for --objective max_rate"),
                        (["simulate", "--model", "llama-3.1-8b", "--arrival", "gamma", "--burstiness", "0.1"], "--burstiness 0.1"),
                        (["simulate", "--model", "llama-3.1-8b", "--workload-seed", "-5"], "--workload-seed -5")):

@@ -105,23 +105,21 @@ class Scheduler:
         """The next batch: running requests first (phase 1), then waiting ones (phase 2); None when idle.
 
         With several batch slots, the batch serves the first slot, in turn from the one after the
-        last served, that has no batch in flight and has work: a slot has one batch in flight at a
-        time (vLLM's virtual engines), so a queue deeper than the slots does not split a slot into
-        leftover batches. With one slot and a batch in flight, a second batch only admits waiting
-        requests (their prefill starts at once); the running requests wait for the batch in flight,
-        so requests admitted that way join the others' next batch instead of decoding apart in
-        batches of their own, each reading the weights again.
+        last served, that has no batch in flight and has work. A slot has one batch in flight at a
+        time (vLLM's virtual engines), one slot included, so a queue deeper than the slots changes
+        nothing: a second batch beside a slot's would hold the requests the first does not, and
+        they would go on decoding apart in batches of their own, each reading the weights again.
         """
         n = self.config.num_batch_slots
         # the slots with a batch in flight (a batch serves one slot: that of its requests)
-        busy = {b.sequences[0].owner.slot for b in self.in_flight.values()} if n > 1 else ()
+        busy = {b.sequences[0].owner.slot for b in self.in_flight.values()}
         for k in range(n):
-            slot = (self._next_slot + k) % n if n > 1 else None
-            if slot is not None and slot in busy:
+            slot = (self._next_slot + k) % n
+            if slot in busy:
                 continue
-            seqs = self._schedule_slot(slot, now, admit_only=slot is None and bool(self.in_flight))
+            seqs = self._schedule_slot(slot if n > 1 else None, now)
             if seqs:
-                self._next_slot = (slot + 1) % n if n > 1 else 0
+                self._next_slot = (slot + 1) % n
                 break
         else:
             return None
@@ -134,14 +132,11 @@ class Scheduler:
             self.trace.append((step_id, tuple((c.request_id, len(c.token_ids)) for c in seqs)))
         return batch
 
-    def _schedule_slot(self, slot: int | None, now: float, admit_only: bool = False) -> list[SequenceChunk]:
-        """The chunks of one batch for ``slot`` (None: every running request not in flight); ``admit_only``:
-        waiting requests only."""
+    def _schedule_slot(self, slot: int | None, now: float) -> list[SequenceChunk]:
+        """The chunks of one batch for ``slot`` (None: the one slot, every running request)."""
         budget = self.config.max_num_batched_tokens
         seqs: list[SequenceChunk] = []
-        preempted = False
-        if not admit_only:
-            budget, preempted = self._schedule_running(seqs, budget, slot)
+        budget, preempted = self._schedule_running(seqs, budget, slot)
         if not preempted:  # a preemption this step means memory is short: admit nothing new
             budget = self._schedule_waiting(seqs, budget, now, slot)
         assert 0 <= budget <= self.config.max_num_batched_tokens

@@ -206,7 +206,8 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     if not math.isinf(ns.request_rate):
         raise ValueError(f"plan: --request-rate {ns.request_rate:g}: plan searches the rate itself (max_rate) or sends "
                          "every request at t=0 (offline_throughput); leave it unset")
-    if ns.objective == "offline_throughput" and any(v is not None for v in (ns.slo_ttft_ms, ns.slo_tpot_ms, ns.slo_e2el_ms)):
+    if ns.objective == "offline_throughput" and (any(v is not None for v in (ns.slo_ttft_ms, ns.slo_tpot_ms, ns.slo_e2el_ms))
+                                                 or ns.slo_attainment != 0.9):
         raise ValueError("plan --objective offline_throughput ranks by throughput alone; the --slo-* flags are for "
                          "--objective max_rate")
     config, workload, slo, tokens = _sim_inputs(ns)
