@@ -104,9 +104,12 @@ def parse_device(token: str) -> Device:
 
 def parse_devices(spec: str | list[str] | tuple[str, ...]) -> list[Device]:
     """Parse a comma-separated device list. Duplicates and overlapping PE ranges are errors."""
-    if not isinstance(spec, (str, list, tuple)) or not all(isinstance(t, str) for t in (() if isinstance(spec, str) else spec)):
+    if isinstance(spec, str):
+        tokens = spec.split(",")
+    elif isinstance(spec, (list, tuple)) and all(isinstance(t, str) for t in spec):
+        tokens = list(spec)
+    else:
         raise ValueError(f"devices={spec!r}: must be a string such as 'npu:0,npu:1' (or a list of such strings)")
-    tokens = spec.split(",") if isinstance(spec, str) else list(spec)
     tokens = [t for t in (t.strip() for t in tokens) if t]
     if not tokens:
         raise ValueError(f"devices {spec!r}: expected at least one device")

@@ -75,17 +75,17 @@ class SimConfig:
         if unknown:
             raise TypeError(f"SimConfig: unknown argument(s) {', '.join(unknown)}; simulator settings are "
                             f"{', '.join(f.name for f in sim_fields)}, engine arguments those of EngineArgs")
-        for f in sim_fields:  # types here (numpy's numbers too); the values are checked where they are used
+        # types here (numpy's numbers too); the values are checked where they are used
+        tp = self.tensor_parallel_size
+        if isinstance(tp, (bool, np.bool_)) or not isinstance(tp, numbers.Integral):
+            raise ValueError(f"tensor_parallel_size={tp!r}: must be an int (PEs per pipeline stage)")
+        self.tensor_parallel_size = int(tp)
+        if not isinstance(self.profile, (str, CostModel)):
+            raise ValueError(f"profile={self.profile!r}: must be 'rngd', a path to a calibrated profile or a CostModel")
+        for f in sim_fields:
             v = getattr(self, f.name)
-            is_bool = isinstance(v, (bool, np.bool_))
-            if f.name == "tensor_parallel_size":
-                if is_bool or not isinstance(v, numbers.Integral):
-                    raise ValueError(f"tensor_parallel_size={v!r}: must be an int (PEs per pipeline stage)")
-                self.tensor_parallel_size = int(v)
-            if f.name == "profile" and not isinstance(v, (str, CostModel)):
-                raise ValueError(f"profile={v!r}: must be 'rngd', a path to a calibrated profile or a CostModel")
             if isinstance(f.default, float):
-                if is_bool or not isinstance(v, numbers.Real):
+                if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
                     raise ValueError(f"{f.name}={v!r}: must be a number")
                 setattr(self, f.name, float(v))
         profile_shape = None

@@ -30,7 +30,7 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--slo-ttft-ms", type=float, default=None, help="Time-to-first-token target per request (ms).")
     s.add_argument("--slo-tpot-ms", type=float, default=None, help="Time-per-output-token target per request (ms).")
     s.add_argument("--slo-e2el-ms", type=float, default=None, help="End-to-end latency target per request (ms).")
-    s.add_argument("--slo-attainment", type=float, default=0.9, help="Share of requests that must meet every SLO (default 0.9).")
+    s.add_argument("--slo-attainment", type=float, default=None, help="Share of requests that must meet every SLO (default 0.9).")
 
 
 def _add_sim_args(p: argparse.ArgumentParser) -> None:
@@ -120,7 +120,8 @@ def _sim_inputs(ns: argparse.Namespace):
     if workload.embed_fraction > 0 and tokens is not None:
         raise ValueError(f"--embed-fraction {workload.embed_fraction:g}: needs --token-source synthetic (the model "
                          "token source runs generation steps only)")
-    slo = SLO(ttft_ms=ns.slo_ttft_ms, tpot_ms=ns.slo_tpot_ms, e2el_ms=ns.slo_e2el_ms, attainment=ns.slo_attainment)
+    slo = SLO(ttft_ms=ns.slo_ttft_ms, tpot_ms=ns.slo_tpot_ms, e2el_ms=ns.slo_e2el_ms,
+              **({} if ns.slo_attainment is None else {"attainment": ns.slo_attainment}))
     return config, workload, slo, tokens
 
 
@@ -206,8 +207,8 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     if not math.isinf(ns.request_rate):
         raise ValueError(f"plan: --request-rate {ns.request_rate:g}: plan searches the rate itself (max_rate) or sends "
                          "every request at t=0 (offline_throughput); leave it unset")
-    if ns.objective == "offline_throughput" and (any(v is not None for v in (ns.slo_ttft_ms, ns.slo_tpot_ms, ns.slo_e2el_ms))
-                                                 or ns.slo_attainment != 0.9):
+    slo_flags = (ns.slo_ttft_ms, ns.slo_tpot_ms, ns.slo_e2el_ms, ns.slo_attainment)
+    if ns.objective == "offline_throughput" and any(v is not None for v in slo_flags):
         raise ValueError("plan --objective offline_throughput ranks by throughput alone; the --slo-* flags are for "
                          "--objective max_rate")
     config, workload, slo, tokens = _sim_inputs(ns)
