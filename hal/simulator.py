@@ -17,6 +17,7 @@ from the workload), or the torch ``ModelRunner`` for functional runs with real t
 from __future__ import annotations
 
 import collections
+import math
 import operator
 from dataclasses import dataclass
 
@@ -154,11 +155,16 @@ class SimQueue(ExecutionQueue):
         device = cost.total * slow * self._stage_share
         comm = cost.tp_comm * slow * self._stage_share
         transfer = self.cost.stage_transfer_time(shape) if p > 1 else 0.0
+        host = self.cost.host_time(shape)
+        if not device + transfer + host < math.inf:  # inf or NaN: rates whose products overflow a float
+            raise ValueError(
+                f"cost model {self.cost.name!r}: a step of {shape.num_seqs} sequence(s) and {shape.num_tokens} token(s) "
+                f"takes {device + transfer + host!r} s; a profile's rates must keep every step's time finite")
         self.num_seqs += shape.num_seqs
         self.bound_s[cost.bound] += device - comm  # the step's own work, by what bounds it
         self.tp_comm_s += comm
         self.stage_transfer_s += transfer
-        return device + transfer, self.cost.host_time(shape)
+        return device + transfer, host
 
     def usage(self) -> dict:
         """Where the first stage's time went: seconds of the steps' own work by what bounded it, seconds in

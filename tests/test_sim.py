@@ -211,6 +211,17 @@ def test_a_bad_profile_file_is_a_clear_error_naming_the_field(tmp_path, profile,
         SimConfig(model="llama-3.1-8b", profile=str(path), devices="npu:0").plan()
 
 
+def test_a_profile_whose_step_time_overflows_is_a_clear_error(tmp_path):
+    """Each rate finite but a step's time overflows (``s_per_flop=1e300``): the run stops with a ``ValueError`` that
+    names the profile, not with NaN times that fail later in the report's plots (found by a fresh user)."""
+    d = {"name": "absurd", "overhead_s": 5e-4, "s_per_flop": 1e300, "s_per_weight_byte": 1e-12, "s_per_kv_byte": 1e-12}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"cost model 'absurd': a step of 3 sequence\(s\) and 48 token\(s\) takes inf s"):
+        simulate(SimConfig(model="llama-3.1-8b", profile=str(path), devices="npu:0", num_kv_blocks=64),
+                 Workload(num_requests=3, input_len="fixed:16", output_len="fixed:4"))
+
+
 def test_sweep_fits_the_engine_or_says_why():
     """A sweep prompt over max_model_len is refused before anything is measured; long prompts that do not fit
     are left out and the profile's notes list only those measured; the joiner always meets a decode step."""
