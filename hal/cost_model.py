@@ -148,9 +148,12 @@ class ModelShape:
         return asdict(self)
 
 
-def load_model_shape(model: str) -> ModelShape:
+def load_model_shape(model: str | Path) -> ModelShape:
     """A shipped config name (``llama-3.1-8b``, ``llama-3.1-70b``), a ``config.json`` or a folder holding one."""
-    key = model.strip().lower().removeprefix("meta-llama/").removesuffix("-instruct")
+    if not isinstance(model, (str, Path)):
+        raise ValueError(f"model={model!r}: expected a model name ({', '.join(SHIPPED_MODELS)}), a path to a Hugging "
+                         "Face config.json or a model folder holding one, or a ModelShape")
+    key = str(model).strip().lower().removeprefix("meta-llama/").removesuffix("-instruct")
     if key in SHIPPED_MODELS:
         text = resources.files("furiosa_llm.hal").joinpath("model_configs", f"{key}.json").read_text()
         return ModelShape.from_hf_config(json.loads(text), name=key)

@@ -100,7 +100,9 @@ class Frontend:
         self.router = router
         self.on_done = on_done
         rng = np.random.default_rng(seed)
-        max_in = int(arrivals.input_lens.max())
+        # the longest prompt that can be admitted (a longer one is refused on arrival and never made), so the pool
+        # stays small however long a refused prompt is
+        max_in = min(int(arrivals.input_lens.max()), plan.max_model_len)
         self.pool = rng.integers(2, min(PROMPT_VOCAB, plan.model.vocab_size), size=max(PROMPT_POOL, 2 * max_in)).tolist()
         self.offsets = rng.integers(0, len(self.pool) - max_in, size=len(arrivals)).tolist()
         self.process = env.process(self.arrive())

@@ -40,13 +40,39 @@ class LengthDist:
     a: float = 0.0
     b: float = 0.0
 
+    def __post_init__(self) -> None:
+        problem = self._problem(self.kind, self.a, self.b)
+        if problem:
+            raise ValueError(f"{self!r}: {problem}")
+
+    @staticmethod
+    def _problem(kind: str, a: float, b: float) -> str | None:
+        """What is wrong with a length distribution's values, or None (one rule for ``parse`` and the constructor)."""
+        if kind == "trace":
+            return None
+        if kind not in ("fixed", "uniform", "lognormal"):
+            return f"kind={kind!r}: must be fixed, uniform, lognormal or trace"
+        if not (_is_number(a) and _is_number(b)):
+            return "its values must be numbers"
+        # token counts: whole numbers from 1 to MAX_LENGTH; a lognormal's SIGMA from 0 to MAX_SIGMA
+        counts = {"fixed": (a,), "uniform": (a, b), "lognormal": (a,)}[kind]
+        if not all(1 <= v <= MAX_LENGTH and (v == int(v) or kind == "lognormal") for v in counts):
+            return f"token counts must be whole numbers from 1 to {MAX_LENGTH}"
+        if kind == "uniform" and a > b:
+            return "LO must not exceed HI"
+        if kind == "lognormal" and not 0 <= b <= MAX_SIGMA:
+            return f"SIGMA must be from 0 to {MAX_SIGMA}"
+        return None
+
     @classmethod
     def parse(cls, spec: "str | int | LengthDist", name: str = "length") -> "LengthDist":
         if isinstance(spec, LengthDist):
             return spec
-        if isinstance(spec, int) and not isinstance(spec, bool) or isinstance(spec, str) and spec.strip().isdigit():
-            spec = f"fixed:{int(spec)}"  # a bare count, as vLLM's --random-input-len takes it
         usage = f"{name}={spec!r}: expected N (fixed), fixed:N, uniform:LO:HI, lognormal:MEAN:SIGMA or trace"
+        if _is_int(spec):
+            spec = f"fixed:{int(spec)}"  # a bare count, as vLLM's --random-input-len takes it
+        elif isinstance(spec, str) and ":" not in spec and spec.strip() not in ("trace", ""):
+            spec = f"fixed:{spec.strip()}"  # "64", and "1e3" as "fixed:1e3" takes it
         if not isinstance(spec, str):
             raise ValueError(usage)
         kind, *vals = spec.strip().split(":")
@@ -58,14 +84,9 @@ class LengthDist:
             return cls("trace")
         if kind not in ("fixed", "uniform", "lognormal") or len(nums) != (1 if kind == "fixed" else 2):
             raise ValueError(usage)
-        # token counts: whole numbers from 1 to MAX_LENGTH; a lognormal's SIGMA from 0 to MAX_SIGMA
-        counts = nums if kind != "lognormal" else nums[:1]
-        if not all(1 <= v <= MAX_LENGTH and (v == int(v) or kind == "lognormal") for v in counts):
-            raise ValueError(f"{usage}; token counts must be whole numbers from 1 to {MAX_LENGTH}")
-        if kind == "uniform" and nums[0] > nums[1]:
-            raise ValueError(f"{usage}; LO must not exceed HI")
-        if kind == "lognormal" and not 0 <= nums[1] <= MAX_SIGMA:
-            raise ValueError(f"{usage}; SIGMA must be from 0 to {MAX_SIGMA}")
+        problem = cls._problem(kind, *nums, *([0.0] if kind == "fixed" else []))
+        if problem:
+            raise ValueError(f"{usage}; {problem}")
         return cls(kind, *nums)
 
     def sample(self, rng: np.random.Generator, n: int, trace: np.ndarray | None = None) -> np.ndarray:

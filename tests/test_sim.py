@@ -318,8 +318,30 @@ def test_length_specs_parse_and_reject():
         LengthDist.parse("uniform:100:10")
     with pytest.raises(ValueError, match="whole numbers from 1"):
         LengthDist.parse("fixed:0")
+    assert LengthDist.parse("1e3") == LengthDist.parse("fixed:1e3") == LengthDist("fixed", 1000)  # bare, as fixed: takes it
+    # built directly (the Python API) the same rules hold; they were skipped (found by a fresh user)
+    for args, why in ((("fixed", 2.5), "whole numbers"), (("uniform", 0, 5), "whole numbers"), (("fixed", 10**9), "whole"),
+                      (("lognormal", 100, -1), "SIGMA"), (("zipf", 3), "kind='zipf'"), (("fixed", "x"), "numbers")):
+        with pytest.raises(ValueError, match=why):
+            LengthDist(*args)
     wide = Workload(num_requests=2000, input_len="lognormal:1000:4", output_len="fixed:1").generate()
     assert wide.input_lens.min() >= 1 and wide.input_lens.max() <= 1 << 24  # clipped, never negative or overflowing
+
+
+def test_a_prompt_refused_for_its_length_costs_no_memory():
+    """Synthetic prompts are drawn from a pool as long as the longest prompt that can be admitted; a longer one is
+    refused on arrival, so it does not size the pool (found by a fresh user: a 10**9-token prompt was killed for memory)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        res = simulate(SimConfig("llama-3.1-8b", devices="npu:0"),
+                       Workload(num_requests=2, input_len=1 << 24, output_len="fixed:8"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert res.report["metrics"]["rejected"] == 2
+    assert peak < 64 << 20  # a pool sized by the refused prompts: two lists of 2**25 ids, over 500 MB
 
 
 def test_workload_rates_and_lengths():
@@ -766,7 +788,7 @@ def test_planner_and_config_refuse_bad_inputs_by_name(tmp_path, capsys):
     # inside, and the whole sweep stopped; found by a fresh user)
     for kw, name in ((dict(tensor_parallel_size="8"), "tensor_parallel_size='8'"), (dict(tensor_parallel_size=True), "True"),
                      (dict(compute_efficiency=None), "compute_efficiency=None"), (dict(profile={}), "profile={}"),
-                     (dict(kv_memory_utilization="0.9"), "kv_memory_utilization='0.9'")):
+                     (dict(kv_memory_utilization="0.9"), "kv_memory_utilization='0.9'"), (dict(model=123), "model=123")):
         with pytest.raises(ValueError, match=re.escape(name)):
             SimConfig(**kw)
     rows = sweep(SimConfig(), Workload(num_requests=4, input_len="fixed:64", output_len="fixed:4"), None,
