@@ -29,10 +29,11 @@ def _probe(config: SimConfig, workload: Workload, slo: SLO, rate: float, sim: di
     return {"request_rate": rate, "slo_attainment": m["slo_attainment"], "passes": ok,
             "request_goodput": m["request_goodput"], "output_throughput": m["output_throughput"],
             "median_ttft_ms": m["median_ttft_ms"], "median_tpot_ms": m["median_tpot_ms"],
-            "p99_ttft_ms": m["p99_ttft_ms"], "p99_tpot_ms": m["p99_tpot_ms"]}
+            "p99_ttft_ms": m["p99_ttft_ms"], "p99_tpot_ms": m["p99_tpot_ms"], "duration": m["duration"]}
 
 
 MIN_RATE = 1e-4  # req/s: the search stops halving below this (no rate passes)
+STEADY_RATIO = 2.0  # a run at the max rate lasting over this many times its arrival span is not ``steady``
 
 
 # The search as a state machine, so it can look ahead: (phase, lo, hi, rate to probe, probes so far).
@@ -115,8 +116,11 @@ def max_rate(config: SimConfig, workload: Workload, slo: SLO, *, start: float = 
 
     Returns ``max_request_rate`` (the highest rate that passed), ``upper_bound`` (the lowest that
     failed; None if none did), ``at_max`` (the passing probe at the max), ``probes`` (every probe in
-    order), ``unbounded`` and ``converged`` (False when ``max_probes`` ran out before the search
-    closed: the max is then only the best rate probed). When no probed rate fails, one more run
+    order), ``unbounded``, ``converged`` (False when ``max_probes`` ran out before the search
+    closed: the max is then only the best rate probed) and ``steady`` (False when the run at the max
+    lasted over ``STEADY_RATIO`` times its arrival span, ``num_requests / rate``: the queue was still
+    draining long after the last arrival, so the SLOs held because the workload ended, and the rate
+    is not one the configuration sustains; more requests give a lower, sustained rate). When no probed rate fails, one more run
     puts every request at t=0 (offline); if the SLOs hold even then, ``max_request_rate`` is
     ``math.inf`` (null in JSON), ``unbounded`` is True and ``at_max`` is that offline run. Raises
     ``ValueError`` for an empty or missing SLO, a start rate that is not finite and > 0, ``rel_tol``
@@ -158,8 +162,11 @@ def max_rate(config: SimConfig, workload: Workload, slo: SLO, *, start: float = 
     unbounded = math.isinf(lo)
     # the search ended on its own terms: unbounded, a bracket within rel_tol, or no rate passing down to the floor
     converged = unbounded or (hi is not None and (hi / lo <= 1 + rel_tol if lo else hi < 2 * MIN_RATE))
-    return {"max_request_rate": lo, "upper_bound": hi, "unbounded": unbounded, "converged": converged, "at_max": best,
-            "probes": history}
+    # the run at the max lasted more than twice its arrivals: it was mostly the drain of a queue, which the SLOs
+    # outlasted only because the workload ended, so the rate is not one the configuration sustains
+    steady = unbounded or best is None or best["duration"] <= STEADY_RATIO * workload.num_requests / lo
+    return {"max_request_rate": lo, "upper_bound": hi, "unbounded": unbounded, "converged": converged,
+            "steady": steady, "at_max": best, "probes": history}
 
 
 SWEEPABLE = ("devices", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "npu_queue_limit",

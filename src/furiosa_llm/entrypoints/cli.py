@@ -241,12 +241,24 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     key = "max_request_rate" if ns.objective == "max_rate" else "output_throughput"
     table = [{**r["point"], key: r.get(key), **({"unbounded": True} if r.get("unbounded") else {}),
               **({"converged": False} if r.get("converged") is False else {}),  # the probes ran out first
+              **({"steady": False} if r.get("steady") is False else {}),  # the run was mostly a queue's drain
               **({"error": r["error"]} if "error" in r else {})} for r in rows]
     print(json.dumps(jsonable(table), indent=2))
     print(f"planned {len(rows)} configuration(s) in {time.perf_counter() - t0:.1f} wall s", file=sys.stderr)
     if top is not None:
         value = "unbounded" if top.get("unbounded") else jsonable(top[key])
-        print(f"best ({ns.objective}): {json.dumps(jsonable(top['point']))}: {key} {value}", file=sys.stderr)
+        point = json.dumps(jsonable(top["point"])) if top["point"] else "the configuration given"  # no --sweep
+        print(f"best ({ns.objective}): {point}: {key} {value}", file=sys.stderr)
+        if top.get("converged") is False:
+            print(f"warning: the search ran out of probes before its bracket closed, so {value} req/s is only the best "
+                  f"rate probed; give a --start-rate nearer the answer", file=sys.stderr)
+        if top.get("steady") is False:
+            at = top["at_max"]
+            span = workload.num_requests / top[key]
+            print(f"warning: at {value:.4g} req/s the {workload.num_requests} requests arrive within {span:.3g} s, but the "
+                  f"run lasted {at['duration']:.3g} s, most of it after the last arrival: the workload is too short to "
+                  "show that this rate is sustained (the SLOs may hold only because it ended). Give more --num-requests",
+                  file=sys.stderr)
     if rows and all("error" in r for r in rows):
         print(f"error: no configuration could run; first: {rows[0]['error']}", file=sys.stderr)
         return 1
@@ -255,7 +267,11 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         at = "" if lowest is None else (
             f"; at {lowest['request_rate']:.3g} req/s, the lowest rate probed, {lowest['slo_attainment']:.0%} of requests "
             f"met them (median TTFT {lowest['median_ttft_ms']:.0f} ms, median TPOT {lowest['median_tpot_ms']:.1f} ms)")
-        print(f"error: no configuration meets the SLOs ({_slo_text(slo)}) at any rate{at}", file=sys.stderr)
+        if any(r.get("converged") is False for r in rows):  # halving from a --start-rate far above ran out of probes
+            print(f"error: no rate probed meets the SLOs ({_slo_text(slo)}), but the search ran out of probes before it "
+                  f"reached the rates that might{at}; give a --start-rate nearer the answer", file=sys.stderr)
+        else:
+            print(f"error: no configuration meets the SLOs ({_slo_text(slo)}) at any rate{at}", file=sys.stderr)
         return 1
     return 0
 
