@@ -95,6 +95,29 @@ def place_replicas(devices: list[Device], tensor_parallel_size: int = PES_PER_CA
     return replicas
 
 
+def unused_devices(devices: list[Device], placements: list[ReplicaPlacement]) -> str:
+    """The devices, or PEs of a card, that ``devices`` give and no replica of ``placements`` uses, as text
+    (``"npu:3"``, ``"npu:0 PEs 4-7"``); "" when every one is used."""
+    used = [d for r in placements for stage in r.stages for d in stage]
+    if any(d.kind != "npu" for d in devices):  # cpu/cuda: one replica per device
+        return format_devices([d for d in devices if d not in used])
+    given, taken = _free_pes(devices), _free_pes(used)
+    parts = []
+    for card, pes in given.items():
+        left = sorted(pes - taken.get(card, set()))
+        if len(left) == PES_PER_CARD:
+            parts.append(f"npu:{card}")
+        elif left:
+            runs = [[left[0], left[0]]]
+            for pe in left[1:]:
+                if pe == runs[-1][1] + 1:
+                    runs[-1][1] = pe
+                else:
+                    runs.append([pe, pe])
+            parts.append(f"npu:{card} PEs " + ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs))
+    return ", ".join(parts)
+
+
 class SyntheticTokens:
     """Token source for planning: every sampled token is ``token_id`` (never an EOS of the run); a pooling
     chunk gets an empty vector (its cost, prefill only, is the cost model's; its values do not matter).

@@ -22,7 +22,7 @@ from furiosa_llm.core.config import EngineConfig
 from furiosa_llm.hal import parse_devices
 from furiosa_llm.hal.cost_model import LINK_LATENCY_S, CostModel, ModelShape, load_model_shape, load_profile, rngd_cost_model
 from furiosa_llm.hal.devices import PES_PER_CARD
-from furiosa_llm.hal.simulator import ReplicaPlacement, place_replicas
+from furiosa_llm.hal.simulator import ReplicaPlacement, place_replicas, unused_devices
 
 DEFAULT_MODEL = "llama-3.1-8b"
 DEFAULT_DEVICES = "npu:0"  # the simulator's default: one card (the real engine's is "whatever is installed")
@@ -157,7 +157,8 @@ class SimConfig:
                              f"{self.engine_args.block_size} tokens of {self.model.name} beside its weights")
         engine_config = self.engine_args.engine_config(num_blocks=num_blocks,
                                                        model_max_len=self.model.max_position_embeddings)
-        return SimPlan(self.model, tuple(placements), cost, engine_config)
+        return SimPlan(self.model, tuple(placements), cost, engine_config,
+                       unused_devices(parse_devices(self.devices), placements))
 
     def _placements(self) -> list[ReplicaPlacement]:
         devices = parse_devices(self.devices)
@@ -295,6 +296,7 @@ class SimPlan:
     placements: tuple[ReplicaPlacement, ...]
     cost: CostModel
     engine_config: EngineConfig
+    unused_devices: str = ""  # devices, or PEs of a card, given but in no replica (the layout leaves them over)
 
     @property
     def num_replicas(self) -> int:

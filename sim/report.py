@@ -73,6 +73,7 @@ def build_result(config: SimConfig, plan: SimPlan, workload: Workload, slo: SLO 
             for r in info.values()
         ],
         "max_model_len": plan.max_model_len,
+        "unused_devices": plan.unused_devices or None,  # given, but the layout leaves them over
         "metrics": summary,
         "kv_usage": {"time_s": [float(kv_time[i]) for i in keep], "used_fraction": [float(kv_frac[i]) for i in keep]},
     }

@@ -344,6 +344,22 @@ def test_a_prompt_refused_for_its_length_costs_no_memory():
     assert peak < 64 << 20  # a pool sized by the refused prompts: two lists of 2**25 ids, over 500 MB
 
 
+def test_devices_no_replica_runs_on_are_named(capsys):
+    """A layout that leaves devices or PEs over says which (before, they were dropped without a word while the
+    report listed every device given; found by a fresh user)."""
+    from furiosa_llm.entrypoints.cli import main
+
+    for devices, kw, unused in (("npu:0:0-3,npu:1", {}, "npu:0 PEs 0-3"), ("npu:0,npu:1,npu:2,npu:3", {"pipeline_parallel_size": 3}, "npu:3"),
+                                ("npu:0,npu:1,npu:2", {"tensor_parallel_size": 16}, "npu:2"),
+                                ("npu:0:0-3,npu:0:6-7", {"tensor_parallel_size": 4}, "npu:0 PEs 6-7"),
+                                ("npu:0,npu:1", {"data_parallel_size": 1}, "npu:1"), ("npu:0,npu:1", {}, "")):
+        assert SimConfig("llama-3.1-8b", devices=devices, **kw).plan().unused_devices == unused
+    capsys.readouterr()
+    assert main(["simulate", "--model", "llama-3.1-8b", "--devices", "npu:0:0-3,npu:1", "--num-requests", "2",
+                 "--input-len", "16", "--output-len", "2", "--no-progress"]) == 0
+    assert "warning: no replica runs on npu:0 PEs 0-3 (the layout: 1 replica(s) of -tp 8 x -pp 1)" in capsys.readouterr().err
+
+
 def test_workload_rates_and_lengths():
     w = Workload(num_requests=20000, request_rate=5.0, input_len="lognormal:1000:0.5", output_len="uniform:10:20", seed=3)
     a = w.generate()

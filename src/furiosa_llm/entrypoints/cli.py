@@ -163,6 +163,10 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
         plot_run(res, ns.plot)
     m = res.report["metrics"]
     print(json.dumps(jsonable({k: v for k, v in m.items()}), indent=2))
+    if res.report["unused_devices"]:
+        n = len(res.report["replicas"])
+        print(f"warning: no replica runs on {res.report['unused_devices']} (the layout: {n} replica(s) of -tp "
+              f"{config.tensor_parallel_size} x -pp {config.pipeline_parallel_size})", file=sys.stderr)
     if m.get("rejected"):
         print(f"warning: {m['rejected']} of {workload.num_requests} requests were refused on arrival: prompt + output "
               f"longer than max_model_len={config.plan().max_model_len} (an embedding prompt: longer than the step's "
