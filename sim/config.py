@@ -209,12 +209,18 @@ class SimConfig:
         return sum(d.num_pes for d in parsed)
 
     def _stage_cost(self) -> CostModel:
+        defaults = {f.name: f.default for f in dataclasses.fields(SimConfig)}
+        if not self.engine_args.enable_jit_compilation:  # the JIT figures would be silently ignored
+            jit = [f"{k}={getattr(self, k)!r}" for k in ("jit_compile_s_per_unit", "jit_slow_factor")
+                   if getattr(self, k) != defaults[k]]
+            if jit:
+                raise ValueError(f"{', '.join(jit)}: figures of JIT compilation, which is off; enable it "
+                                 "(enable_jit_compilation=True, --enable-jit-compilation) or leave them unset")
         if isinstance(self.profile, CostModel):
             if (self.quantization, self.kv_cache_dtype) != ("none", "auto"):
                 raise ValueError(f"quantization={self.quantization!r}, kv_cache_dtype={self.kv_cache_dtype!r}: number "
                                  f"formats apply to the rngd profile; profile {self.profile.name!r} measured what it ran")
             # the rngd profile's assumptions would be silently ignored: a calibrated profile has its own figures
-            defaults = {f.name: f.default for f in dataclasses.fields(SimConfig)}
             ignored = [f"{k}={getattr(self, k)!r}" for k in RNGD_ASSUMPTIONS if getattr(self, k) != defaults[k]]
             if self.profile.memory_bytes is None and self.kv_memory_utilization != defaults["kv_memory_utilization"]:
                 ignored.append(f"kv_memory_utilization={self.kv_memory_utilization!r}")  # blocks come from the profile

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 
 from furiosa_llm.hal import BatchExecutor
@@ -42,8 +43,9 @@ def simulate(config: SimConfig, workload: Workload, *, slo: SLO | None = None, t
         raise TypeError(f"slo={slo!r}: must be an SLO or None")
     if dispatch not in DISPATCH:
         raise ValueError(f"dispatch={dispatch!r}: must be one of {', '.join(DISPATCH)}")
-    if not isinstance(workers, int) or workers < 1:
+    if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:
         raise ValueError(f"workers={workers!r}: must be an int >= 1")
+    workers = int(workers)
     plan = config.plan()
     n = plan.num_replicas
     if tokens is not None and n > 1:

@@ -122,6 +122,8 @@ class Arrivals:
 def read_trace(path: str | Path) -> np.ndarray:
     """Rows of (arrived_at, num_prefill_tokens, num_decode_tokens) from a CSV with those columns."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"trace={str(path)!r}: is a folder; give a CSV file")
     if not p.is_file():
         raise ValueError(f"trace={str(path)!r}: no such file")
     try:

@@ -819,10 +819,26 @@ def test_planner_and_config_refuse_bad_inputs_by_name(tmp_path, capsys):
                        (["plan", "--model", "llama-3.1-8b", "--objective", "offline_throughput", "--slo-attainment", "0.5"],
                         "the --slo-* flags are for --objective max_rate"),
                        (["simulate", "--model", "llama-3.1-8b", "--arrival", "gamma", "--burstiness", "0.1"], "--burstiness 0.1"),
-                       (["simulate", "--model", "llama-3.1-8b", "--workload-seed", "-5"], "--workload-seed -5")):
+                       (["simulate", "--model", "llama-3.1-8b", "--workload-seed", "-5"], "--workload-seed -5"),
+                       # and more, found by a third fresh user
+                       (["simulate", "--model", "llama-3.1-8b", "--jit-slow-factor", "100"],
+                        "jit_slow_factor=100.0: figures of JIT compilation, which is off"),
+                       (["simulate", "--model", "llama-3.1-8b", "--slo-attainment", "1"], "--slo-attainment 1: the share"),
+                       (["simulate", "--model", "llama-3.1-8b", "--ray", "bogus:1234"], "--ray bogus:1234: simulate runs on Ray only"),
+                       (["simulate", "--model", "llama-3.1-8b", "--arrival", "trace", "--input-len", "trace", "--trace",
+                         str(tmp_path)], "is a folder; give a CSV file"),
+                       (["plan", "--model", "llama-3.1-8b", "--objective", "offline_throughput", "--start-rate", "3"],
+                        "--start-rate and --rel-tol are for the max_rate search"),
+                       (["plan", "--model", "llama-3.1-8b", "--objective", "offline_throughput", "--rel-tol", "0.5"],
+                        "--start-rate and --rel-tol are for the max_rate search")):
         capsys.readouterr()
         assert main(argv + ["--no-progress"]) == 2
         assert said in capsys.readouterr().err
+    assert SimConfig(enable_jit_compilation=True, jit_slow_factor=3.0).plan().cost.jit_slow_factor == 3.0
+    assert main(["simulate", "--model", "llama-3.1-8b", "--max-model-len", "300000", "--num-requests", "2", "--input-len",
+                 "16", "--output-len", "2", "--no-progress", "--workers", "1"]) == 0
+    assert "note: --max-model-len 300000 is more than the model's context (131072)" in capsys.readouterr().err
+    assert simulate(SimConfig(), Workload(num_requests=2, input_len=16, output_len=2), workers=np.int64(1)).report
     binary = tmp_path / "binary.json"
     binary.write_bytes(b"\xff\xfe\x00junk")
     with pytest.raises(ValueError, match="profile=.*binary.json.*not JSON"):

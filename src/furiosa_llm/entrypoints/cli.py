@@ -151,10 +151,16 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
 
     _check_output_path("--out", ns.out)
     _check_output_path("--plot", ns.plot, plot=True)
+    if ns.ray is not None and ns.workers == 1:
+        raise ValueError(f"--ray {ns.ray}: simulate runs on Ray only to split replicas over --workers (> 1); a "
+                         "single run needs no Ray")
     if ns.burstiness != 1.0 and math.isinf(ns.request_rate):
         raise ValueError(f"--burstiness {ns.burstiness:g}: without --request-rate every request arrives at t=0; "
                          "give gamma arrivals a rate")
     config, workload, slo, tokens = _sim_inputs(ns)
+    if slo.empty and ns.slo_attainment is not None:
+        raise ValueError(f"--slo-attainment {ns.slo_attainment:g}: the share of requests that must meet the SLO "
+                         "targets; give at least one of --slo-ttft-ms, --slo-tpot-ms, --slo-e2el-ms")
     res = simulate(config, workload, slo=None if slo.empty else slo, progress=not ns.no_progress and ns.workers == 1,
                    dispatch=ns.dispatch, workers=ns.workers, tokens=tokens, ray=ns.ray)
     if ns.out:
@@ -163,6 +169,11 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
         plot_run(res, ns.plot)
     m = res.report["metrics"]
     print(json.dumps(jsonable({k: v for k, v in m.items()}), indent=2))
+    asked = config.engine_args.max_model_len
+    if asked is not None and asked > res.report["max_model_len"]:  # capped, as every backend caps it
+        print(f"note: --max-model-len {asked} is more than the model's context ({config.model.max_position_embeddings}) "
+              f"or one replica's KV cache holds; the engine ran with max_model_len={res.report['max_model_len']}",
+              file=sys.stderr)
     if res.report["unused_devices"]:
         n = len(res.report["replicas"])
         print(f"warning: no replica runs on {res.report['unused_devices']} (the layout: {n} replica(s) of -tp "
@@ -204,10 +215,14 @@ def cmd_plan(ns: argparse.Namespace) -> int:
 
     _check_output_path("--out", ns.out)
     _check_output_path("--plot", ns.plot, plot=True)
+    search = {k: v for k, v in (("start", ns.start_rate), ("rel_tol", ns.rel_tol)) if v is not None}
     if ns.objective == "max_rate":
         from furiosa_llm.sim.planner import check_search
 
-        check_search(ns.start_rate, ns.rel_tol, names=("--start-rate", "--rel-tol", "max_probes"))
+        check_search(**search, names=("--start-rate", "--rel-tol", "max_probes"))
+    elif search:
+        raise ValueError("plan --objective offline_throughput runs once with every request at t=0; --start-rate and "
+                         "--rel-tol are for the max_rate search")
     if not math.isinf(ns.request_rate):
         raise ValueError(f"plan: --request-rate {ns.request_rate:g}: plan searches the rate itself (max_rate) or sends "
                          "every request at t=0 (offline_throughput); leave it unset")
@@ -234,7 +249,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         if ns.plot and len(done) < len(rows_expected):
             plot_plan({**head, "results": [done[j] for j in sorted(done)]}, ns.plot)
 
-    rows = sweep(config, workload, slo, grid, objective=ns.objective, start=ns.start_rate, rel_tol=ns.rel_tol,
+    rows = sweep(config, workload, slo, grid, objective=ns.objective, **search,
                  dispatch=ns.dispatch, workers=ns.workers, ray=ns.ray, progress=not ns.no_progress, on_row=on_row)
     top = best(rows, ns.objective)
     plan = {**head, "results": rows, "best": None if top is None else top["point"]}
@@ -418,8 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=["max_rate", "offline_throughput"], default="max_rate",
                    help="max_rate: the highest request rate within the SLOs; offline_throughput: output tok/s with "
                         "every request at t=0 (no SLO needed).")
-    p.add_argument("--start-rate", type=float, default=1.0, help="First request rate probed (req/s).")
-    p.add_argument("--rel-tol", type=float, default=0.05, help="Stop when the bracket is this tight (relative).")
+    p.add_argument("--start-rate", type=float, default=None, help="First request rate probed (req/s; default 1).")
+    p.add_argument("--rel-tol", type=float, default=None, help="Stop when the bracket is this tight (relative; default 0.05).")
     p.add_argument("--out", default=None, help="Write the plan as JSON here.")
     p.add_argument("--plot", default=None, help="Write the plan's plot (PNG) here.")
     p.set_defaults(func=cmd_plan)
