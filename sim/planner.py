@@ -103,6 +103,9 @@ def _check_rate_searchable(slo: SLO | None, workload: Workload) -> None:
         raise ValueError("arrival='trace': a trace fixes the arrival times, so there is no request rate to search; "
                          "use poisson or gamma arrivals (lengths may still come from the trace), or the "
                          "offline_throughput objective")
+    if not math.isinf(workload.request_rate):
+        raise ValueError(f"request_rate={workload.request_rate!r}: the max_rate search sets the workload's rate itself; "
+                         "leave it unset (inf)")
 
 
 def max_rate(config: SimConfig, workload: Workload, slo: SLO, *, start: float = 1.0, rel_tol: float = 0.05,
@@ -229,6 +232,16 @@ def sweep(config: SimConfig, workload: Workload, slo: SLO | None, grid: dict[str
     if objective == "max_rate":
         _check_rate_searchable(slo, workload)
         check_search(**{k: kw[k] for k in ("start", "rel_tol", "max_probes") if k in kw})
+    else:  # every request at t=0: what a search, SLOs or an arrival process would set plays no part
+        if slo is not None and not (isinstance(slo, SLO) and slo.empty):
+            raise ValueError(f"slo={slo!r}: the offline_throughput objective ranks by throughput alone; pass slo=None")
+        if workload.arrival != "poisson" or not math.isinf(workload.request_rate):
+            raise ValueError(f"arrival={workload.arrival!r}, request_rate={workload.request_rate!r}: the "
+                             "offline_throughput objective sends every request at t=0; leave the arrivals unset")
+        ignored = [k for k in ("start", "rel_tol", "max_probes") if k in kw]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)}: settings of the max_rate search; the offline_throughput objective "
+                             "runs once")
     kw = {**kw, "objective": objective}
     keys = list(grid)
     points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]

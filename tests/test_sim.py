@@ -835,9 +835,20 @@ def test_planner_and_config_refuse_bad_inputs_by_name(tmp_path, capsys):
         assert main(argv + ["--no-progress"]) == 2
         assert said in capsys.readouterr().err
     assert SimConfig(enable_jit_compilation=True, jit_slow_factor=3.0).plan().cost.jit_slow_factor == 3.0
+    # in Python too: what a search, SLOs or arrivals would set is refused where it plays no part
+    w4 = Workload(num_requests=4, input_len=16, output_len=2)
+    with pytest.raises(ValueError, match="request_rate=5.0: the max_rate search sets the workload's rate itself"):
+        max_rate(SimConfig(), w4.with_rate(5.0), SLO(ttft_ms=100))
+    for wl, slo_, kw, said in ((w4, SLO(ttft_ms=1), {}, "ranks by throughput alone"),
+                               (Workload(num_requests=4, arrival="gamma", burstiness=0.5, request_rate=2.0), None, {},
+                                "sends every request at t=0"), (w4, None, {"start": 3.0}, "start: settings of the max_rate")):
+        with pytest.raises(ValueError, match=said):
+            sweep(SimConfig(), wl, slo_, {"tensor_parallel_size": [8]}, objective="offline_throughput", **kw)
     assert main(["simulate", "--model", "llama-3.1-8b", "--max-model-len", "300000", "--num-requests", "2", "--input-len",
-                 "16", "--output-len", "2", "--no-progress", "--workers", "1"]) == 0
-    assert "note: --max-model-len 300000 is more than the model's context (131072)" in capsys.readouterr().err
+                 "16", "--output-len", "2", "--no-progress", "--workers", "1", "--plot", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert "note: --max-model-len 300000 is more than the model's context (131072)" in err
+    assert f"wrote {tmp_path / 'run.png'}" in err and (tmp_path / "run.png").is_file()  # matplotlib's suffix, said
     assert simulate(SimConfig(), Workload(num_requests=2, input_len=16, output_len=2), workers=np.int64(1)).report
     binary = tmp_path / "binary.json"
     binary.write_bytes(b"\xff\xfe\x00junk")

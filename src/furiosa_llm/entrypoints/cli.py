@@ -145,6 +145,11 @@ def _check_output_path(flag: str, path: str | None, plot: bool = False) -> None:
         raise ValueError(f"{flag}={path!r}: the folder {folder!r} does not exist or is not writable")
 
 
+def _said_plot(path: str) -> None:
+    """Name the plot file written (matplotlib adds .png to a path without a suffix)."""
+    print(f"wrote {path if os.path.splitext(path)[1] else path + '.png'}", file=sys.stderr)
+
+
 def cmd_simulate(ns: argparse.Namespace) -> int:
     from furiosa_llm.sim import simulate
     from furiosa_llm.sim.report import jsonable, plot_run, write_json
@@ -167,6 +172,7 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
         write_json(res.report, ns.out)
     if ns.plot:
         plot_run(res, ns.plot)
+        _said_plot(ns.plot)
     m = res.report["metrics"]
     print(json.dumps(jsonable({k: v for k, v in m.items()}), indent=2))
     asked = config.engine_args.max_model_len
@@ -257,6 +263,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         write_json(plan, ns.out)
     if ns.plot:
         plot_plan(plan, ns.plot)
+        _said_plot(ns.plot)
     key = "max_request_rate" if ns.objective == "max_rate" else "output_throughput"
     table = [{**r["point"], key: r.get(key), **({"unbounded": True} if r.get("unbounded") else {}),
               **({"converged": False} if r.get("converged") is False else {}),  # the probes ran out first
