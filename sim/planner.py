@@ -101,8 +101,8 @@ def _check_rate_searchable(slo: SLO | None, workload: Workload) -> None:
         raise ValueError(f"slo={slo!r}: the max_rate search needs an SLO with at least one of ttft_ms, tpot_ms, e2el_ms")
     if workload.arrival == "trace":
         raise ValueError("arrival='trace': a trace fixes the arrival times, so there is no request rate to search; "
-                         "use poisson or gamma arrivals (lengths may still come from the trace), or the "
-                         "offline_throughput objective")
+                         "use poisson or gamma arrivals (lengths may still come from the trace), or simulate the "
+                         "trace as it is")
     if not math.isinf(workload.request_rate):
         raise ValueError(f"request_rate={workload.request_rate!r}: the max_rate search sets the workload's rate itself; "
                          "leave it unset (inf)")

@@ -689,7 +689,7 @@ def test_plan_ranks_layouts_by_offline_throughput(capsys, tmp_path):
     from furiosa_llm.entrypoints.cli import main
     from furiosa_llm.sim.planner import best
 
-    w = Workload(num_requests=24, request_rate=1.0, input_len="fixed:128", output_len="fixed:64")
+    w = Workload(num_requests=24, input_len="fixed:128", output_len="fixed:64")
     rows = sweep(SimConfig(model="llama-3.1-8b"), w, None, {"tensor_parallel_size": [1, 4, 8]},
                  objective="offline_throughput")
     assert "error" in rows[0] and rows[0]["output_throughput"] is None  # 8B in BF16 does not fit one PE
