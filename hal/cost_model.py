@@ -311,10 +311,13 @@ class CostModel:
             raise ValueError(f"s_per_attn_flop={a!r}: must be a finite number >= 0, or None (as s_per_flop)")
         if not _is_real(self.jit_slow_factor) or not 1 <= self.jit_slow_factor < math.inf:
             raise ValueError(f"jit_slow_factor={self.jit_slow_factor!r}: must be a finite number >= 1")
-        for k, none_means in (("dtype_bytes", None), ("kv_dtype_bytes", "as a weight"), ("memory_bytes", "not modelled")):
+        # bytes per element at most 8 (FP64); memory finite
+        for k, none_means, most in (("dtype_bytes", None, 8.0), ("kv_dtype_bytes", "as a weight", 8.0),
+                                    ("memory_bytes", "not modelled", math.inf)):
             v = getattr(self, k)
-            if (v is not None or none_means is None) and (not _is_real(v) or not 0 < v < math.inf):
-                raise ValueError(f"{k}={v!r}: must be a finite number > 0 (bytes)"
+            if (v is not None or none_means is None) and (not _is_real(v) or not 0 < v <= most or v == math.inf):
+                raise ValueError(f"{k}={v!r}: must be a finite number > 0 (bytes"
+                                 + (f", at most {most:g} per element)" if most < math.inf else ")")
                                  + (f", or None ({none_means})" if none_means else ""))
         if not isinstance(self.notes, dict):
             raise ValueError(f"notes={self.notes!r}: must be a mapping")

@@ -17,7 +17,6 @@ from the workload), or the torch ``ModelRunner`` for functional runs with real t
 from __future__ import annotations
 
 import collections
-import math
 import operator
 from dataclasses import dataclass
 
@@ -118,6 +117,9 @@ def unused_devices(devices: list[Device], placements: list[ReplicaPlacement]) ->
     return ", ".join(parts)
 
 
+MAX_STEP_S = 1e6  # seconds: a step past this (11 days) comes from a profile's absurd figures, not from hardware
+
+
 class SyntheticTokens:
     """Token source for planning: every sampled token is ``token_id`` (never an EOS of the run); a pooling
     chunk gets an empty vector (its cost, prefill only, is the cost model's; its values do not matter).
@@ -179,10 +181,10 @@ class SimQueue(ExecutionQueue):
         comm = cost.tp_comm * slow * self._stage_share
         transfer = self.cost.stage_transfer_time(shape) if p > 1 else 0.0
         host = self.cost.host_time(shape)
-        if not device + transfer + host < math.inf:  # inf or NaN: rates whose products overflow a float
+        if not device + transfer + host < MAX_STEP_S:  # also inf and NaN: figures whose products overflow a float
             raise ValueError(
                 f"cost model {self.cost.name!r}: a step of {shape.num_seqs} sequence(s) and {shape.num_tokens} token(s) "
-                f"takes {device + transfer + host!r} s; a profile's rates must keep every step's time finite")
+                f"takes {device + transfer + host!r} s; a profile's figures must keep every step under {MAX_STEP_S:g} s")
         self.num_seqs += shape.num_seqs
         self.bound_s[cost.bound] += device - comm  # the step's own work, by what bounds it
         self.tp_comm_s += comm

@@ -25,6 +25,7 @@ from furiosa_llm.hal.devices import PES_PER_CARD
 from furiosa_llm.hal.simulator import ReplicaPlacement, place_replicas, unused_devices
 
 DEFAULT_MODEL = "llama-3.1-8b"
+MAX_KV_BLOCKS = 1 << 21  # KV blocks of one simulated replica: the allocator keeps a Python object for each
 DEFAULT_DEVICES = "npu:0"  # the simulator's default: one card (the real engine's is "whatever is installed")
 ENGINE_ARG_NAMES = frozenset(f.name for f in dataclasses.fields(EngineArgs))
 # the rngd profile's assumptions (SimConfig fields): a calibrated profile has its own figures instead
@@ -68,6 +69,8 @@ class SimConfig:
 
     def __init__(self, model: ModelShape | str | None = None, *, engine_args: EngineArgs | None = None,
                  **knobs: Any) -> None:
+        if engine_args is not None and not isinstance(engine_args, EngineArgs):
+            raise ValueError(f"engine_args={engine_args!r}: must be an EngineArgs (or pass its fields as keywords)")
         sim_fields = dataclasses.fields(SimConfig)[2:]
         for f in sim_fields:
             setattr(self, f.name, knobs.pop(f.name, f.default))
@@ -155,6 +158,11 @@ class SimConfig:
         elif cost.memory_bytes is not None and num_blocks > (fits := self._kv_blocks_in_memory(cost, budget=False)):
             raise ValueError(f"num_kv_blocks={num_blocks}: a replica's memory holds at most {fits} KV blocks of "
                              f"{self.engine_args.block_size} tokens of {self.model.name} beside its weights")
+        if num_blocks > MAX_KV_BLOCKS:  # one object per block: far more would exhaust the host's memory
+            where = (f"num_kv_blocks={num_blocks}" if self.engine_args.num_kv_blocks is not None else
+                     f"profile {cost.name!r} (memory_bytes={cost.memory_bytes!r}) gives {num_blocks} KV blocks, which is")
+            raise ValueError(f"{where} more than the simulator holds per replica ({MAX_KV_BLOCKS:,}: it keeps an "
+                             "object per block)")
         engine_config = self.engine_args.engine_config(num_blocks=num_blocks,
                                                        model_max_len=self.model.max_position_embeddings)
         return SimPlan(self.model, tuple(placements), cost, engine_config,

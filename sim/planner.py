@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from dataclasses import replace
 from typing import Callable
+
+import numpy as np
 
 from .config import SimConfig
 from .metrics import SLO
@@ -87,11 +90,11 @@ def _upcoming(state: tuple, known: dict, width: int, rel_tol: float, max_probes:
 def check_search(start: float = 1.0, rel_tol: float = 0.05, max_probes: int = 24,
                  names: tuple[str, str, str] = ("start", "rel_tol", "max_probes")) -> None:
     """``ValueError`` (naming the argument as ``names`` call it) unless the search's settings are usable."""
-    if not isinstance(start, (int, float)) or isinstance(start, bool) or not 0 < start < math.inf:
+    if not isinstance(start, numbers.Real) or isinstance(start, bool) or not 0 < start < math.inf:
         raise ValueError(f"{names[0]}={start!r}: must be a finite rate > 0 (req/s)")
-    if not isinstance(rel_tol, (int, float)) or isinstance(rel_tol, bool) or not 0 < rel_tol <= 1:
+    if not isinstance(rel_tol, numbers.Real) or isinstance(rel_tol, bool) or not 0 < rel_tol <= 1:
         raise ValueError(f"{names[1]}={rel_tol!r}: must be a number in (0, 1] (the bracket's relative width at the end)")
-    if not isinstance(max_probes, int) or isinstance(max_probes, bool) or max_probes < 1:
+    if not isinstance(max_probes, numbers.Integral) or isinstance(max_probes, bool) or max_probes < 1:
         raise ValueError(f"{names[2]}={max_probes!r}: must be an int >= 1")
 
 
@@ -136,7 +139,8 @@ def max_rate(config: SimConfig, workload: Workload, slo: SLO, *, start: float = 
         from .distributed import connect
 
         width = max(1, int(connect(ray).cluster_resources().get("CPU", 1)))
-        sim = {**sim, "ray": ray}
+        if sim.get("workers", 1) > 1:  # each probe's replica groups on the same cluster
+            sim = {**sim, "ray": ray}
     known: dict[float, dict] = {}
     history: list[dict] = []
     state = ("bracket", 0.0, None, start, 0) if max_probes > 0 else ("done", 0.0, None, None, 0)
@@ -198,7 +202,8 @@ def _sweep_point(config: SimConfig, workload: Workload, slo: SLO | None, point: 
             res = offline_throughput(cfg, workload, **{k: v for k, v in kw.items() if k in ("dispatch", "workers")})
         else:
             res = max_rate(cfg, workload, slo, **kw)
-        return {"point": point, "num_replicas": cfg.plan().num_replicas, **res}
+        plan = cfg.plan()
+        return {"point": point, "num_replicas": plan.num_replicas, "unused_devices": plan.unused_devices or None, **res}
     except ValueError as e:  # e.g. the model does not fit this many PEs
         return {"point": point, "error": str(e), "max_request_rate": None, "output_throughput": None}
 
@@ -227,8 +232,12 @@ def sweep(config: SimConfig, workload: Workload, slo: SLO | None, grid: dict[str
     for k in grid:
         if k not in SWEEPABLE:
             raise ValueError(f"sweep key {k!r}: must be one of {', '.join(SWEEPABLE)}")
-        if not isinstance(grid[k], (list, tuple, range)) or not grid[k]:
+        values = grid[k].tolist() if isinstance(grid[k], np.ndarray) else grid[k]  # numpy's values as Python's
+        if not isinstance(values, (list, tuple, range)) or not values:
             raise ValueError(f"sweep {k}={grid[k]!r}: must be a non-empty list of values")
+        if len(set(map(repr, values))) < len(values):
+            raise ValueError(f"sweep {k}={grid[k]!r}: a value is given twice")
+        grid = {**grid, k: list(values)}
     if objective == "max_rate":
         _check_rate_searchable(slo, workload)
         check_search(**{k: kw[k] for k in ("start", "rel_tol", "max_probes") if k in kw})
@@ -238,6 +247,9 @@ def sweep(config: SimConfig, workload: Workload, slo: SLO | None, grid: dict[str
         if workload.arrival != "poisson" or not math.isinf(workload.request_rate):
             raise ValueError(f"arrival={workload.arrival!r}, request_rate={workload.request_rate!r}: the "
                              "offline_throughput objective sends every request at t=0; leave the arrivals unset")
+        unknown = sorted(set(kw) - {"start", "rel_tol", "max_probes", "dispatch", "workers"})
+        if unknown:
+            raise TypeError(f"sweep: unknown argument(s) {', '.join(unknown)}")
         ignored = [k for k in ("start", "rel_tol", "max_probes") if k in kw]
         if ignored:
             raise ValueError(f"{', '.join(ignored)}: settings of the max_rate search; the offline_throughput objective "

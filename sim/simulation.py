@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import time
 
@@ -41,20 +42,27 @@ def simulate(config: SimConfig, workload: Workload, *, slo: SLO | None = None, t
             raise TypeError(f"{arg}={v!r}: must be a {kind.__name__}")
     if slo is not None and not isinstance(slo, SLO):
         raise TypeError(f"slo={slo!r}: must be an SLO or None")
+    if slo is not None and slo.empty:
+        raise ValueError(f"slo={slo!r}: no target to meet; give ttft_ms, tpot_ms or e2el_ms, or pass slo=None")
+    if workload.arrival == "gamma" and workload.burstiness != 1.0 and math.isinf(workload.request_rate):
+        raise ValueError(f"burstiness={workload.burstiness!r}: with request_rate=inf every request arrives at t=0; give "
+                         "gamma arrivals a rate")
     if dispatch not in DISPATCH:
         raise ValueError(f"dispatch={dispatch!r}: must be one of {', '.join(DISPATCH)}")
     if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:
         raise ValueError(f"workers={workers!r}: must be an int >= 1")
     workers = int(workers)
+    if workers > 1 and (dispatch != "round_robin" or tokens is not None or record_trace):
+        raise ValueError(f"workers={workers}: parallel simulation needs dispatch='round_robin', synthetic tokens and "
+                         "no decision trace")
+    if ray is not None and workers == 1:
+        raise ValueError(f"ray={ray!r}: simulate runs on Ray only to split replicas over workers > 1")
     plan = config.plan()
     n = plan.num_replicas
     if tokens is not None and n > 1:
         raise ValueError(f"tokens: a model token source holds the KV cache of one replica; these devices make "
                          f"{n} replicas (pass one device, or data_parallel_size=1)")
-    workers = min(workers, n)
-    if workers > 1 and (dispatch != "round_robin" or tokens is not None or record_trace):
-        raise ValueError(f"workers={workers}: parallel simulation needs dispatch='round_robin', synthetic tokens and "
-                         "no decision trace")
+    workers = min(workers, n)  # a worker simulates whole replicas
     if workers == 1:
         part, traces = replica.run(plan, workload, list(range(n)), dispatch=dispatch, tokens=tokens,
                                    record_trace=record_trace, progress=progress)

@@ -48,10 +48,12 @@ class LengthDist:
     @staticmethod
     def _problem(kind: str, a: float, b: float) -> str | None:
         """What is wrong with a length distribution's values, or None (one rule for ``parse`` and the constructor)."""
-        if kind == "trace":
-            return None
-        if kind not in ("fixed", "uniform", "lognormal"):
+        if kind not in ("fixed", "uniform", "lognormal", "trace"):
             return f"kind={kind!r}: must be fixed, uniform, lognormal or trace"
+        if kind == "trace":  # the values parse gives the kinds that take fewer than two: 0
+            return None if (a, b) == (0, 0) else "trace takes no values (a and b 0)"
+        if kind == "fixed" and b != 0:
+            return "fixed takes one value, a (b 0)"
         if not (_is_number(a) and _is_number(b)):
             return "its values must be numbers"
         # token counts: whole numbers from 1 to MAX_LENGTH; a lognormal's SIGMA from 0 to MAX_SIGMA
@@ -69,8 +71,8 @@ class LengthDist:
         if isinstance(spec, LengthDist):
             return spec
         usage = f"{name}={spec!r}: expected N (fixed), fixed:N, uniform:LO:HI, lognormal:MEAN:SIGMA or trace"
-        if _is_int(spec):
-            spec = f"fixed:{int(spec)}"  # a bare count, as vLLM's --random-input-len takes it
+        if _is_number(spec):
+            spec = f"fixed:{float(spec)!r}"  # a bare count, as vLLM's --random-input-len takes it (1000.0 too)
         elif isinstance(spec, str) and ":" not in spec and spec.strip() not in ("trace", ""):
             spec = f"fixed:{spec.strip()}"  # "64", and "1e3" as "fixed:1e3" takes it
         if not isinstance(spec, str):

@@ -220,6 +220,16 @@ def test_a_profile_whose_step_time_overflows_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"cost model 'absurd': a step of 3 sequence\(s\) and 48 token\(s\) takes inf s"):
         simulate(SimConfig(model="llama-3.1-8b", profile=str(path), devices="npu:0", num_kv_blocks=64),
                  Workload(num_requests=3, input_len="fixed:16", output_len="fixed:4"))
+    # other figures too: a fixed cost of 1e308 s a step (the run's clock overflowed), 1e300 bytes per weight, a
+    # memory that makes 10**13 KV blocks (the run hung filling the host's memory) (found by a fourth fresh user)
+    for field, v, said in (("overhead_s", 1e308, r"takes 1e\+308 s; a profile's figures must keep every step under 1e\+06 s"),
+                           ("dtype_bytes", 1e300, r"dtype_bytes=1e\+300: must be a finite number > 0 .bytes, at most 8"),
+                           ("memory_bytes", 1e20, "more than the simulator holds per replica")):
+        path.write_text(json.dumps({**d, "s_per_flop": 1e-14, field: v}))
+        with pytest.raises(ValueError, match=said):
+            simulate(SimConfig(model="llama-3.1-8b", profile=str(path), devices="npu:0",
+                               num_kv_blocks=None if field == "memory_bytes" else 64),
+                     Workload(num_requests=3, input_len="fixed:16", output_len="fixed:4"))
 
 
 def test_sweep_fits_the_engine_or_says_why():
@@ -319,9 +329,11 @@ def test_length_specs_parse_and_reject():
     with pytest.raises(ValueError, match="whole numbers from 1"):
         LengthDist.parse("fixed:0")
     assert LengthDist.parse("1e3") == LengthDist.parse("fixed:1e3") == LengthDist("fixed", 1000)  # bare, as fixed: takes it
+    assert LengthDist.parse(1000.0) == LengthDist.parse(np.float64(1000)) == LengthDist.parse(np.int64(1000))
     # built directly (the Python API) the same rules hold; they were skipped (found by a fresh user)
     for args, why in ((("fixed", 2.5), "whole numbers"), (("uniform", 0, 5), "whole numbers"), (("fixed", 10**9), "whole"),
-                      (("lognormal", 100, -1), "SIGMA"), (("zipf", 3), "kind='zipf'"), (("fixed", "x"), "numbers")):
+                      (("lognormal", 100, -1), "SIGMA"), (("zipf", 3), "kind='zipf'"), (("fixed", "x"), "numbers"),
+                      (("fixed", 5, 99), "fixed takes one value"), (("trace", float("nan"), "x"), "trace takes no values")):
         with pytest.raises(ValueError, match=why):
             LengthDist(*args)
     wide = Workload(num_requests=2000, input_len="lognormal:1000:4", output_len="fixed:1").generate()
@@ -358,6 +370,9 @@ def test_devices_no_replica_runs_on_are_named(capsys):
     assert main(["simulate", "--model", "llama-3.1-8b", "--devices", "npu:0:0-3,npu:1", "--num-requests", "2",
                  "--input-len", "16", "--output-len", "2", "--no-progress"]) == 0
     assert "warning: no replica runs on npu:0 PEs 0-3 (the layout: 1 replica(s) of -tp 8 x -pp 1)" in capsys.readouterr().err
+    rows = sweep(SimConfig(devices="npu:0,npu:1,npu:2"), Workload(num_requests=2, input_len=16, output_len=2), None,
+                 {"tensor_parallel_size": [8, 16]}, objective="offline_throughput")
+    assert [r["unused_devices"] for r in rows] == [None, "npu:2"]  # a plan's rows name them too
 
 
 def test_workload_rates_and_lengths():
@@ -818,7 +833,7 @@ def test_planner_and_config_refuse_bad_inputs_by_name(tmp_path, capsys):
                         "the --slo-* flags are for --objective max_rate"),
                        (["plan", "--model", "llama-3.1-8b", "--objective", "offline_throughput", "--slo-attainment", "0.5"],
                         "the --slo-* flags are for --objective max_rate"),
-                       (["simulate", "--model", "llama-3.1-8b", "--arrival", "gamma", "--burstiness", "0.1"], "--burstiness 0.1"),
+                       (["simulate", "--model", "llama-3.1-8b", "--arrival", "gamma", "--burstiness", "0.1"], "burstiness=0.1: with request_rate=inf"),
                        (["simulate", "--model", "llama-3.1-8b", "--workload-seed", "-5"], "--workload-seed -5"),
                        # and more, found by a third fresh user
                        (["simulate", "--model", "llama-3.1-8b", "--jit-slow-factor", "100"],
@@ -850,6 +865,33 @@ def test_planner_and_config_refuse_bad_inputs_by_name(tmp_path, capsys):
     assert "note: --max-model-len 300000 is more than the model's context (131072)" in err
     assert f"wrote {tmp_path / 'run.png'}" in err and (tmp_path / "run.png").is_file()  # matplotlib's suffix, said
     assert simulate(SimConfig(), Workload(num_requests=2, input_len=16, output_len=2), workers=np.int64(1)).report
+    # Python callers are held to the same (found by a fourth fresh user)
+    for kw, said in ((dict(ray="local"), "ray='local': simulate runs on Ray only"), (dict(slo=SLO()), "no target to meet"),
+                     (dict(workers=2), "workers=2: parallel simulation needs dispatch='round_robin'")):
+        with pytest.raises(ValueError, match=re.escape(said)):
+            simulate(SimConfig(devices="npu:0"), Workload(num_requests=2, input_len=16, output_len=2), **kw)
+    with pytest.raises(ValueError, match="burstiness=0.3: with request_rate=inf"):
+        simulate(SimConfig(), Workload(num_requests=2, arrival="gamma", burstiness=0.3))
+    with pytest.raises(TypeError, match="unknown argument"):
+        sweep(SimConfig(), w4, None, {"tensor_parallel_size": [8]}, objective="offline_throughput", foo=3)
+    with pytest.raises(ValueError, match="engine_args='x': must be an EngineArgs"):
+        SimConfig(engine_args="x")
+    with pytest.raises(ValueError, match="enable_prefix_caching='no': must be a bool"):
+        SimConfig(enable_prefix_caching="no")
+    same = str(tmp_path / "same.png")
+    for extra, said in ((["--out", same, "--plot", same], "the same file"), (["--out", ""], "--out='': give a file path"),
+                        (["--task", "embed"], "--task embed: the simulator's requests are set by the workload")):
+        assert main(["simulate", "--model", "llama-3.1-8b", "--num-requests", "2", "--no-progress", *extra]) == 2
+        assert said in capsys.readouterr().err
+    assert SLO(ttft_ms=np.float32(300)).ttft_ms == 300 and SimConfig(block_size=np.int64(32)).engine_args.block_size == 32
+    with pytest.raises(ValueError, match="a value is given twice"):
+        sweep(SimConfig(), w4, None, {"tensor_parallel_size": [8, 8]}, objective="offline_throughput")
+    rows = sweep(SimConfig(), w4, None, {"tensor_parallel_size": np.array([8])}, objective="offline_throughput")
+    assert rows[0]["point"] == {"tensor_parallel_size": 8} and rows[0]["output_throughput"] > 0
+    for item, said in (("tensor-parallel-size=8,", "an empty value"), ("tensor-parallel-size=a", "takes whole numbers")):
+        assert main(["plan", "--model", "llama-3.1-8b", "--objective", "offline_throughput", "--sweep", item,
+                     "--no-progress"]) == 2
+        assert said in capsys.readouterr().err
     binary = tmp_path / "binary.json"
     binary.write_bytes(b"\xff\xfe\x00junk")
     with pytest.raises(ValueError, match="profile=.*binary.json.*not JSON"):

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 from furiosa_llm.core.config import EngineConfig, JitConfig, SchedulerConfig, resolve_max_model_len
 from furiosa_llm.hal import Device, parse_devices
 from furiosa_llm.model.loader import POOLING_TYPES
+
+from .scheduler_config import _int_at_least
 
 
 def _default_cache_dir() -> str:
@@ -31,13 +34,6 @@ def _str2bool(v: str | bool) -> bool:
 
 def _optional_path(v: str) -> str | None:
     return None if v.strip().lower() in ("", "none", "null") else v
-
-
-def _int_at_least(name: str, value: Any, minimum: int, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}={value!r}: must be an int >= {minimum}")
 
 
 TASKS = ("auto", "generate", "embed")  # vLLM's --task values this engine serves
@@ -87,34 +83,36 @@ class EngineArgs:
         if self.tokenizer_mode not in ("auto", "slow"):
             raise ValueError(f"tokenizer_mode={self.tokenizer_mode!r}: must be 'auto' or 'slow'")
         if self.seed is not None:
-            _int_at_least("seed", self.seed, 0)
+            self.seed = _int_at_least("seed", self.seed, 0)
             if self.seed >= 2**63:
                 raise ValueError(f"seed={self.seed}: must be < 2**63 (torch.Generator.manual_seed)")
         if self.devices is not None:
             self.parsed_devices()  # raises a ValueError naming the bad token
-        _int_at_least("pipeline_parallel_size", self.pipeline_parallel_size, 1, optional=True)
-        _int_at_least("data_parallel_size", self.data_parallel_size, 1, optional=True)
-        _int_at_least("npu_queue_limit", self.npu_queue_limit, 1, optional=True)
-        _int_at_least("max_processing_samples", self.max_processing_samples, 1, optional=True)
+        self.pipeline_parallel_size = _int_at_least("pipeline_parallel_size", self.pipeline_parallel_size, 1, optional=True)
+        self.data_parallel_size = _int_at_least("data_parallel_size", self.data_parallel_size, 1, optional=True)
+        self.npu_queue_limit = _int_at_least("npu_queue_limit", self.npu_queue_limit, 1, optional=True)
+        self.max_processing_samples = _int_at_least("max_processing_samples", self.max_processing_samples, 1, optional=True)
         if self.spare_blocks_ratio is not None and (
-            not isinstance(self.spare_blocks_ratio, (int, float)) or not 0.0 <= self.spare_blocks_ratio < 1.0
+            isinstance(self.spare_blocks_ratio, bool) or not isinstance(self.spare_blocks_ratio, numbers.Real) or not 0.0 <= self.spare_blocks_ratio < 1.0
         ):
             raise ValueError(f"spare_blocks_ratio={self.spare_blocks_ratio!r}: must be a number in [0, 1)")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching={self.enable_prefix_caching!r}: must be a bool")
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager={self.enforce_eager!r}: must be a bool")
         if not isinstance(self.enable_jit_compilation, bool):
             raise ValueError(f"enable_jit_compilation={self.enable_jit_compilation!r}: must be a bool")
-        _int_at_least("jit_threshold", self.jit_threshold, 1)
-        _int_at_least("jit_max_workers", self.jit_max_workers, 1)
-        _int_at_least("jit_unit_size", self.jit_unit_size, 2)
-        _int_at_least("max_model_len", self.max_model_len, 1, optional=True)
-        _int_at_least("block_size", self.block_size, 1)
-        _int_at_least("max_num_batched_tokens", self.max_num_batched_tokens, 1)
-        _int_at_least("kv_cache_memory_bytes", self.kv_cache_memory_bytes, 1, optional=True)
-        _int_at_least("num_kv_blocks", self.num_kv_blocks, 1, optional=True)
+        self.jit_threshold = _int_at_least("jit_threshold", self.jit_threshold, 1)
+        self.jit_max_workers = _int_at_least("jit_max_workers", self.jit_max_workers, 1)
+        self.jit_unit_size = _int_at_least("jit_unit_size", self.jit_unit_size, 2)
+        self.max_model_len = _int_at_least("max_model_len", self.max_model_len, 1, optional=True)
+        self.block_size = _int_at_least("block_size", self.block_size, 1)
+        self.max_num_batched_tokens = _int_at_least("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        self.kv_cache_memory_bytes = _int_at_least("kv_cache_memory_bytes", self.kv_cache_memory_bytes, 1, optional=True)
+        self.num_kv_blocks = _int_at_least("num_kv_blocks", self.num_kv_blocks, 1, optional=True)
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r}: must be one of auto, float32, bfloat16, float16")
-        _int_at_least("max_logprobs", self.max_logprobs, -1)  # -1: the vocabulary size
+        self.max_logprobs = _int_at_least("max_logprobs", self.max_logprobs, -1)  # -1: the vocabulary size
         if self.task not in TASKS:
             raise ValueError(f"task={self.task!r}: must be one of {', '.join(TASKS)}")
         if self.convert not in CONVERTS:

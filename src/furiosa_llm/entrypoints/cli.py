@@ -129,8 +129,10 @@ def _check_output_path(flag: str, path: str | None, plot: bool = False) -> None:
     """Refuse, before any work, an output file path that cannot be written: a folder, a file in a folder
     that does not exist or is not writable, or (``plot``) a suffix matplotlib cannot save (``ValueError``
     naming the flag)."""
-    if not path:
+    if path is None:
         return
+    if not path.strip():
+        raise ValueError(f"{flag}={path!r}: give a file path")
     if os.path.isdir(path):
         raise ValueError(f"{flag}={path!r}: is a folder; give a file path")
     if plot:
@@ -156,12 +158,14 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
 
     _check_output_path("--out", ns.out)
     _check_output_path("--plot", ns.plot, plot=True)
+    if ns.out and ns.plot and os.path.abspath(ns.out) == os.path.abspath(ns.plot):
+        raise ValueError(f"--out {ns.out!r} and --plot {ns.plot!r}: the same file; the plot would overwrite the report")
+    if getattr(ns, "task", "auto") not in ("auto", "generate"):
+        raise ValueError(f"--task {ns.task}: the simulator's requests are set by the workload; use --embed-fraction "
+                         "for embedding requests")
     if ns.ray is not None and ns.workers == 1:
         raise ValueError(f"--ray {ns.ray}: simulate runs on Ray only to split replicas over --workers (> 1); a "
                          "single run needs no Ray")
-    if ns.burstiness != 1.0 and math.isinf(ns.request_rate):
-        raise ValueError(f"--burstiness {ns.burstiness:g}: without --request-rate every request arrives at t=0; "
-                         "give gamma arrivals a rate")
     config, workload, slo, tokens = _sim_inputs(ns)
     if slo.empty and ns.slo_attainment is not None:
         raise ValueError(f"--slo-attainment {ns.slo_attainment:g}: the share of requests that must meet the SLO "
@@ -204,14 +208,18 @@ def _parse_sweep(items: list[str]) -> dict[str, list]:
             raise ValueError(f"--sweep {item!r}: expected KEY=V1,V2,... with KEY one of {', '.join(SWEEPABLE)}")
         if key in grid:
             raise ValueError(f"--sweep {item!r}: {key} is swept twice; give all its values in one --sweep")
-        raw = [v.strip() for v in vals.split("|" if key == "devices" else ",") if v.strip()]
-        if not raw:
+        sep = "|" if key == "devices" else ","
+        raw = [v.strip() for v in vals.split(sep)]
+        if not any(raw):
             raise ValueError(f"--sweep {item!r}: no values")
+        if not all(raw):
+            raise ValueError(f"--sweep {item!r}: an empty value (two {sep!r} in a row, or one at an end)")
         conv = str if key == "devices" else float if key == "spare_blocks_ratio" else int
         try:
             grid[key] = [conv(v) for v in raw]
         except ValueError:
-            raise ValueError(f"--sweep {item!r}: bad value for {key}") from None
+            what = "numbers" if conv is float else "whole numbers"
+            raise ValueError(f"--sweep {item!r}: {key} takes {what} separated by {sep!r}") from None
     return grid
 
 
@@ -221,6 +229,11 @@ def cmd_plan(ns: argparse.Namespace) -> int:
 
     _check_output_path("--out", ns.out)
     _check_output_path("--plot", ns.plot, plot=True)
+    if ns.out and ns.plot and os.path.abspath(ns.out) == os.path.abspath(ns.plot):
+        raise ValueError(f"--out {ns.out!r} and --plot {ns.plot!r}: the same file; the plot would overwrite the report")
+    if getattr(ns, "task", "auto") not in ("auto", "generate"):
+        raise ValueError(f"--task {ns.task}: the simulator's requests are set by the workload; use --embed-fraction "
+                         "for embedding requests")
     search = {k: v for k, v in (("start", ns.start_rate), ("rel_tol", ns.rel_tol)) if v is not None}
     if ns.objective == "max_rate":
         from furiosa_llm.sim.planner import check_search
