@@ -123,14 +123,14 @@ def max_rate(config: SimConfig, workload: Workload, slo: SLO, *, start: float = 
     Returns ``max_request_rate`` (the highest rate that passed), ``upper_bound`` (the lowest that
     failed; None if none did), ``at_max`` (the passing probe at the max), ``probes`` (every probe in
     order), ``unbounded``, ``converged`` (False when ``max_probes`` ran out before the search
-    closed: the max is then only the best rate probed) and ``steady`` (False when the run at the max
-    lasted over ``STEADY_RATIO`` times its arrival span, ``num_requests / rate``: the queue was still
-    draining long after the last arrival, so the SLOs held because the workload ended, and the rate
-    is not one the configuration sustains; more requests give a lower, sustained rate). When no probed rate fails, one more run
-    puts every request at t=0 (offline); if the SLOs hold even then, ``max_request_rate`` is
-    ``math.inf`` (null in JSON), ``unbounded`` is True and ``at_max`` is that offline run. Raises
-    ``ValueError`` for an empty or missing SLO, a start rate that is not finite and > 0, ``rel_tol``
-    outside (0, 1] or ``max_probes`` < 1.
+    closed: the max is then only the best rate probed) and ``steady`` (False when the run at the
+    max lasted over ``STEADY_RATIO`` times its arrival span, ``num_requests / rate``: most of it came
+    after the last arrival, so the workload is too short to show that the rate is sustained; more
+    requests may give a lower one). When no probed rate fails, one more run puts every request at
+    t=0 (offline); if the SLOs hold even then, ``max_request_rate`` is ``math.inf`` (null in JSON),
+    ``unbounded`` is True and ``at_max`` is that offline run. Raises ``ValueError`` for an empty or
+    missing SLO, a workload with a rate (the search sets it), a start rate that is not finite and
+    > 0, ``rel_tol`` outside (0, 1] or ``max_probes`` < 1.
     """
     _check_rate_searchable(slo, workload)
     check_search(start, rel_tol, max_probes)
@@ -169,8 +169,7 @@ def max_rate(config: SimConfig, workload: Workload, slo: SLO, *, start: float = 
     unbounded = math.isinf(lo)
     # the search ended on its own terms: unbounded, a bracket within rel_tol, or no rate passing down to the floor
     converged = unbounded or (hi is not None and (hi / lo <= 1 + rel_tol if lo else hi < 2 * MIN_RATE))
-    # the run at the max lasted more than twice its arrivals: it was mostly the drain of a queue, which the SLOs
-    # outlasted only because the workload ended, so the rate is not one the configuration sustains
+    # the run at the max lasted more than twice its arrivals: mostly after the last one, too short to show a sustained rate
     steady = unbounded or best is None or best["duration"] <= STEADY_RATIO * workload.num_requests / lo
     return {"max_request_rate": lo, "upper_bound": hi, "unbounded": unbounded, "converged": converged,
             "steady": steady, "at_max": best, "probes": history}

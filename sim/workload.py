@@ -67,7 +67,7 @@ class LengthDist:
         return None
 
     @classmethod
-    def parse(cls, spec: "str | int | LengthDist", name: str = "length") -> "LengthDist":
+    def parse(cls, spec: "str | float | LengthDist", name: str = "length") -> "LengthDist":
         if isinstance(spec, LengthDist):
             return spec
         usage = f"{name}={spec!r}: expected N (fixed), fixed:N, uniform:LO:HI, lognormal:MEAN:SIGMA or trace"

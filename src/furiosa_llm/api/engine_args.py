@@ -92,9 +92,8 @@ class EngineArgs:
         self.data_parallel_size = _int_at_least("data_parallel_size", self.data_parallel_size, 1, optional=True)
         self.npu_queue_limit = _int_at_least("npu_queue_limit", self.npu_queue_limit, 1, optional=True)
         self.max_processing_samples = _int_at_least("max_processing_samples", self.max_processing_samples, 1, optional=True)
-        if self.spare_blocks_ratio is not None and (
-            isinstance(self.spare_blocks_ratio, bool) or not isinstance(self.spare_blocks_ratio, numbers.Real) or not 0.0 <= self.spare_blocks_ratio < 1.0
-        ):
+        ratio = self.spare_blocks_ratio
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 <= ratio < 1.0):
             raise ValueError(f"spare_blocks_ratio={self.spare_blocks_ratio!r}: must be a number in [0, 1)")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching={self.enable_prefix_caching!r}: must be a bool")
