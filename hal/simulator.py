@@ -184,7 +184,9 @@ class SimQueue(ExecutionQueue):
         if not device + transfer + host < MAX_STEP_S:  # also inf and NaN: figures whose products overflow a float
             raise ValueError(
                 f"cost model {self.cost.name!r}: a step of {shape.num_seqs} sequence(s) and {shape.num_tokens} token(s) "
-                f"takes {device + transfer + host!r} s; a profile's figures must keep every step under {MAX_STEP_S:g} s")
+                f"takes {device + transfer + host!r} s (fixed {cost.fixed:g}, compute {cost.compute:g}, weights "
+                f"{cost.weights:g}, KV {cost.kv:g}, all-reduce {cost.tp_comm:g}, host {host:g} s); a profile's figures "
+                f"must keep every step under {MAX_STEP_S:g} s")
         self.num_seqs += shape.num_seqs
         self.bound_s[cost.bound] += device - comm  # the step's own work, by what bounds it
         self.tp_comm_s += comm

@@ -31,6 +31,11 @@ ENGINE_ARG_NAMES = frozenset(f.name for f in dataclasses.fields(EngineArgs))
 # the rngd profile's assumptions (SimConfig fields): a calibrated profile has its own figures instead
 RNGD_ASSUMPTIONS = ("compute_efficiency", "bandwidth_efficiency", "jit_compile_s_per_unit", "jit_slow_factor",
                     "link_latency_s", "step_overhead_s", "host_overhead_s", "host_s_per_seq")
+# engine arguments of serving that the simulator has no use for, with the values that ask for nothing: any other
+# value is refused, not ignored (the model token source reads the revision itself)
+UNUSED_ENGINE_ARGS = {"revision": (None,), "tokenizer": (None,), "tokenizer_mode": ("auto",), "enforce_eager": (False,),
+                      "max_logprobs": (20,), "fxb": (None,), "task": ("auto", "generate"), "convert": ("auto", "none"),
+                      "pooling_type": (None,), "structured_outputs_backend": ("auto",)}
 # the engine arguments the simulator honours, in the order reports list them
 ENGINE_KNOBS = ("devices", "pipeline_parallel_size", "data_parallel_size", "npu_queue_limit", "max_processing_samples",
                 "spare_blocks_ratio", "max_num_batched_tokens", "block_size", "max_model_len", "enable_prefix_caching",
@@ -105,6 +110,11 @@ class SimConfig:
         elif knobs:
             engine_args = dataclasses.replace(engine_args, **knobs)
         self.engine_args = engine_args
+        ignored = [f"{k}={getattr(engine_args, k)!r}" for k, fine in UNUSED_ENGINE_ARGS.items()
+                   if getattr(engine_args, k) not in fine]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)}: engine arguments of serving that the simulator does not use (its "
+                             "requests come from the workload: embedding ones with embed_fraction, --embed-fraction)")
         for k in ("step_overhead_s", "host_overhead_s", "host_s_per_seq", "link_latency_s"):
             v = getattr(self, k)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < math.inf:
@@ -218,9 +228,12 @@ class SimConfig:
 
     def _stage_cost(self) -> CostModel:
         defaults = {f.name: f.default for f in dataclasses.fields(SimConfig)}
-        if not self.engine_args.enable_jit_compilation:  # the JIT figures would be silently ignored
+        if not self.engine_args.enable_jit_compilation:  # the JIT figures and settings would be silently ignored
+            engine_defaults = {f.name: f.default for f in dataclasses.fields(EngineArgs)}
             jit = [f"{k}={getattr(self, k)!r}" for k in ("jit_compile_s_per_unit", "jit_slow_factor")
                    if getattr(self, k) != defaults[k]]
+            jit += [f"{k}={getattr(self.engine_args, k)!r}" for k in ("jit_threshold", "jit_max_workers", "jit_unit_size")
+                    if getattr(self.engine_args, k) != engine_defaults[k]]
             if jit:
                 raise ValueError(f"{', '.join(jit)}: figures of JIT compilation, which is off; enable it "
                                  "(enable_jit_compilation=True, --enable-jit-compilation) or leave them unset")

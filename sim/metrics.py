@@ -36,8 +36,8 @@ class SLO:
     def __post_init__(self) -> None:
         for k in ("ttft_ms", "tpot_ms", "e2el_ms"):
             v = getattr(self, k)
-            if v is not None and (not isinstance(v, numbers.Real) or isinstance(v, bool) or not v > 0):
-                raise ValueError(f"slo {k}={v!r}: must be a number > 0 (or None)")
+            if v is not None and (not isinstance(v, numbers.Real) or isinstance(v, bool) or not 0 < v < math.inf):
+                raise ValueError(f"slo {k}={v!r}: must be a finite number > 0 (or None: no target)")
         if not isinstance(self.attainment, numbers.Real) or isinstance(self.attainment, bool) or not 0 < self.attainment <= 1:
             raise ValueError(f"slo attainment={self.attainment!r}: must be in (0, 1]")
 

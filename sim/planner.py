@@ -170,7 +170,7 @@ def max_rate(config: SimConfig, workload: Workload, slo: SLO, *, start: float = 
     # the search ended on its own terms: unbounded, a bracket within rel_tol, or no rate passing down to the floor
     converged = unbounded or (hi is not None and (hi / lo <= 1 + rel_tol if lo else hi < 2 * MIN_RATE))
     # the run at the max lasted more than twice its arrivals: mostly after the last one, too short to show a sustained rate
-    steady = unbounded or best is None or best["duration"] <= STEADY_RATIO * workload.num_requests / lo
+    steady = None if best is None else unbounded or best["duration"] <= STEADY_RATIO * workload.num_requests / lo
     return {"max_request_rate": lo, "upper_bound": hi, "unbounded": unbounded, "converged": converged,
             "steady": steady, "at_max": best, "probes": history}
 
@@ -231,17 +231,20 @@ def sweep(config: SimConfig, workload: Workload, slo: SLO | None, grid: dict[str
     for k in grid:
         if k not in SWEEPABLE:
             raise ValueError(f"sweep key {k!r}: must be one of {', '.join(SWEEPABLE)}")
-        values = grid[k].tolist() if isinstance(grid[k], np.ndarray) else grid[k]  # numpy's values as Python's
+        values = grid[k].tolist() if isinstance(grid[k], np.ndarray) else grid[k]
         if not isinstance(values, (list, tuple, range)) or not values:
             raise ValueError(f"sweep {k}={grid[k]!r}: must be a non-empty list of values")
-        if len(set(map(repr, values))) < len(values):
+        values = [v.item() if isinstance(v, np.generic) else v for v in values]  # numpy's numbers as Python's (JSON rows)
+        if any(isinstance(v, (list, dict, set)) for v in values):
+            raise ValueError(f"sweep {k}={grid[k]!r}: each value must be a single number or string")
+        if len(set(values)) < len(values):
             raise ValueError(f"sweep {k}={grid[k]!r}: a value is given twice")
-        grid = {**grid, k: list(values)}
+        grid = {**grid, k: values}
     if objective == "max_rate":
         _check_rate_searchable(slo, workload)
         check_search(**{k: kw[k] for k in ("start", "rel_tol", "max_probes") if k in kw})
     else:  # every request at t=0: what a search, SLOs or an arrival process would set plays no part
-        if slo is not None and not (isinstance(slo, SLO) and slo.empty):
+        if slo is not None and slo != SLO():  # an SLO's targets or attainment would play no part
             raise ValueError(f"slo={slo!r}: the offline_throughput objective ranks by throughput alone; pass slo=None")
         if workload.arrival != "poisson" or not math.isinf(workload.request_rate):
             raise ValueError(f"arrival={workload.arrival!r}, request_rate={workload.request_rate!r}: the "

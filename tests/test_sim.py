@@ -222,7 +222,7 @@ def test_a_profile_whose_step_time_overflows_is_a_clear_error(tmp_path):
                  Workload(num_requests=3, input_len="fixed:16", output_len="fixed:4"))
     # other figures too: a fixed cost of 1e308 s a step (the run's clock overflowed), 1e300 bytes per weight, a
     # memory that makes 10**13 KV blocks (the run hung filling the host's memory) (found by a fourth fresh user)
-    for field, v, said in (("overhead_s", 1e308, r"takes 1e\+308 s; a profile's figures must keep every step under 1e\+06 s"),
+    for field, v, said in (("overhead_s", 1e308, r"takes 1e\+308 s \(fixed 1e\+308, compute .*; a profile's figures must keep every step under 1e\+06 s"),
                            ("dtype_bytes", 1e300, r"dtype_bytes=1e\+300: must be a finite number > 0 .bytes, at most 8"),
                            ("memory_bytes", 1e20, "more than the simulator holds per replica")):
         path.write_text(json.dumps({**d, "s_per_flop": 1e-14, field: v}))
@@ -880,9 +880,20 @@ def test_planner_and_config_refuse_bad_inputs_by_name(tmp_path, capsys):
         SimConfig(enable_prefix_caching="no")
     same = str(tmp_path / "same.png")
     for extra, said in ((["--out", same, "--plot", same], "the same file"), (["--out", ""], "--out='': give a file path"),
-                        (["--task", "embed"], "--task embed: the simulator's requests are set by the workload")):
+                        (["--task", "embed"], "task='embed': engine arguments of serving that the simulator does not use"),
+                        (["--convert", "embed", "--enforce-eager"], "enforce_eager=True, convert='embed': engine arguments"),
+                        (["--jit-threshold", "3"], "jit_threshold=3: figures of JIT compilation, which is off")):
         assert main(["simulate", "--model", "llama-3.1-8b", "--num-requests", "2", "--no-progress", *extra]) == 2
         assert said in capsys.readouterr().err
+    with pytest.raises(ValueError, match="slo ttft_ms=inf: must be a finite number > 0"):
+        SLO(ttft_ms=math.inf)
+    with pytest.raises(ValueError, match="the offline_throughput objective ranks by throughput alone"):
+        sweep(SimConfig(), w4, SLO(attainment=0.5), {"tensor_parallel_size": [8]}, objective="offline_throughput")
+    for grid in ({"tensor_parallel_size": [np.int64(8), 8]}, {"spare_blocks_ratio": [0, 0.0]}):
+        with pytest.raises(ValueError, match="a value is given twice"):
+            sweep(SimConfig(), w4, None, grid, objective="offline_throughput")
+    rows = sweep(SimConfig(), w4, None, {"tensor_parallel_size": [np.int64(8)]}, objective="offline_throughput")
+    assert type(rows[0]["point"]["tensor_parallel_size"]) is int and json.dumps(jsonable(rows))  # rows are JSON
     assert SLO(ttft_ms=np.float32(300)).ttft_ms == 300 and SimConfig(block_size=np.int64(32)).engine_args.block_size == 32
     with pytest.raises(ValueError, match="a value is given twice"):
         sweep(SimConfig(), w4, None, {"tensor_parallel_size": [8, 8]}, objective="offline_throughput")

@@ -87,7 +87,9 @@ def _sim_inputs(ns: argparse.Namespace):
         hf_model, _tok, _secs = load_model_and_tokenizer(resolve_model(args.model, args.revision), cache_dir=args.cache_dir,
                                                          revision=args.revision, dtype=torch.float32)
         sim["model"] = ModelShape.from_hf_config(hf_model.config, name=args.model)
-    config = SimConfig.from_engine_args(args, tensor_parallel_size=ns.tensor_parallel_size, profile=ns.profile,
+    # the model token source loaded the model from the engine's revision and cache (not the simulator's arguments)
+    sim_args = dataclasses.replace(args, revision=None) if hf_model is not None else args
+    config = SimConfig.from_engine_args(sim_args, tensor_parallel_size=ns.tensor_parallel_size, profile=ns.profile,
                                         compute_efficiency=ns.compute_efficiency,
                                         bandwidth_efficiency=ns.bandwidth_efficiency,
                                         jit_compile_s_per_unit=ns.jit_compile_s_per_unit,
@@ -160,9 +162,6 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
     _check_output_path("--plot", ns.plot, plot=True)
     if ns.out and ns.plot and os.path.abspath(ns.out) == os.path.abspath(ns.plot):
         raise ValueError(f"--out {ns.out!r} and --plot {ns.plot!r}: the same file; the plot would overwrite the report")
-    if getattr(ns, "task", "auto") not in ("auto", "generate"):
-        raise ValueError(f"--task {ns.task}: the simulator's requests are set by the workload; use --embed-fraction "
-                         "for embedding requests")
     if ns.ray is not None and ns.workers == 1:
         raise ValueError(f"--ray {ns.ray}: simulate runs on Ray only to split replicas over --workers (> 1); a "
                          "single run needs no Ray")
@@ -179,10 +178,11 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
         _said_plot(ns.plot)
     m = res.report["metrics"]
     print(json.dumps(jsonable({k: v for k, v in m.items()}), indent=2))
-    asked = config.engine_args.max_model_len
-    if asked is not None and asked > res.report["max_model_len"]:  # capped, as every backend caps it
-        print(f"note: --max-model-len {asked} is more than the model's context ({config.model.max_position_embeddings}) "
-              f"or one replica's KV cache holds; the engine ran with max_model_len={res.report['max_model_len']}",
+    asked, ran = config.engine_args.max_model_len, res.report["max_model_len"]
+    if asked is not None and asked > ran:  # capped, as every backend caps it
+        context = config.model.max_position_embeddings
+        why = f"the model's context ({context})" if ran == context else "what one replica's KV cache holds"
+        print(f"note: --max-model-len {asked} is more than {why}; the engine ran with max_model_len={ran}",
               file=sys.stderr)
     if res.report["unused_devices"]:
         n = len(res.report["replicas"])
@@ -231,9 +231,6 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     _check_output_path("--plot", ns.plot, plot=True)
     if ns.out and ns.plot and os.path.abspath(ns.out) == os.path.abspath(ns.plot):
         raise ValueError(f"--out {ns.out!r} and --plot {ns.plot!r}: the same file; the plot would overwrite the report")
-    if getattr(ns, "task", "auto") not in ("auto", "generate"):
-        raise ValueError(f"--task {ns.task}: the simulator's requests are set by the workload; use --embed-fraction "
-                         "for embedding requests")
     search = {k: v for k, v in (("start", ns.start_rate), ("rel_tol", ns.rel_tol)) if v is not None}
     if ns.objective == "max_rate":
         from furiosa_llm.sim.planner import check_search
