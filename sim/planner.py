@@ -36,6 +36,7 @@ def _probe(config: SimConfig, workload: Workload, slo: SLO, rate: float, sim: di
 
 
 MIN_RATE = 1e-4  # req/s: the search stops halving below this (no rate passes)
+SEARCH_SETTINGS = ("start", "rel_tol", "max_probes")  # max_rate's keywords that steer the search
 STEADY_RATIO = 2.0  # a run at the max rate lasting over this many times its arrival span is not ``steady``
 
 
@@ -228,37 +229,38 @@ def sweep(config: SimConfig, workload: Workload, slo: SLO | None, grid: dict[str
         raise ValueError(f"objective={objective!r}: must be one of {', '.join(OBJECTIVES)}")
     if not isinstance(grid, dict):
         raise ValueError(f"grid={grid!r}: must be a dict of sweep key -> list of values")
-    for k in grid:
+    swept: dict[str, list] = {}  # the grid's values as Python's (numpy's numbers too: the rows are JSON)
+    for k, given in grid.items():
         if k not in SWEEPABLE:
             raise ValueError(f"sweep key {k!r}: must be one of {', '.join(SWEEPABLE)}")
-        values = grid[k].tolist() if isinstance(grid[k], np.ndarray) else grid[k]
+        values = given.tolist() if isinstance(given, np.ndarray) else given
         if not isinstance(values, (list, tuple, range)) or not values:
-            raise ValueError(f"sweep {k}={grid[k]!r}: must be a non-empty list of values")
-        values = [v.item() if isinstance(v, np.generic) else v for v in values]  # numpy's numbers as Python's (JSON rows)
+            raise ValueError(f"sweep {k}={given!r}: must be a non-empty list of values")
+        values = [v.item() if isinstance(v, np.generic) else v for v in values]
         if any(isinstance(v, (list, dict, set)) for v in values):
-            raise ValueError(f"sweep {k}={grid[k]!r}: each value must be a single number or string")
+            raise ValueError(f"sweep {k}={given!r}: each value must be a single number or string")
         if len(set(values)) < len(values):
-            raise ValueError(f"sweep {k}={grid[k]!r}: a value is given twice")
-        grid = {**grid, k: values}
+            raise ValueError(f"sweep {k}={given!r}: a value is given twice")
+        swept[k] = values
+    search = [k for k in SEARCH_SETTINGS if k in kw]
     if objective == "max_rate":
         _check_rate_searchable(slo, workload)
-        check_search(**{k: kw[k] for k in ("start", "rel_tol", "max_probes") if k in kw})
+        check_search(**{k: kw[k] for k in search})
     else:  # every request at t=0: what a search, SLOs or an arrival process would set plays no part
         if slo is not None and slo != SLO():  # an SLO's targets or attainment would play no part
             raise ValueError(f"slo={slo!r}: the offline_throughput objective ranks by throughput alone; pass slo=None")
         if workload.arrival != "poisson" or not math.isinf(workload.request_rate):
             raise ValueError(f"arrival={workload.arrival!r}, request_rate={workload.request_rate!r}: the "
                              "offline_throughput objective sends every request at t=0; leave the arrivals unset")
-        unknown = sorted(set(kw) - {"start", "rel_tol", "max_probes", "dispatch", "workers"})
+        unknown = sorted(set(kw) - set(SEARCH_SETTINGS) - {"dispatch", "workers"})
         if unknown:
             raise TypeError(f"sweep: unknown argument(s) {', '.join(unknown)}")
-        ignored = [k for k in ("start", "rel_tol", "max_probes") if k in kw]
-        if ignored:
-            raise ValueError(f"{', '.join(ignored)}: settings of the max_rate search; the offline_throughput objective "
+        if search:
+            raise ValueError(f"{', '.join(search)}: settings of the max_rate search; the offline_throughput objective "
                              "runs once")
     kw = {**kw, "objective": objective}
-    keys = list(grid)
-    points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    keys = list(swept)
+    points = [dict(zip(keys, values)) for values in itertools.product(*swept.values())]
     rows: list[dict] = [{}] * len(points)
     if ray is None:
         bar = None

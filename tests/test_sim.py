@@ -839,13 +839,14 @@ def test_planner_and_config_refuse_bad_inputs_by_name(tmp_path, capsys):
                        (["simulate", "--model", "llama-3.1-8b", "--jit-slow-factor", "100"],
                         "jit_slow_factor=100.0: figures of JIT compilation, which is off"),
                        (["simulate", "--model", "llama-3.1-8b", "--slo-attainment", "1"], "--slo-attainment 1: the share"),
-                       (["simulate", "--model", "llama-3.1-8b", "--ray", "bogus:1234"], "--ray bogus:1234: simulate runs on Ray only"),
+                       (["simulate", "--model", "llama-3.1-8b", "--ray", "bogus:1234"],
+                        "ray='bogus:1234': simulate runs on Ray only to split replicas over workers > 1"),
                        (["simulate", "--model", "llama-3.1-8b", "--arrival", "trace", "--input-len", "trace", "--trace",
                          str(tmp_path)], "is a folder; give a CSV file"),
                        (["plan", "--model", "llama-3.1-8b", "--objective", "offline_throughput", "--start-rate", "3"],
-                        "--start-rate and --rel-tol are for the max_rate search"),
+                        "start: settings of the max_rate search; the offline_throughput objective runs once"),
                        (["plan", "--model", "llama-3.1-8b", "--objective", "offline_throughput", "--rel-tol", "0.5"],
-                        "--start-rate and --rel-tol are for the max_rate search")):
+                        "rel_tol: settings of the max_rate search; the offline_throughput objective runs once")):
         capsys.readouterr()
         assert main(argv + ["--no-progress"]) == 2
         assert said in capsys.readouterr().err

@@ -149,6 +149,14 @@ def _check_output_path(flag: str, path: str | None, plot: bool = False) -> None:
         raise ValueError(f"{flag}={path!r}: the folder {folder!r} does not exist or is not writable")
 
 
+def _check_outputs(ns: argparse.Namespace) -> None:
+    """``--out`` and ``--plot`` of ``simulate`` and ``plan``: each writable (``_check_output_path``), and not one file."""
+    _check_output_path("--out", ns.out)
+    _check_output_path("--plot", ns.plot, plot=True)
+    if ns.out and ns.plot and os.path.abspath(ns.out) == os.path.abspath(ns.plot):
+        raise ValueError(f"--out {ns.out!r} and --plot {ns.plot!r}: the same file; the plot would overwrite the report")
+
+
 def _said_plot(path: str) -> None:
     """Name the plot file written (matplotlib adds .png to a path without a suffix)."""
     print(f"wrote {path if os.path.splitext(path)[1] else path + '.png'}", file=sys.stderr)
@@ -158,13 +166,7 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
     from furiosa_llm.sim import simulate
     from furiosa_llm.sim.report import jsonable, plot_run, write_json
 
-    _check_output_path("--out", ns.out)
-    _check_output_path("--plot", ns.plot, plot=True)
-    if ns.out and ns.plot and os.path.abspath(ns.out) == os.path.abspath(ns.plot):
-        raise ValueError(f"--out {ns.out!r} and --plot {ns.plot!r}: the same file; the plot would overwrite the report")
-    if ns.ray is not None and ns.workers == 1:
-        raise ValueError(f"--ray {ns.ray}: simulate runs on Ray only to split replicas over --workers (> 1); a "
-                         "single run needs no Ray")
+    _check_outputs(ns)
     config, workload, slo, tokens = _sim_inputs(ns)
     if slo.empty and ns.slo_attainment is not None:
         raise ValueError(f"--slo-attainment {ns.slo_attainment:g}: the share of requests that must meet the SLO "
@@ -227,18 +229,12 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     from furiosa_llm.sim.planner import best, sweep
     from furiosa_llm.sim.report import jsonable, plot_plan, write_json
 
-    _check_output_path("--out", ns.out)
-    _check_output_path("--plot", ns.plot, plot=True)
-    if ns.out and ns.plot and os.path.abspath(ns.out) == os.path.abspath(ns.plot):
-        raise ValueError(f"--out {ns.out!r} and --plot {ns.plot!r}: the same file; the plot would overwrite the report")
+    _check_outputs(ns)
     search = {k: v for k, v in (("start", ns.start_rate), ("rel_tol", ns.rel_tol)) if v is not None}
     if ns.objective == "max_rate":
         from furiosa_llm.sim.planner import check_search
 
         check_search(**search, names=("--start-rate", "--rel-tol", "max_probes"))
-    elif search:
-        raise ValueError("plan --objective offline_throughput runs once with every request at t=0; --start-rate and "
-                         "--rel-tol are for the max_rate search")
     if not math.isinf(ns.request_rate):
         raise ValueError(f"plan: --request-rate {ns.request_rate:g}: plan searches the rate itself (max_rate) or sends "
                          "every request at t=0 (offline_throughput); leave it unset")
@@ -277,7 +273,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     key = "max_request_rate" if ns.objective == "max_rate" else "output_throughput"
     table = [{**r["point"], key: r.get(key), **({"unbounded": True} if r.get("unbounded") else {}),
               **({"converged": False} if r.get("converged") is False else {}),  # the probes ran out first
-              **({"steady": False} if r.get("steady") is False else {}),  # the run was mostly a queue's drain
+              **({"steady": False} if r.get("steady") is False else {}),  # the workload was too short to show it
               **({"error": r["error"]} if "error" in r else {})} for r in rows]
     print(json.dumps(jsonable(table), indent=2))
     print(f"planned {len(rows)} configuration(s) in {time.perf_counter() - t0:.1f} wall s", file=sys.stderr)
